@@ -1,0 +1,431 @@
+"""Load and save checkpoints in the three formats students meet.
+
+- native: `config.json` (ModelArgs, with `"format": "minillama"`) + `model.safetensors` (Meta names);
+- HF:     `config.json` (`model_type: llama`) + `model.safetensors` or sharded `model-0000N-of-0000M.safetensors`
+          with `model.safetensors.index.json`; names mapped and q/k rows permuted (see below);
+- Meta:   `params.json` + `consolidated.NN.pth` shards (one per model-parallel rank).
+
+The model is built on the `meta` device (shapes, no memory) and the loaded tensors are
+assigned into it, so a bf16 checkpoint is never turned into a full fp32 copy on the way.
+
+RoPE conventions: Meta rotates interleaved pairs (x0, x1), (x2, x3), ...; HF rotates halves
+(x_i, x_{i + d/2}). Converting Meta -> HF permutes the output rows of wq and wk inside each head:
+    w_hf = w_meta.view(heads, head_dim // 2, 2, in).transpose(1, 2).reshape(out, in)
+and HF -> Meta is the inverse (swap the same two axes back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelArgs
+from .model import Transformer
+
+PathLike = Union[str, os.PathLike]
+FORMATS = ("native", "hf", "meta")
+HF_SAFE_INDEX = "model.safetensors.index.json"
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a torch.dtype, or one of 'fp32', 'fp16', 'bf16' (and their long names)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is unknown: expected one of {sorted(_DTYPES)}.")
+    return _DTYPES[str(dtype).lower()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and the q/k permutation
+# ---------------------------------------------------------------------------------------------
+# Meta name -> HF name. Layer entries map the module path inside `layers.N.`.
+_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _rename(name: str, top: dict, layer: dict, src_prefix: str, dst_prefix: str) -> Optional[str]:
+    module, _, param = name.rpartition(".")  # e.g. ("layers.0.attention.wq", "weight")
+    if module in top:
+        return f"{top[module]}.{param}"
+    m = re.fullmatch(re.escape(src_prefix) + r"(\d+)\.(.+)", module)
+    if m and m.group(2) in layer:
+        return f"{dst_prefix}{m.group(1)}.{layer[m.group(2)]}.{param}"
+    return None
+
+
+def meta_to_hf_name(name: str) -> Optional[str]:
+    """'layers.0.attention.wq.weight' -> 'model.layers.0.self_attn.q_proj.weight' (None if unknown)."""
+    return _rename(name, _TOP_NAMES, _LAYER_NAMES, "layers.", "model.layers.")
+
+
+def hf_to_meta_name(name: str) -> Optional[str]:
+    """'model.layers.0.self_attn.q_proj.weight' -> 'layers.0.attention.wq.weight' (None if unknown)."""
+    inv = lambda d: {v: k for k, v in d.items()}  # noqa: E731
+    return _rename(name, inv(_TOP_NAMES), inv(_LAYER_NAMES), "model.layers.", "layers.")
+
+
+def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the output rows of a q/k projection (or a LoRA B) from Meta's pairs to HF's halves."""
+    out, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_heads, out // n_heads // 2, 2, *rest).transpose(1, 2).reshape(out, *rest)
+
+
+def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of permute_meta_to_hf."""
+    out, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_heads, 2, out // n_heads // 2, *rest).transpose(1, 2).reshape(out, *rest)
+
+
+def _qk_heads(meta_name: str, args: ModelArgs) -> Optional[int]:
+    if ".attention.wq." in meta_name:
+        return args.n_heads
+    if ".attention.wk." in meta_name:
+        return args.n_kv_heads
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+def hf_config_to_args(cfg: dict, source: str = "config.json") -> ModelArgs:
+    """ModelArgs from an HF LlamaConfig dict (transformers 4.x or 5.x)."""
+    if cfg.get("model_type") != "llama":
+        raise ValueError(f"{source} has model_type {cfg.get('model_type')!r}: minillama loads model_type 'llama' only.")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported: expected {ok!r} (LLaMA-2 architecture).")
+    try:
+        n_heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+        params = cfg.get("rope_parameters") or {}  # transformers 5.x keeps theta and scaling here
+        theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
+        scaling = cfg.get("rope_scaling")
+        if scaling is None and params.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        if cfg.get("head_dim") not in (None, dim // n_heads):
+            raise ValueError(f"{source}: head_dim={cfg['head_dim']} is not supported: expected hidden_size / "
+                             f"num_attention_heads = {dim // n_heads}.")
+        return ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                         n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+                         hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                         rope_theta=float(theta), rope_scaling=scaling,
+                         max_seq_len=cfg.get("max_position_embeddings", 4096))
+    except KeyError as e:
+        raise ValueError(f"{source} lacks the key {e.args[0]!r} that a LlamaConfig must have.") from None
+
+
+def args_to_hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """An HF LlamaConfig dict for these ModelArgs (readable by transformers 4.x and 5.x)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
+        "max_position_embeddings": args.max_seq_len, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(out).__name__}.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def detect_format(path: PathLike) -> str:
+    """'native', 'hf' or 'meta' for a checkpoint directory; a clear error otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint path {path} does not exist.")
+    if not path.is_dir():
+        raise ValueError(f"Checkpoint path {path} is a file: expected a directory holding config.json "
+                         f"(native or HF) or params.json (Meta).")
+    if (path / "params.json").exists():
+        return "meta"
+    if (path / "config.json").exists():
+        cfg = _read_json(path / "config.json")
+        return "native" if cfg.get("format") == "minillama" else "hf"
+    raise ValueError(f"{path} holds no known checkpoint: expected config.json + *.safetensors (native or HF) "
+                     f"or params.json + consolidated.NN.pth (Meta).")
+
+
+def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"Checkpoint shard {f} is missing.")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    out[key] = sf.get_tensor(key)
+        except SafetensorError as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e}); is it truncated or corrupt?") from None
+    return out
+
+
+def _load_native(path: Path) -> tuple[ModelArgs, dict]:
+    cfg = _read_json(path / "config.json")
+    cfg.pop("format", None)
+    args = ModelArgs.from_dict(cfg, source=str(path / "config.json"))
+    return args, _read_safetensors([path / "model.safetensors"])
+
+
+def _load_hf(path: Path) -> tuple[ModelArgs, dict]:
+    cfg = _read_json(path / "config.json")
+    args = hf_config_to_args(cfg, source=str(path / "config.json"))
+    if (path / HF_SAFE_INDEX).exists():
+        weight_map = _read_json(path / HF_SAFE_INDEX).get("weight_map", {})
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has an HF config.json but no *.safetensors weights "
+                         f"(PyTorch .bin files are not supported: convert them to safetensors).")
+    hf = _read_safetensors(files)
+    if "lm_head.weight" not in hf and cfg.get("tie_word_embeddings") and "model.embed_tokens.weight" in hf:
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]  # tied head (shared, not copied)
+    sd = {}
+    for name, t in hf.items():
+        meta = hf_to_meta_name(name)
+        if meta is None:
+            if name.endswith("rotary_emb.inv_freq"):  # older HF checkpoints store it; recomputed here
+                continue
+            raise ValueError(f"{path}: weight {name!r} is not part of a LLaMA model.")
+        heads = _qk_heads(meta, args)
+        sd[meta] = permute_hf_to_meta(t, heads) if heads else t
+    return args, sd
+
+
+# Meta splits each weight over model-parallel ranks: column-parallel layers (output rows) on dim 0,
+# row-parallel layers (input columns) and the Llama-2 embedding on dim 1; norms are replicated.
+_META_CONCAT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def _meta_split_dim(name: str) -> Optional[int]:
+    parts = name.split(".")
+    return _META_CONCAT_DIM.get(parts[-2]) if len(parts) >= 2 else None
+
+
+def _torch_load(f: Path) -> dict:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{f} needs arbitrary code to unpickle, which torch.load(weights_only=True) refuses: "
+                         f"minillama only loads plain tensors ({str(e).splitlines()[0]}).") from None
+    except RuntimeError as e:
+        raise ValueError(f"{f} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from None
+
+
+def _load_meta(path: Path) -> tuple[ModelArgs, dict]:
+    params = _read_json(path / "params.json")
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise ValueError(f"{path} has params.json but no consolidated.NN.pth shards.")
+    numbers = []
+    for f in files:
+        m = re.fullmatch(r"consolidated\.(\d+)\.pth", f.name)
+        if not m:
+            raise ValueError(f"{f} does not follow Meta's naming consolidated.NN.pth.")
+        numbers.append(int(m.group(1)))
+    for i in range(max(numbers) + 1):
+        if i not in numbers:
+            raise FileNotFoundError(f"Meta shard {path / f'consolidated.{i:02d}.pth'} is missing "
+                                    f"({len(files)} shards found, numbered up to {max(numbers):02d}).")
+    shards = [_torch_load(f) for f in files]
+    keys = [k for k in shards[0] if k != "rope.freqs"]  # Meta stores RoPE frequencies; recomputed here
+    for f, shard in zip(files[1:], shards[1:]):
+        if set(shard) != set(shards[0]):
+            diff = sorted(set(shard) ^ set(shards[0]))[0]
+            raise ValueError(f"Meta shards disagree: key {diff!r} is in only one of {files[0].name} and {f.name}.")
+    sd = {}
+    for key in keys:
+        parts = [s[key] for s in shards]
+        dim = _meta_split_dim(key) if len(parts) > 1 else None
+        if dim is None:
+            for f, p in zip(files[1:], parts[1:]):
+                if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
+                    raise ValueError(f"Meta shards disagree: replicated weight {key!r} differs between "
+                                     f"{files[0].name} and {f.name}.")
+            sd[key] = parts[0]
+        else:
+            other = [tuple(s for i, s in enumerate(p.shape) if i != dim) for p in parts]
+            if len(set(other)) != 1:
+                raise ValueError(f"Meta shards disagree: {key!r} has shapes {[list(p.shape) for p in parts]} "
+                                 f"across shards, which cannot be joined on dim {dim}.")
+            sd[key] = torch.cat(parts, dim=dim)
+    if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in sd:
+        params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]  # -1 means "from the tokenizer"
+    return ModelArgs.from_dict(params, source=str(path / "params.json")), sd
+
+
+def load_model(path: PathLike, *, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
+               rope_scaling: Optional[dict] = None) -> Transformer:
+    """Load a native, HF or Meta checkpoint directory into a minillama Transformer (eval mode).
+
+    dtype: None keeps the checkpoint's dtype; otherwise each tensor is cast as it is loaded.
+    max_seq_len / rope_scaling override the checkpoint's config (e.g. to extend the context).
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    args, sd = {"native": _load_native, "hf": _load_hf, "meta": _load_meta}[fmt](path)
+    overrides = {}
+    if max_seq_len is not None:
+        overrides["max_seq_len"] = max_seq_len
+    if rope_scaling is not None:
+        overrides["rope_scaling"] = rope_scaling
+    if overrides:
+        args = args.replace(**overrides)
+    cfg_name = "params.json" if fmt == "meta" else "config.json"
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = model.state_dict()
+    for key, t in expected.items():
+        if key not in sd:
+            raise ValueError(f"{path}: weight {key!r} is missing from the checkpoint.")
+        if tuple(sd[key].shape) != tuple(t.shape):
+            raise ValueError(f"{path}: weight {key!r} has shape {list(sd[key].shape)} but {cfg_name} implies "
+                             f"{list(t.shape)}.")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise ValueError(f"{path}: weight {extra[0]!r} is not part of a model with this {cfg_name}.")
+    dtype = parse_dtype(dtype)
+    for key in expected:  # cast and move one tensor at a time
+        sd[key] = sd[key].to(device=device, dtype=dtype or sd[key].dtype)
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.args = args
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving (atomic: everything goes to a temporary directory that is renamed into place)
+# ---------------------------------------------------------------------------------------------
+def _state_dict_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous tensors; copy only where needed
+    seen, out = set(), {}
+    for k, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if t.data_ptr() in seen or not t.is_contiguous():
+            t = t.contiguous().clone()
+        seen.add(t.data_ptr())
+        out[k] = t
+    return out
+
+
+def _write_hf(sd: dict, args: ModelArgs, out: Path, max_shard_bytes: Optional[int]) -> None:
+    hf = {}
+    for name, t in sd.items():
+        heads = _qk_heads(name, args)
+        hf[meta_to_hf_name(name)] = (permute_meta_to_hf(t, heads) if heads else t).contiguous()
+    dtype = next(iter(sd.values())).dtype
+    with open(out / "config.json", "w") as f:
+        json.dump(args_to_hf_config(args, dtype), f, indent=2)
+    total = sum(t.numel() * t.element_size() for t in hf.values())
+    if not max_shard_bytes or total <= max_shard_bytes:
+        save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, cur, size = [], {}, 0
+    for name, t in hf.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += nbytes
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    with open(out / HF_SAFE_INDEX, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _write_meta(sd: dict, args: ModelArgs, out: Path, num_shards: int) -> None:
+    for name, t in sd.items():
+        dim = _meta_split_dim(name)
+        if dim is not None and t.shape[dim] % num_shards:
+            raise ValueError(f"Cannot split {name!r} of shape {list(t.shape)} into {num_shards} Meta shards "
+                             f"on dim {dim}.")
+    for rank in range(num_shards):
+        shard = {}
+        for name, t in sd.items():
+            dim = _meta_split_dim(name)
+            shard[name] = t if dim is None else t.chunk(num_shards, dim=dim)[rank].clone()
+        torch.save(shard, out / f"consolidated.{rank:02d}.pth")
+    params = {k: v for k, v in args.to_dict().items()
+              if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                       "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")}
+    if args.hidden_dim is not None:
+        params["hidden_dim"] = args.hidden_dim  # not Meta's, but needed when the width breaks Meta's rule
+    with open(out / "params.json", "w") as f:
+        json.dump(params, f, indent=2)
+
+
+def save_model(model: Transformer, path: PathLike, format: str = "native", *, tokenizer=None,
+               max_shard_bytes: Optional[int] = None, num_shards: int = 1) -> Path:
+    """Write `model` to directory `path` as 'native', 'hf' (optionally sharded by max_shard_bytes) or
+    'meta' (num_shards model-parallel shards). Atomic: an existing directory is replaced only once
+    the new one is complete. A `minillama.Tokenizer` given as `tokenizer` is saved as tokenizer.model."""
+    if format not in FORMATS:
+        raise ValueError(f"Checkpoint format {format!r} is unknown: expected one of {FORMATS}.")
+    if num_shards < 1:
+        raise ValueError(f"num_shards={num_shards} is invalid: expected a positive integer.")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Cannot save a checkpoint to {path}: it is an existing file, not a directory.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = _state_dict_for_saving(model)
+    args = model.args
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        if format == "native":
+            with open(tmp / "config.json", "w") as f:
+                json.dump({"format": "minillama", **args.to_dict()}, f, indent=2)
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        elif format == "hf":
+            _write_hf(sd, args, tmp, max_shard_bytes)
+        else:
+            _write_meta(sd, args, tmp, num_shards)
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.model")
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,117 @@
+"""Model configuration: Meta's `params.json` fields plus a few course additions.
+
+`ModelArgs` mirrors the dataclass in Meta's Llama-2 `model.py`, so a `params.json`
+from Meta loads with `ModelArgs.from_dict(json.load(f))`. Presets give the shapes of
+the models the course talks about (no weights: shapes only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ATTN_IMPLS = ("sdpa", "math")
+
+
+@dataclass
+class ModelArgs:
+    # --- Meta's params.json fields ---
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None = n_heads (no grouped-query attention)
+    vocab_size: int = 32000  # Meta writes -1 ("take it from the tokenizer")
+    multiple_of: int = 256  # FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # --- course additions ---
+    max_seq_len: int = 4096  # longest sequence the model (and its KV cache) accepts
+    rope_scaling: Optional[dict] = None  # e.g. {"type": "linear", "factor": 2.0}
+    hidden_dim: Optional[int] = None  # explicit FFN width (HF `intermediate_size`); None = Meta's rule
+    attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit softmax, for teaching)
+    extra: dict = field(default_factory=dict, repr=False)  # unknown params.json keys, kept verbatim
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        checks = [
+            (self.dim > 0, "dim", "a positive integer"),
+            (self.n_layers > 0, "n_layers", "a positive integer"),
+            (self.n_heads > 0 and self.dim % self.n_heads == 0, "n_heads", f"a positive divisor of dim={self.dim}"),
+            (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+             f"a positive divisor of n_heads={self.n_heads}"),
+            ((self.dim // self.n_heads) % 2 == 0, "n_heads", "a value giving an even head_dim (RoPE rotates pairs)"),
+            (self.vocab_size > 0, "vocab_size", "a positive integer (resolve -1 from the tokenizer first)"),
+            (self.multiple_of > 0, "multiple_of", "a positive integer"),
+            (self.max_seq_len > 0, "max_seq_len", "a positive integer"),
+            (self.norm_eps > 0, "norm_eps", "a positive float"),
+            (self.rope_theta > 0, "rope_theta", "a positive float"),
+            (self.attn_impl in ATTN_IMPLS, "attn_impl", f"one of {ATTN_IMPLS}"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise ValueError(f"ModelArgs.{key}={getattr(self, key)!r} is invalid: expected {expected}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU width by Meta's rule: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def num_params(self) -> int:
+        """Exact parameter count (embeddings and output head counted separately, as in Llama-2)."""
+        d, h, hd = self.dim, self.ffn_hidden_dim, self.head_dim
+        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # wq, wo, wk, wv
+        ffn = 3 * d * h
+        per_layer = attn + ffn + 2 * d  # + two RMSNorm weights
+        return 2 * self.vocab_size * d + self.n_layers * per_layer + d
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "ModelArgs":
+        """Build from a dict (Meta's params.json or our config.json); unknown keys go to `extra`."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        try:
+            return cls(**known, extra=extra)
+        except TypeError as e:  # wrong value types
+            raise ValueError(f"{source}: cannot build ModelArgs ({e}).") from None
+
+    def replace(self, **changes: Any) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelArgs] = {
+    # The embedded course model (see data/tiny/MODEL_CARD.md when it is shipped).
+    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, multiple_of=32,
+                      norm_eps=1e-5, max_seq_len=256),
+    "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256,
+                           norm_eps=1e-5, max_seq_len=4096),
+    "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256,
+                            norm_eps=1e-5, max_seq_len=4096),
+    "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                           multiple_of=1024, ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0,
+                           max_seq_len=8192),
+}
+
+
+def get_preset(name: str) -> ModelArgs:
+    """A fresh copy of a preset's ModelArgs."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}: expected one of {sorted(PRESETS)}.")
+    return dataclasses.replace(PRESETS[name])
