@@ -1,0 +1,48 @@
+"""The command line as a user drives it."""
+
+import subprocess
+import sys
+
+import torch
+
+from minillama import create_model, get_preset, load_tokenizer, save_model
+from minillama.cli import main
+
+
+def test_doctor_reports_the_environment(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert torch.__version__ in out and "cuda available" in out and "bitsandbytes" in out
+
+
+def test_demo_runs(capsys):
+    assert main(["demo", "--device", "cpu", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "demo: OK" in out and "max |diff|" in out
+
+
+def test_generate_streams_text(tmp_path, spm_path, capsys):
+    tok = load_tokenizer(spm_path)
+    model = create_model(get_preset("tiny").replace(n_layers=1, vocab_size=tok.vocab_size), seed=0)
+    save_model(model, tmp_path / "m", tokenizer=tok)
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Lily saw", "--max-new-tokens", "5",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Lily saw") and len(out) > len("Lily saw\n")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--temperature", "-1"]) == 2
+    assert "temperature=-1.0 is invalid" in capsys.readouterr().err
+
+
+def test_generate_bad_inputs_give_one_line_errors(tmp_path, spm_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and len(err.splitlines()) == 1
+    model = create_model(get_preset("tiny").replace(n_layers=1, vocab_size=512))
+    save_model(model, tmp_path / "m")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--tokenizer", str(spm_path), "--prompt", "x"]) == 2
+    assert "vocab_size is 512" in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "minillama.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "doctor" in out.stdout and "generate" in out.stdout
