@@ -20,10 +20,11 @@ import json
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -250,12 +251,18 @@ def _load_meta(path: Path) -> tuple[ModelArgs, dict]:
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise ValueError(f"{path} has params.json but no consolidated.NN.pth shards.")
-    numbers = []
+    by_rank: dict[int, Path] = {}
     for f in files:
         m = re.fullmatch(r"consolidated\.(\d+)\.pth", f.name)
         if not m:
             raise ValueError(f"{f} does not follow Meta's naming consolidated.NN.pth.")
-        numbers.append(int(m.group(1)))
+        rank = int(m.group(1))
+        if rank in by_rank:
+            raise ValueError(f"{path}: {by_rank[rank].name} and {f.name} are both the shard of the same rank {rank}.")
+        by_rank[rank] = f
+    # join in rank order, not name order (as text, consolidated.10.pth sorts before consolidated.2.pth)
+    numbers = sorted(by_rank)
+    files = [by_rank[i] for i in numbers]
     for i in range(max(numbers) + 1):
         if i not in numbers:
             raise FileNotFoundError(f"Meta shard {path / f'consolidated.{i:02d}.pth'} is missing "
@@ -391,6 +398,38 @@ def _write_meta(sd: dict, args: ModelArgs, out: Path, num_shards: int) -> None:
         json.dump(params, f, indent=2)
 
 
+@contextmanager
+def atomic_directory(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success it replaces `path` in one rename, on any
+    error it is deleted and `path` is left as it was. A process killed at any moment leaves either the
+    old directory or the new one (at worst plus a hidden `.NAME.tmp-*` leftover), never a mix."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Cannot write the directory {path}: it is an existing file.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A plain mkdir (not tempfile.mkdtemp, which makes a private 0700 directory), so the checkpoint gets
+    # the usual permissions and classmates sharing a lab folder can read it.
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)  # put the previous directory back
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(model: Transformer, path: PathLike, format: str = "native", *, tokenizer=None,
                max_shard_bytes: Optional[int] = None, num_shards: int = 1) -> Path:
     """Write `model` to directory `path` as 'native', 'hf' (optionally sharded by max_shard_bytes) or
@@ -403,11 +442,9 @@ def save_model(model: Transformer, path: PathLike, format: str = "native", *, to
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"Cannot save a checkpoint to {path}: it is an existing file, not a directory.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = _state_dict_for_saving(model)
     args = model.args
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         if format == "native":
             with open(tmp / "config.json", "w") as f:
                 json.dump({"format": "minillama", **args.to_dict()}, f, indent=2)
@@ -418,14 +455,4 @@ def save_model(model: Transformer, path: PathLike, format: str = "native", *, to
             _write_meta(sd, args, tmp, num_shards)
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.model")
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -87,6 +87,81 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _contexts(text: str) -> list[int]:
+    try:
+        values = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--context {text!r} is invalid: expected comma-separated integers, e.g. 64,128,256.") from None
+    if not values or min(values) <= 0:
+        raise ValueError(f"--context {text!r} is invalid: expected positive integers.")
+    return values
+
+
+EVAL_CORPORA = {"stories": "stories_val.jsonl"}
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from . import load_model, load_tokenizer
+    from .data import read_jsonl_texts
+    from .evaluate import passkey_accuracy, perplexity
+
+    contexts = _contexts(args.context)
+    probe = load_model(args.model)  # read the trained context length before extending it
+    trained = probe.args.max_seq_len
+    del probe
+    model = load_model(args.model, device=_device(args.device), max_seq_len=max(trained, *contexts))
+    tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
+    rows = []
+    if args.what == "ppl":
+        data = Path(args.data)
+        if not data.suffix:
+            if args.data not in EVAL_CORPORA:
+                raise ValueError(f"Unknown corpus {args.data!r}: expected one of {sorted(EVAL_CORPORA)} "
+                                 f"or a path to a JSONL file with a 'text' field.")
+            data = Path(args.corpora) / EVAL_CORPORA[args.data]
+        docs = [tok.encode(t) for t in read_jsonl_texts(data)][: args.max_docs]
+        scored = args.scored_tokens or max(contexts)
+        for c in contexts:
+            r = perplexity(model, docs, c, scored_tokens=scored)
+            r["beyond_trained_context"] = c > trained
+            rows.append(r)
+        header = f"perplexity of {data} ({rows[0]['docs']} docs, {rows[0]['tokens']} scored tokens), trained context {trained}"
+        lines = [f"{r['context']:>8} | {r['ppl']:10.3f} | {r['nll']:.4f}" + ("  (beyond trained context)"
+                 if r["beyond_trained_context"] else "") for r in rows]
+        table = [header, " context | perplexity | nll/token"] + lines
+    else:
+        for c in contexts:
+            rows.append(passkey_accuracy(model, tok, context=c, trials=args.trials, seed=args.seed))
+        table = [f"passkey retrieval, {args.trials} trials per context, trained context {trained}",
+                 " context | prompt tokens | " + " | ".join(f"depth {d}" for d in rows[0]["per_depth"]) + " | overall"]
+        for r in rows:
+            table.append(f"{r['context']:>8} | {r['prompt_tokens']:>13} | "
+                         + " | ".join(f"{a:7.2f}" for a in r["per_depth"].values()) + f" | {r['accuracy']:.2f}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print("\n".join(table))
+    return 0
+
+
+def cmd_corpora(args) -> int:
+    from .corpora import main
+
+    return main(["--out", args.out, "--seed", str(args.seed)]) or 0
+
+
+def cmd_build_tiny(args) -> int:
+    from .recipe import build_tiny
+
+    info = build_tiny(args.out, args.corpora, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                      lr=args.lr, work_dir=args.work_dir, command="minillama " + " ".join(sys.argv[1:]))
+    print(f"wrote {args.out} ({info['total_bytes'] / 1024**2:.2f} MiB); passkey accuracy "
+          f"{info['passkey']['accuracy']:.2f}; see {Path(args.out) / 'MODEL_CARD.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minillama", description="minillama: LLaMA-2 from scratch, fine-tuned on one GPU.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +184,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="perplexity against context length, or passkey retrieval")
+    e.add_argument("what", choices=["ppl", "passkey"])
+    e.add_argument("--model", default=str(TINY_DIR))
+    e.add_argument("--tokenizer", help="default: the model directory")
+    e.add_argument("--data", default="stories", help="ppl: a corpus name (stories) or a JSONL file")
+    e.add_argument("--corpora", default=str(REPO_DATA / "corpora"), help="where corpus names are looked up")
+    e.add_argument("--context", default="64,128,256", help="comma-separated context lengths")
+    e.add_argument("--scored-tokens", type=int, default=None, help="ppl: tokens scored per doc (default: max context)")
+    e.add_argument("--max-docs", type=int, default=None)
+    e.add_argument("--trials", type=int, default=100, help="passkey: trials per context")
+    e.add_argument("--seed", type=int, default=1234)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print the rows as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("corpora", help="write the synthetic corpora (deterministic from --seed)")
+    c.add_argument("--out", default=str(REPO_DATA / "corpora"))
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_corpora)
+
+    b = sub.add_parser("build-tiny", help="the whole recipe of the shipped tiny model (pre-trains from scratch)")
+    b.add_argument("--out", default=str(TINY_DIR))
+    b.add_argument("--corpora", default=str(REPO_DATA / "corpora"))
+    b.add_argument("--work-dir", default="runs/tiny-pretrain", help="log.jsonl and training checkpoints")
+    b.add_argument("--steps", type=int, default=2400)
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--lr", type=float, default=2e-3)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_build_tiny)
     return p
 
 

@@ -98,7 +98,7 @@ class ModelArgs:
 
 PRESETS: dict[str, ModelArgs] = {
     # The embedded course model (see data/tiny/MODEL_CARD.md when it is shipped).
-    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, multiple_of=32,
+    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=32,
                       norm_eps=1e-5, max_seq_len=256),
     "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256,
                            norm_eps=1e-5, max_seq_len=4096),

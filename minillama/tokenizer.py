@@ -51,16 +51,15 @@ class Tokenizer:
         `<s>[INST] user [/INST] answer </s>`; the open one is `<s>[INST] user [/INST]`.
         """
         dialog = list(dialog)
-        if dialog and dialog[0]["role"] == "system":
-            if len(dialog) < 2:
-                raise ValueError("A chat dialog with a system message needs a user message after it.")
-            first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
-            dialog = [first] + dialog[2:]
         roles = [m["role"] for m in dialog]
-        expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(dialog))]
-        if not dialog or roles != expected or roles[-1] != "user":
+        turns = roles[1:] if roles[:1] == ["system"] else roles
+        expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+        if not turns or turns != expected or turns[-1] != "user":
             raise ValueError(f"Chat roles {roles} are invalid: expected an optional 'system', then 'user' and "
                              f"'assistant' alternating, ending with 'user'.")
+        if roles[0] == "system":  # the system prompt goes inside the first user message
+            first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
+            dialog = [first] + dialog[2:]
         ids: list[int] = []
         for prompt, answer in zip(dialog[::2], dialog[1::2]):
             ids += self.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",

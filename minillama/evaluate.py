@@ -1,0 +1,133 @@
+"""Evaluation: perplexity as a function of context length, and passkey retrieval.
+
+Perplexity (chunked): every document is cut to the same number of scored tokens, then split into
+non-overlapping windows of `context` tokens; each window is scored on its own. The same tokens are
+scored at every context length, so the numbers are comparable: a model that uses long context gets
+lower perplexity with longer windows (fewer tokens are predicted from a short prefix).
+
+Passkey (Position Interpolation protocol, scaled down): a 5-digit key hidden at a controlled depth
+in filler text, asked for at the end; greedy decoding must produce the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .corpora import make_passkey
+from .generate import generate
+from .model import Transformer
+
+GiB = 1024**3
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on a CUDA device, or MemAvailable of the host."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def forward_bytes_estimate(model: Transformer, batch: int, seqlen: int) -> int:
+    """A generous upper estimate of the memory of one no-grad forward: a few hidden-size activations,
+    the attention scores (materialised by the explicit path and by CPU kernels) and fp32 logits."""
+    a = model.args
+    elt = next(model.parameters()).element_size()
+    hidden = batch * seqlen * (6 * a.dim + 3 * a.ffn_hidden_dim) * elt
+    scores = 2 * batch * a.n_heads * seqlen * seqlen * 4
+    logits = 2 * batch * seqlen * a.vocab_size * 4
+    return hidden + scores + logits
+
+
+def check_fits(model: Transformer, batch: int, seqlen: int, what: str) -> None:
+    """Refuse, before allocating anything, a forward pass that cannot fit in memory."""
+    device = next(model.parameters()).device
+    need, have = forward_bytes_estimate(model, batch, seqlen), available_memory_bytes(device)
+    if need > 0.8 * have:
+        raise ValueError(f"{what}: a forward pass of batch {batch} x {seqlen} tokens needs about "
+                         f"{need / GiB:.1f} GiB, more than the {have / GiB:.1f} GiB available on {device}; "
+                         f"use a shorter context.")
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, scored_tokens: int,
+               batch_size: int = 8) -> dict:
+    """Chunked perplexity of `docs` (token lists that start with BOS) with windows of `context` tokens.
+
+    Only documents with more than `scored_tokens` tokens are used, each cut to scored_tokens + 1 tokens,
+    so every context length scores exactly the same tokens.
+    """
+    if context <= 0 or context > model.args.max_seq_len:
+        raise ValueError(f"context={context} is invalid: expected 1 .. max_seq_len={model.args.max_seq_len}.")
+    docs = [list(d[: scored_tokens + 1]) for d in docs if len(d) > scored_tokens]
+    if not docs:
+        raise ValueError(f"No document is longer than {scored_tokens} tokens: lower scored_tokens.")
+    batch_size = max(1, min(batch_size, len(docs) * math.ceil(scored_tokens / context)))
+    while batch_size > 1 and forward_bytes_estimate(model, batch_size, context) > 0.5 * available_memory_bytes(
+            next(model.parameters()).device):
+        batch_size //= 2
+    check_fits(model, batch_size, context, f"perplexity at context {context}")
+    device = next(model.parameters()).device
+    windows: dict[int, list[list[int]]] = {}  # grouped by length, so a batch has one shape
+    for d in docs:
+        for start in range(0, scored_tokens, context):
+            w = d[start: start + context + 1]
+            windows.setdefault(len(w), []).append(w)
+    nll, count = 0.0, 0
+    model.eval()
+    for rows in windows.values():
+        for i in range(0, len(rows), batch_size):
+            t = torch.tensor(rows[i:i + batch_size], device=device)
+            logits = model(t[:, :-1]).float()
+            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(),
+                                                           reduction="sum"))
+            count += t[:, 1:].numel()
+    mean = nll / count
+    return {"context": context, "nll": mean, "ppl": math.exp(mean), "tokens": count, "docs": len(docs)}
+
+
+def passkey_prompt_filler(tokenizer, context: int, answer_tokens: int = 8) -> int:
+    """The largest number of filler sentences whose passkey prompt (plus the answer) fits in `context`."""
+    def length(n):
+        return len(tokenizer.encode(make_passkey(0, n, 0.5)["prompt"], bos=True))
+    n = 1
+    if length(n) + answer_tokens > context:
+        raise ValueError(f"context={context} is too short for even one filler sentence of a passkey prompt.")
+    while length(n + 1) + answer_tokens <= context:
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, seed: int = 1234,
+                     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), batch_size: int = 25) -> dict:
+    """Share of trials where greedy decoding reproduces the key, per depth and overall."""
+    if trials <= 0:
+        raise ValueError(f"trials={trials} is invalid: expected a positive integer.")
+    if context > model.args.max_seq_len:
+        raise ValueError(f"context={context} is longer than the model's max_seq_len={model.args.max_seq_len}.")
+    n_filler = passkey_prompt_filler(tokenizer, context)
+    check_fits(model, batch_size, context, f"passkey at context {context}")
+    items = [make_passkey(seed * 1_000_003 + i, n_filler, depths[i % len(depths)]) for i in range(trials)]
+    prompts = [tokenizer.encode(it["prompt"], bos=True) for it in items]
+    correct = []
+    for i in range(0, trials, batch_size):
+        outs = generate(model, prompts[i:i + batch_size], max_new_tokens=8)
+        for it, out in zip(items[i:i + batch_size], outs):
+            correct.append(tokenizer.decode(out).strip().startswith(it["answer"]))
+    per_depth = {}
+    for d in depths:
+        hits = [c for c, it in zip(correct, items) if it["depth"] == d]
+        per_depth[d] = sum(hits) / len(hits) if hits else float("nan")
+    return {"context": context, "n_filler": n_filler, "prompt_tokens": max(map(len, prompts)),
+            "trials": trials, "accuracy": sum(correct) / trials, "per_depth": per_depth}
