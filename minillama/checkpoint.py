@@ -394,8 +394,16 @@ def _write_meta(sd: dict, args: ModelArgs, out: Path, num_shards: int) -> None:
                        "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")}
     if args.hidden_dim is not None:
         params["hidden_dim"] = args.hidden_dim  # not Meta's, but needed when the width breaks Meta's rule
+    if args.rope_scaling is not None:
+        params["rope_scaling"] = args.rope_scaling  # not Meta's either; dropping it would change the model
     with open(out / "params.json", "w") as f:
         json.dump(params, f, indent=2)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -413,6 +421,10 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        mode = 0o666 & ~_umask()  # some writers (safetensors) create private 0600 files
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                f.chmod(mode)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"

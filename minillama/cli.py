@@ -47,19 +47,23 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job of the README: a first look at the model on this machine."""
-    from . import create_model, generate, get_preset, load_model
+    """The main job of the README: load the shipped tiny model, check it, generate, and evaluate."""
+    from . import create_model, generate, get_preset, load_model, load_tokenizer
+    from .data import read_jsonl_texts
     from .doctor import report
+    from .evaluate import passkey_accuracy, perplexity
 
     device = _device(args.device)
     info = dict(report())
     print(f"minillama {info['minillama']} | torch {info['torch']} | device {device}")
-    if (TINY_DIR / "config.json").exists():
+    shipped = (TINY_DIR / "config.json").exists()
+    if shipped:
         model = load_model(TINY_DIR, device=device)
-        source = f"shipped tiny model ({TINY_DIR})"
+        tok = load_tokenizer(TINY_DIR, vocab_size=model.args.vocab_size)
+        source = f"shipped tiny model ({TINY_DIR}, see MODEL_CARD.md)"
     else:
-        model = create_model(get_preset("tiny"), device=device, seed=0)
-        source = "randomly initialised 'tiny' preset (the pre-trained tiny model is not shipped yet)"
+        model, tok = create_model(get_preset("tiny"), device=device, seed=0), None
+        source = "randomly initialised 'tiny' preset (data/tiny is missing: run `minillama build-tiny`)"
     a = model.args
     n = sum(p.numel() for p in model.parameters())
     print(f"model: {source}")
@@ -76,14 +80,30 @@ def cmd_demo(args) -> int:
         model.set_attn_impl(a.attn_impl)
     print(f"  SDPA vs explicit-softmax attention: max |diff| of logits = {(sdpa - math_).abs().max().item():.2e}")
 
-    prompts = [[1, 5, 9, 13], [1, 7]]
-    for mode in ("prealloc", "concat"):
-        t0 = time.perf_counter()
-        out = generate(model, prompts, args.max_new_tokens, cache_mode=mode)
-        dt = time.perf_counter() - t0
-        print(f"  greedy generation, {mode:>8} KV cache: {sum(map(len, out))} tokens in {dt:.2f} s "
-              f"({sum(map(len, out)) / dt:.0f} tokens/s); first ids {out[0][:8]}")
-    print("demo: OK")
+    prompt = "Once upon a time, there was a girl called Lily."
+    ids = tok.encode(prompt) if tok else [1, 5, 9, 13]
+    print(f"\ngreedy generation, {args.max_new_tokens} new tokens:")
+    if tok:
+        print(prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    out = generate(model, ids, args.max_new_tokens, eos_id=tok.eos_id if tok else None)[0]
+    dt = time.perf_counter() - t0
+    print(tok.decode(ids[1:] + out)[len(prompt):] if tok else out)
+    print(f"  ({len(out)} tokens in {dt:.2f} s, {len(out) / dt:.0f} tokens/s, pre-allocated KV cache)")
+
+    if shipped:
+        docs = [tok.encode(t) for t in read_jsonl_texts(REPO_DATA / "corpora" / "stories_val.jsonl")]
+        long_model = load_model(TINY_DIR, device=device, max_seq_len=512)
+        rows = [perplexity(long_model, docs, c, scored_tokens=512) for c in (64, 128, 256, 512)]
+        print(f"\nperplexity of held-out stories by context length (the same first 512 tokens of "
+              f"{rows[0]['docs']} long stories):")
+        print(" context | perplexity")
+        for r in rows:
+            note = f"  (beyond the trained {a.max_seq_len}: no RoPE scaling)" if r["context"] > a.max_seq_len else ""
+            print(f"{r['context']:>8} | {r['ppl']:10.3f}{note}")
+        pk = passkey_accuracy(model, tok, context=a.max_seq_len, trials=20)
+        print(f"passkey retrieval at {a.max_seq_len} tokens: {pk['accuracy']:.2f} over {pk['trials']} trials")
+    print("\ndemo: OK")
     return 0
 
 
@@ -162,6 +182,24 @@ def cmd_build_tiny(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_table, model_factory, run_grid
+
+    device = _device(args.device)
+    path = args.model
+    if path is None and args.preset == "tiny" and not args.random_weights:
+        path = str(TINY_DIR)
+    if path is None and not args.random_weights:
+        raise ValueError(f"--preset {args.preset} needs --model PATH (its weights) or --random-weights.")
+    make = model_factory(args.preset, model_path=path, random_weights=args.random_weights, device=device,
+                         dtype=args.dtype)
+    rows = run_grid(make, args.grid, preset=args.preset, out_dir=args.out, repeats=args.repeats)
+    print()
+    print(format_table(rows, "md"))
+    print(f"\nwrote {args.out}/results.json, results.csv, table.md, memory.png, runtime.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minillama", description="minillama: LLaMA-2 from scratch, fine-tuned on one GPU.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the quick-start job: load the tiny model, check it, generate")
     d.add_argument("--device", default="auto")
-    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--max-new-tokens", type=int, default=60)
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval", help="perplexity against context length, or passkey retrieval")
@@ -205,11 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_corpora)
 
+    m = sub.add_parser("bench", help="measure a grid of configurations (memory by category, time, FLOPs)")
+    m.add_argument("--preset", default="tiny", help="tiny, llama2-7b, llama2-13b, llama3-8b")
+    m.add_argument("--grid", default="default", help="default, batch, seq, mode")
+    m.add_argument("--out", required=True, help="output directory")
+    m.add_argument("--model", default=None, help="weights to load (default for tiny: data/tiny)")
+    m.add_argument("--random-weights", action="store_true", help="build the preset with random weights")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: as loaded / fp32)")
+    m.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median)")
+    m.set_defaults(func=cmd_bench)
+
     b = sub.add_parser("build-tiny", help="the whole recipe of the shipped tiny model (pre-trains from scratch)")
     b.add_argument("--out", default=str(TINY_DIR))
     b.add_argument("--corpora", default=str(REPO_DATA / "corpora"))
     b.add_argument("--work-dir", default="runs/tiny-pretrain", help="log.jsonl and training checkpoints")
-    b.add_argument("--steps", type=int, default=2400)
+    b.add_argument("--steps", type=int, default=3000)
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--lr", type=float, default=2e-3)
     b.add_argument("--seed", type=int, default=0)

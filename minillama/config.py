@@ -53,6 +53,13 @@ class ModelArgs:
         for ok, key, expected in checks:
             if not ok:
                 raise ValueError(f"ModelArgs.{key}={getattr(self, key)!r} is invalid: expected {expected}.")
+        if self.rope_scaling is not None:  # fail when the config is read, not at the first forward pass
+            from .rope import rope_inv_freq
+
+            try:
+                rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+            except ValueError as e:
+                raise ValueError(f"ModelArgs.rope_scaling={self.rope_scaling!r} is invalid: {e}") from None
 
     @property
     def head_dim(self) -> int:

@@ -805,8 +805,8 @@ def write_corpora(out_dir: str, seed: int = 0,
                   n_stories: int = 2400,
                   n_val_stories: int = 120,
                   story_lengths: Sequence[int] = DEFAULT_STORY_LENGTHS,
-                  n_passkey_train: int = 3000,
-                  passkey_train_fillers: Tuple[int, int] = (8, 30),
+                  n_passkey_train: int = 6000,
+                  passkey_train_fillers: Tuple[int, int] = (4, 40),
                   n_passkey_val_per_setting: int = 4,
                   passkey_val_fillers: Sequence[int] = (10, 20, 30, 60, 120),
                   passkey_val_depths: Sequence[float] = DEFAULT_DEPTHS,
@@ -820,7 +820,8 @@ def write_corpora(out_dir: str, seed: int = 0,
 
     * ``stories_train.jsonl`` / ``stories_val.jsonl``  - ``{"text"}`` per line
     * ``passkey_train.jsonl`` - ``{"text"}``: full passkey documents with
-      ``passkey_train_fillers`` = (min, max) filler sentences (fit in 256 tokens)
+      ``passkey_train_fillers`` = (min, max) filler sentences (the longest fill a
+      256-token context, so keys are seen at every distance the context allows)
       and random depths
     * ``passkey_val.jsonl`` - make_passkey dicts for every (n_filler, depth)
       setting; n_filler > 30 exceeds a 256-token context on purpose

@@ -19,13 +19,19 @@ Prompt = Union[Sequence[int], Sequence[Sequence[int]]]
 
 
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Sample from the smallest set of tokens whose probability mass reaches top_p (nucleus sampling)."""
+    """Sample from the smallest set of tokens whose probability mass reaches top_p (nucleus sampling).
+
+    probs: [B, vocab] rows summing to one. Sort descending, keep a token while the mass before it is at
+    most top_p, renormalise, draw with torch.multinomial(generator=generator), map back to token ids [B].
+    """
+    # BEGIN SOLUTION
     probs_sorted, idx = torch.sort(probs, dim=-1, descending=True)
     cum = torch.cumsum(probs_sorted, dim=-1)
     probs_sorted[cum - probs_sorted > top_p] = 0.0  # drop tokens once the mass before them exceeds top_p
     probs_sorted /= probs_sorted.sum(dim=-1, keepdim=True)
     choice = torch.multinomial(probs_sorted, num_samples=1, generator=generator)
     return torch.gather(idx, -1, choice).squeeze(-1)
+    # END SOLUTION
 
 
 @torch.inference_mode()
@@ -48,6 +54,8 @@ def generate(model: Transformer, tokens: Prompt, max_new_tokens: int, temperatur
         raise ValueError(f"top_p={top_p} is invalid: expected a value in (0, 1].")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: expected a value >= 0.")
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.tolist()  # [T] or [B, T]
     prompts = [list(tokens)] if tokens and isinstance(tokens[0], int) else [list(p) for p in tokens]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("Every prompt needs at least one token (e.g. BOS).")

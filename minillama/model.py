@@ -37,9 +37,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the last dimension of x: compute in fp32, cast back to x's dtype, then scale by weight."""
+        # BEGIN SOLUTION
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.type_as(x)
+        # END SOLUTION
 
 
 class KVCache(nn.Module):
@@ -122,7 +125,13 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def math_attention(self, q, k, v, mask, causal):
-        """softmax(q k^T / sqrt(d) + mask) v, written out: the teaching path, tested equal to SDPA."""
+        """softmax(q k^T / sqrt(d) + mask) v, written out: the teaching path, tested equal to SDPA.
+
+        q: [B, n_heads, Tq, hd]; k, v: [B, n_kv_heads, Tk, hd] (repeat them for grouped-query attention);
+        mask: bool [Tq, Tk] (True = may attend) or None; causal: use the square lower-triangular mask.
+        Softmax in fp32, result in q's dtype, shape [B, n_heads, Tq, hd].
+        """
+        # BEGIN SOLUTION
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, H, Tq, Tk]
@@ -132,6 +141,7 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = F.softmax(scores.float(), dim=-1).type_as(q)
         return probs @ v
+        # END SOLUTION
 
 
 class FeedForward(nn.Module):
@@ -144,7 +154,10 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """w2(silu(w1 x) * w3 x)."""
+        # BEGIN SOLUTION
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # END SOLUTION
 
 
 class TransformerBlock(nn.Module):

@@ -55,7 +55,7 @@ def lm_datasets(corpora_dir, tok: Tokenizer, seq_len: int, seed: int = 0):
     enc = lambda texts: [tok.encode(t, bos=True, eos=True) for t in texts]  # noqa: E731
     train_docs = enc(read_jsonl_texts(corpora_dir / "stories_train.jsonl"))
     train_docs += enc(read_jsonl_texts(corpora_dir / "passkey_train.jsonl"))
-    val_passkey = [passkey_training_text(7_000_000 + i, 8 + i % 23, (i % 5) / 4) for i in range(64)]
+    val_passkey = [passkey_training_text(7_000_000 + i, 4 + i % 37, (i % 5) / 4) for i in range(64)]
     val = {"stories": pack_documents(enc(read_jsonl_texts(corpora_dir / "stories_val.jsonl")), seq_len, seed=seed),
            "passkey": pack_documents(enc(val_passkey), seq_len, seed=seed)}
     return pack_documents(train_docs, seq_len, seed=seed), val
@@ -66,7 +66,7 @@ def write_model_card(out_dir, info: dict) -> Path:
     ppl_rows = "\n".join(f"| {r['context']} | {r['ppl']:.3f} | {r['tokens']} |" for r in info["ppl"])
     pk = info["passkey"]
     depth_rows = "\n".join(f"| {d} | {acc:.2f} |" for d, acc in pk["per_depth"].items())
-    samples = "\n\n".join(f"**Prompt:** `{p}`\n\n> {s}".replace("\n", "\n> ") for p, s in info["samples"])
+    samples = "\n\n".join(f"**Prompt:** `{p}`\n\n> " + s.replace("\n", "\n> ") for p, s in info["samples"])
     a = info["args"]
     text = f"""# The minillama tiny model
 
@@ -145,7 +145,7 @@ meets positions it never saw and perplexity degrades: the baseline that the long
     return path
 
 
-def build_tiny(out_dir="data/tiny", corpora_dir="data/corpora", *, steps: int = 2400, seed: int = 0,
+def build_tiny(out_dir="data/tiny", corpora_dir="data/corpora", *, steps: int = 3000, seed: int = 0,
                batch_size: int = 16, lr: float = 2e-3, work_dir="runs/tiny-pretrain",
                command: Optional[str] = None, progress: bool = True) -> dict:
     """Run the whole recipe and write out_dir/{config.json, model.safetensors, tokenizer.model, MODEL_CARD.md}."""
@@ -180,7 +180,7 @@ def build_tiny(out_dir="data/tiny", corpora_dir="data/corpora", *, steps: int = 
     ppl = [perplexity(long_model, story_docs, c, scored_tokens=1024) for c in (64, 128, 256, 512, 1024)]
     pk = passkey_accuracy(model, tok, context=args.max_seq_len, trials=100)
     prompts = ["Once upon a time, there was a girl called Lily.", "One day, Tom went for a walk to the"]
-    samples = [(p, p + tok.decode(generate(model, tok.encode(p), 60)[0])) for p in prompts]
+    samples = [(p, tok.decode(tok.encode(p, bos=False) + generate(model, tok.encode(p), 60)[0])) for p in prompts]
 
     out_dir = Path(out_dir)
     files = ["config.json", "model.safetensors", "tokenizer.model"]

@@ -51,8 +51,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Computed in fp32 and cast back, as Meta does with complex numbers:
     (a + ib) * (cos + i sin) = (a cos - b sin) + i (a sin + b cos).
     """
+    # BEGIN SOLUTION
     xf = x.float().unflatten(-1, (-1, 2))  # [B, T, H, head_dim/2, 2]
     a, b = xf[..., 0], xf[..., 1]
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
     return out.flatten(-2).type_as(x)
+    # END SOLUTION

@@ -477,3 +477,14 @@ def test_save_over_a_file(small_model, tmp_path):
     with pytest.raises(ValueError, match=re.escape(str(f)) + ": it is an existing file"):
         save_model(small_model, f)
     assert f.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("fmt", ["native", "hf", "meta"])
+def test_rope_scaling_survives_every_format(tmp_path, fmt):
+    args = get_preset("tiny").replace(n_layers=1, rope_scaling={"type": "linear", "factor": 2.0})
+    model = create_model(args, seed=0)
+    back = load_model(save_model(model, tmp_path / fmt, format=fmt))
+    assert back.args.rope_scaling["factor"] == 2.0
+    x = torch.randint(0, args.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=0)

@@ -102,3 +102,8 @@ def test_out_of_vocab_and_empty_prompts(model):
         generate(model, [1, model.args.vocab_size], 4)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []], 4)
+
+
+def test_tensor_prompts_are_accepted(model):
+    assert generate(model, torch.tensor(PROMPTS[0]), 5) == generate(model, PROMPTS[0], 5)
+    assert generate(model, torch.tensor([PROMPTS[0], PROMPTS[0]]), 5) == generate(model, [PROMPTS[0]] * 2, 5)

@@ -157,3 +157,8 @@ def test_create_model_builds_in_the_requested_dtype():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     again = create_model(get_preset("tiny"), dtype=torch.bfloat16, seed=1)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_unsupported_rope_scaling_fails_when_the_config_is_read(tmp_path):
+    with pytest.raises(ValueError, match="rope_scaling.*'yarn' is not supported"):
+        ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, rope_scaling={"type": "yarn", "factor": 4.0})
