@@ -3,8 +3,9 @@
 Every document becomes `[BOS] ids [EOS]`. A document longer than one row is cut into consecutive
 pieces of seq_len + 1 tokens; pieces are shuffled and packed in that order (next-fit) into rows of seq_len + 1
 tokens (a row's inputs are tokens[:-1], its targets tokens[1:]). Unused room at the end of a row is
-padded and its targets set to -100, so no loss is computed on padding. Packed documents may attend
-to the one before them (as in GPT-style pre-training); each starts with BOS.
+padded and its targets set to -100, so no loss is computed on padding. As in GPT-style
+pre-training, a piece may attend to the piece packed before it in the same row, and the last token of
+one piece predicts the first of the next (BOS, when a document starts there).
 """
 
 from __future__ import annotations

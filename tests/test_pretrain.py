@@ -15,9 +15,12 @@ def test_packing_keeps_every_token_once_and_masks_padding():
     docs = [list(range(1, n + 1)) for n in (5, 300, 40, 7, 90)]
     x, y = pack_documents(docs, seq_len=64, pad_id=0, seed=0)
     assert x.shape[1] == y.shape[1] == 64
-    # each document piece of up to 65 tokens predicts len(piece) - 1 targets
-    pieces = [len(d[i:i + 65]) for d in docs for i in range(0, len(d), 65)]
-    assert int((y != IGNORE_INDEX).sum()) == sum(p - 1 for p in pieces if p > 1)
+    # every token of every document sits in exactly one row (row = inputs + the last target)
+    rows = torch.cat([x, y[:, -1:]], dim=1)
+    filled = torch.cat([torch.ones_like(x[:, :1], dtype=torch.bool), y != IGNORE_INDEX], dim=1)
+    assert sorted(rows[filled].tolist()) == sorted(t for d in docs for t in d)
+    # targets are the next token wherever there is one; padding is never a target
+    assert int((y != IGNORE_INDEX).sum()) == int(filled.sum()) - x.shape[0]
     assert torch.equal(x[:, 1:][y[:, :-1] != IGNORE_INDEX], y[:, :-1][y[:, :-1] != IGNORE_INDEX])
 
 

@@ -1,0 +1,278 @@
+"""`minillama bench`: a named grid of configurations, measured side by side in one process.
+
+Each row is one configuration (a dict of grid dimensions: mode, batch, seq_len, and the techniques
+later notebooks add). For each row a fresh model is built, one step is measured with
+`minillama.measure.measure` (peak bytes by category, step time, FLOPs) and predicted with
+`minillama.memory.estimate_memory`. The results are written as results.json, results.csv, table.md,
+memory.png (stacked bars by category) and runtime.png.
+
+Techniques register themselves as grid dimensions with `register_dimension`, so a grid can span
+e.g. {full, LoRA} x {fp32, bf16} without a second copy of this code.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .measure import CATEGORIES, Measurement, measure
+from .memory import estimate_memory
+
+MiB = 1024**2
+
+
+@dataclass
+class Dimension:
+    """A grid dimension: its values, and how a value changes the run (model, optimizer, estimator kwargs)."""
+    name: str
+    values: tuple
+    apply: Optional[Callable[[Any, dict], None]] = None  # apply(value, ctx) may edit ctx["model"], ctx["estimate"]...
+
+
+DIMENSIONS: dict[str, Dimension] = {}
+
+
+def register_dimension(name: str, values, apply: Optional[Callable[[Any, dict], None]] = None) -> None:
+    """Make `name` usable in grids (values: the default sweep). Later techniques call this."""
+    DIMENSIONS[name] = Dimension(name, tuple(values), apply)
+
+
+register_dimension("mode", ("train", "inference"))
+register_dimension("batch", (1, 2, 4, 8))
+register_dimension("seq_len", (64, 128, 256))
+
+# A grid: a base config and the dimensions to sweep (the product of their values).
+GRIDS: dict[str, dict] = {
+    "default": {"base": {"batch": 4, "seq_len": 256}, "sweep": {"mode": ("train", "inference")},
+                "extra": [{"mode": "train", "batch": b, "seq_len": 256} for b in (1, 8)]
+                + [{"mode": "train", "batch": 4, "seq_len": s} for s in (64, 128)]},
+    "batch": {"base": {"mode": "train", "seq_len": 256}, "sweep": {"batch": (1, 2, 4, 8)}},
+    "seq": {"base": {"mode": "train", "batch": 4}, "sweep": {"seq_len": (64, 128, 256)}},
+    "mode": {"base": {"batch": 4, "seq_len": 256}, "sweep": {"mode": ("train", "inference")}},
+}
+
+
+def grid_configs(name: str) -> list[dict]:
+    """The configurations of a named grid, in order."""
+    if name not in GRIDS:
+        raise ValueError(f"Unknown grid {name!r}: expected one of {sorted(GRIDS)}.")
+    g = GRIDS[name]
+    for dim in g["sweep"]:
+        if dim not in DIMENSIONS:
+            raise ValueError(f"Grid {name!r} sweeps {dim!r}, which no technique has registered.")
+    keys = list(g["sweep"])
+    configs = [{**g["base"], **dict(zip(keys, vals))} for vals in itertools.product(*g["sweep"].values())]
+    for extra in g.get("extra", []):
+        if extra not in configs:
+            configs.append(dict(extra))
+    return configs
+
+
+def config_name(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: str, warmup: int = 1,
+               repeats: int = 3, seed: int = 0) -> dict:
+    """Build a fresh model, apply the config, measure one step and predict it. Returns a flat row."""
+    from .train import TrainConfig, make_optimizer
+
+    model = make_model()
+    args = model.args
+    ctx = {"model": model, "estimate": {}, "config": cfg}
+    for key, value in cfg.items():
+        dim = DIMENSIONS.get(key)
+        if dim is None:
+            raise ValueError(f"Config key {key!r} is not a registered grid dimension: {sorted(DIMENSIONS)}.")
+        if dim.apply is not None:
+            dim.apply(value, ctx)
+    model = ctx["model"]
+    device = next(model.parameters()).device
+    batch, seq_len, mode = cfg["batch"], cfg["seq_len"], cfg.get("mode", "train")
+    if seq_len > args.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's max_seq_len={args.max_seq_len}.")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, args.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+    optimizer = None
+    if mode == "train":
+        model.train()
+        optimizer = make_optimizer(model, TrainConfig())
+
+        def step():
+            model(inputs, targets).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+
+        @torch.no_grad()
+        def step():
+            model(inputs)
+    dtype = next(model.parameters()).dtype
+    meta = {"preset": preset, "mode": mode, "batch": batch, "seq_len": seq_len, **cfg}
+    m: Measurement = measure(step, model=model, optimizer=optimizer, tokens_per_step=batch * seq_len,
+                             name=config_name(cfg), warmup=warmup, repeats=repeats, meta=meta)
+    est = estimate_memory(args, batch=batch, seq_len=seq_len, mode=mode, device=device.type,
+                          param_dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+                          **ctx["estimate"])
+    row = m.to_row()
+    row["predicted_peak_memory_bytes"] = est.peak_bytes
+    row["predicted_by_category"] = est.by_category
+    row["prediction_error"] = est.peak_bytes / m.peak_memory_bytes - 1
+    return row
+
+
+def run_grid(make_model: Callable[[], torch.nn.Module], grid: str, *, preset: str, out_dir=None,
+             warmup: int = 1, repeats: int = 3, progress: bool = True) -> list[dict]:
+    """Run every configuration of a grid in this process; a row that runs out of memory is recorded as such."""
+    rows = []
+    for cfg in grid_configs(grid):
+        try:
+            row = run_config(make_model, cfg, preset=preset, warmup=warmup, repeats=repeats)
+        except torch.OutOfMemoryError as e:
+            row = {"name": config_name(cfg), **cfg, "error": f"out of memory: {str(e).splitlines()[0]}"}
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rows.append(row)
+        if progress:
+            print(format_table([row], "text", header=False))
+    if out_dir is not None:
+        write_results(rows, out_dir)
+    return rows
+
+
+# ---- tables and plots --------------------------------------------------------------------------
+def _mib(n) -> str:
+    return "" if n is None else f"{n / MiB:.2f}"
+
+
+COLUMNS = [  # (header, function of a row)
+    ("configuration", lambda r: r["name"]),
+    ("peak MiB", lambda r: _mib(r.get("peak_memory_bytes"))),
+    ("predicted MiB", lambda r: _mib(r.get("predicted_peak_memory_bytes"))),
+    ("error", lambda r: f"{100 * r['prediction_error']:+.1f}%" if "prediction_error" in r else ""),
+    *[(f"{c} MiB", (lambda c: lambda r: _mib(r.get("memory_by_category", {}).get(c)))(c)) for c in CATEGORIES],
+    ("step ms", lambda r: f"{1000 * r['step_time_s']:.1f}" if "step_time_s" in r else ""),
+    ("tokens/s", lambda r: f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else ""),
+    ("GFLOP/step", lambda r: f"{r['flops_per_step'] / 1e9:.2f}" if "flops_per_step" in r else ""),
+    ("MFU", lambda r: (f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "unknown") if "step_time_s" in r
+     else r.get("error", "")),
+]
+
+
+def describe(rows: list[dict]) -> str:
+    """Where the table was measured: device, dtype, torch, preset (from the first measured row)."""
+    r = next((r for r in rows if "device_name" in r), rows[0] if rows else {})
+    return (f"device: {r.get('device_name', '?')} | dtype: {r.get('dtype', '?')} | torch {r.get('torch', '?')} | "
+            f"preset: {r.get('preset', '?')} | MiB = 1024**2 bytes")
+
+
+def format_table(rows: list[dict], fmt: str = "md", header: bool = True) -> str:
+    """The rows as a markdown, plain-text or HTML table (with the measurement context above it)."""
+    heads = [h for h, _ in COLUMNS]
+    cells = [[f(r) for _, f in COLUMNS] for r in rows]
+    if fmt == "html":
+        th = "".join(f"<th>{h}</th>" for h in heads)
+        trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells)
+        return f"<p>{describe(rows)}</p><table><tr>{th}</tr>{trs}</table>"
+    if fmt == "md":
+        lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        return (describe(rows) + "\n\n" if header else "") + "\n".join(lines)
+    if fmt == "text":
+        widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+        line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+        body = [line(row) for row in cells]
+        return "\n".join(([describe(rows), line(heads)] if header else []) + body)
+    raise ValueError(f"Table format {fmt!r} is unknown: expected 'md', 'text' or 'html'.")
+
+
+def plot_memory(rows: list[dict], path) -> None:
+    """Stacked bars of peak memory by category per configuration, with the prediction as a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "memory_by_category" in r]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
+    bottom = [0.0] * len(rows)
+    for cat in CATEGORIES:
+        vals = [r["memory_by_category"][cat] / MiB for r in rows]
+        ax.bar(range(len(rows)), vals, bottom=bottom, label=cat)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.scatter(range(len(rows)), [r["predicted_peak_memory_bytes"] / MiB for r in rows], color="black",
+               marker="_", s=400, label="predicted peak", zorder=3)
+    ax.set_xticks(range(len(rows)), [r["name"].replace(" ", "\n") for r in rows], fontsize=7)
+    ax.set_ylabel("peak memory (MiB = 1024**2 bytes)")
+    ax.set_title(describe(rows), fontsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_runtime(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "step_time_s" in r]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    ax.bar(range(len(rows)), [1000 * r["step_time_s"] for r in rows])
+    ax.set_xticks(range(len(rows)), [r["name"].replace(" ", "\n") for r in rows], fontsize=7)
+    ax.set_ylabel("step time (ms)")
+    ax.set_title(describe(rows), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
+    """results.json, results.csv, table.md, memory.png, runtime.png in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / v for k, v in (("json", "results.json"), ("csv", "results.csv"), ("md", "table.md"),
+                                       ("memory", "memory.png"), ("runtime", "runtime.png"))}
+    with open(paths["json"], "w") as f:
+        json.dump(rows, f, indent=2, default=str)
+    flat = []
+    for r in rows:  # CSV: one column per category
+        r = dict(r)
+        for key in ("memory_by_category", "predicted_by_category"):
+            for cat, v in (r.pop(key, None) or {}).items():
+                r[f"{key.split('_')[0]}_{cat}_bytes"] = v
+        flat.append(r)
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(flat)
+    paths["md"].write_text(format_table(rows, "md") + "\n")
+    if any("memory_by_category" in r for r in rows):
+        plot_memory(rows, paths["memory"])
+        plot_runtime(rows, paths["runtime"])
+    return paths
+
+
+def model_factory(preset: str, *, model_path=None, random_weights: bool = False, device="cpu", dtype=None):
+    """A function that builds a fresh model per row: the shipped/loaded weights, or random ones."""
+    from . import create_model, get_preset, load_model
+    from .checkpoint import parse_dtype
+
+    dtype = parse_dtype(dtype)
+    if random_weights or model_path is None:
+        return lambda: create_model(get_preset(preset), device=device, dtype=dtype, seed=0)
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"Model path {model_path} does not exist (use --random-weights for a random {preset}).")
+    return lambda: load_model(model_path, device=device, dtype=dtype)

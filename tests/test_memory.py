@@ -1,0 +1,249 @@
+"""The analytic memory model (minillama.memory): parameter counts, the QLoRA report's Llama-3-8B budget,
+bytes per parameter, bad input, and predictions against MemoryTracker's exact count on CPU."""
+
+import pytest
+import torch
+from torch import nn
+
+import minillama
+from minillama import get_preset
+from minillama.measure import MemoryTracker
+from minillama.memory import (CATEGORIES, LINEARS, estimate_memory, format_bytes, llama3_8b_budget,
+                              parameter_count)
+from minillama.train import TrainConfig, make_optimizer
+
+GiB = 1024**3
+
+
+# ---- parameter counts: the formulas against real modules ------------------------------------------
+def meta_model(preset):
+    with torch.device("meta"):
+        return minillama.Transformer(get_preset(preset))
+
+
+def lora_numel_of_real_modules(model, r, targets):
+    """Build LoRA A [r, in] and B [out, r] (meta device) for every targeted nn.Linear of the model."""
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.split(".")[-1] in targets and name.startswith("layers."):
+            with torch.device("meta"):
+                a, b = nn.Linear(m.in_features, r, bias=False), nn.Linear(r, m.out_features, bias=False)
+            total += a.weight.numel() + b.weight.numel()
+    return total
+
+
+@pytest.mark.parametrize("targets, r, expected", [
+    (("wq", "wv"), 8, 4_194_304),  # REFERENCE.md: PEFT's default on Llama-2-7B
+    ("all", 8, 19_988_480),  # all seven linears of every block
+])
+def test_parameter_counts_equal_real_modules(targets, r, expected):
+    model = meta_model("llama2-7b")
+    n_model = sum(p.numel() for p in model.parameters())
+    counts = parameter_count(get_preset("llama2-7b"), lora={"r": r, "targets": targets})
+    assert counts["base"] == n_model == 6_738_415_616
+    names = LINEARS if targets == "all" else targets
+    assert counts["lora"] == lora_numel_of_real_modules(model, r, names) == expected
+    assert counts["total"] == n_model + expected and counts["trainable"] == expected
+    assert parameter_count(get_preset("llama2-7b")) == {"total": n_model, "trainable": n_model, "lora": 0,
+                                                        "base": n_model}
+
+
+def test_llama3_8b_counts_match_the_module():
+    model = meta_model("llama3-8b")
+    assert parameter_count(get_preset("llama3-8b"))["total"] == sum(p.numel() for p in model.parameters())
+    assert lora_numel_of_real_modules(model, 64, LINEARS) == parameter_count(
+        get_preset("llama3-8b"), lora={"r": 64, "targets": "all"})["lora"] == 167_772_160
+
+
+# ---- bytes per parameter ----------------------------------------------------------------------------
+def test_static_bytes_per_parameter():
+    args = get_preset("llama2-7b")
+    n = parameter_count(args)["total"]
+    # fp32 weights + fp32 grads + two fp32 AdamW moments = 16 B/param. device="cuda": AdamW's `step`
+    # counters then live on the CPU and are not device memory.
+    full = estimate_memory(args, batch=1, seq_len=16, device="cuda")
+    assert full.static_bytes == 16 * n
+    assert full.by_category["parameters"] == full.by_category["gradients"] == 4 * n
+    # on CPU the 291 step counters (one fp32 scalar per parameter tensor) are optimizer state too
+    cpu = estimate_memory(args, batch=1, seq_len=16)
+    assert cpu.static_bytes == 16 * n + 4 * (2 + 9 * args.n_layers + 1)
+    # bf16 weights and grads + fp32 moments = 12 B/param; torch's AdamW keeps moments in the param dtype: 8 B/param
+    assert estimate_memory(args, batch=1, seq_len=16, param_dtype="bf16", optimizer_state_dtype="fp32",
+                           device="cuda").static_bytes == 12 * n
+    assert estimate_memory(args, batch=1, seq_len=16, param_dtype="bf16", device="cuda").static_bytes == 8 * n
+    # autocast keeps fp32 master weights: the static bytes are those of fp32 training
+    assert estimate_memory(args, batch=1, seq_len=16, amp="bf16", device="cuda").static_bytes == 16 * n
+    # LoRA: frozen base in bf16, adapters + grads + moments in fp32
+    lo = estimate_memory(args, batch=1, seq_len=16, param_dtype="bf16", device="cuda",
+                         lora={"r": 8, "targets": ("wq", "wv"), "dtype": "fp32"})
+    assert lo.static_bytes == 2 * n + 16 * 4_194_304
+
+
+# ---- the QLoRA report's Llama-3-8B budget -----------------------------------------------------------
+# The report prints GiB and calls them "GB" (15.1 = 8.1e9 * 2 / 1024**3 = 15.09; in 1e9-byte GB it would be
+# 16.2, and the exact 8,030,261,248 params give 14.96 GiB / 16.06 GB). Its numbers have 2-3 significant
+# digits: half a unit of the last printed digit is 1.2% of 0.41 and of 4.3, 0.9% of 5.5; we allow 1.5%.
+RULE_TOL = 0.015
+
+
+def test_report_rules_reproduce_the_report():
+    rows = {r["component"].split(" (")[0].split(",")[0]: r for r in llama3_8b_budget()}
+    assert set(rows) >= {"bf16 weights", "full fine-tuning static", "NF4 + double quant base", "LoRA r=64",
+                         "LoRA gradients", "paged 8-bit AdamW state", "QLoRA static total", "activations"}
+    for name, row in rows.items():
+        if row["report_rule_bytes"] is None:  # the activation row: no rule found, explained in its note
+            assert "no rule found" in row["note"]
+            continue
+        got = row["report_rule_bytes"] / GiB
+        assert abs(got / row["report"] - 1) < RULE_TOL, (name, got, row["report"])
+
+
+def test_exact_counts_against_the_report():
+    rows = {r["component"].split(" (")[0].split(",")[0]: r for r in llama3_8b_budget()}
+    n = 8_030_261_248
+    # weights and full fine-tuning: the same rule with the exact count, 0.87% below the report's 8.1e9
+    assert rows["bf16 weights"]["ours_bytes"] == 2 * n
+    assert rows["full fine-tuning static"]["ours_bytes"] == 12 * n
+    for name in ("bf16 weights", "full fine-tuning static"):
+        assert abs(rows[name]["ours_bytes"] / GiB / rows[name]["report"] - 1) < RULE_TOL, name
+    # the QLoRA rows differ by more than rounding, for reasons that the notes give
+    lora = 167_772_160  # r*(in+out) over the 224 linears, not the report's linear weights * 2r/dim
+    assert rows["LoRA r=64"]["ours_bytes"] == rows["LoRA gradients"]["ours_bytes"] == 2 * lora
+    assert "2r/dim" in rows["LoRA r=64"]["note"]
+    assert 2 * lora < rows["paged 8-bit AdamW state"]["ours_bytes"] < 2.04 * lora  # + fp32 absmax per 256
+    base4 = rows["NF4 + double quant base"]
+    assert "output head" in base4["note"]
+    # ours - report's rule = the bf16 output head (V x dim), which the report leaves out
+    assert base4["ours_bytes"] - base4["report_rule_bytes"] == 128256 * 4096 * 2 + 65 * 4096 * 2  # + norms
+    assert abs(base4["ours_bytes"] / GiB - 5.31) < 0.01
+    total = rows["QLoRA static total"]["ours_bytes"]
+    assert total == base4["ours_bytes"] + 2 * 2 * lora + rows["paged 8-bit AdamW state"]["ours_bytes"]
+
+
+# ---- predictions against MemoryTracker on CPU -----------------------------------------------------
+def measured_peak(args, batch, seq_len, mode, checkpointing=False, train_py_order=False):
+    """MemoryTracker's peak for one step as minillama.bench runs it: train = forward with loss, backward,
+    AdamW step, zero_grad(set_to_none=True), after one warm-up step; inference = a no-grad forward.
+    train_py_order: as minillama.train.train does it (forward, zero_grad, backward, clip, step)."""
+    model = minillama.create_model(args, seed=0)
+    if checkpointing:  # torch.utils.checkpoint around every block (use_reentrant=False)
+        for layer in model.layers:
+            layer.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(
+                f, *a, use_reentrant=False, **k))(layer.forward)
+    x = torch.randint(0, args.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets = x[:, :-1], x[:, 1:]
+    optimizer = None
+    if mode == "train":
+        optimizer = make_optimizer(model, TrainConfig())
+
+        def step():
+            if train_py_order:
+                loss = model(inputs, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+            else:
+                model(inputs, targets).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        step()  # the optimizer state exists from the first step on
+    else:
+        model.eval()
+
+        @torch.no_grad()
+        def step():
+            model(inputs)
+    tracker = MemoryTracker(model, optimizer)
+    with tracker:
+        step()
+    return tracker.peak_bytes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bytes do not depend on the thread count; one thread keeps these steps fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode, batch, seq_len, variant", [
+    ("train", 1, 64, {}),  # peak: the optimizer step (parameters + grads + moments + AdamW temporaries)
+    ("train", 4, 128, {}),  # peak: start of backward (activations + two fp32 [N, vocab] gradients)
+    ("train", 8, 256, {}),
+    ("train", 4, 128, {"n_kv_heads": 2}),  # a GQA variant
+    ("train", 4, 128, {"n_kv_heads": 8}),  # plain multi-head attention
+    ("train", 4, 128, {"attn_impl": "math"}),  # the explicit softmax keeps [B, H, T, T] probabilities
+    ("inference", 1, 64, {}),
+    ("inference", 8, 256, {}),
+    ("inference", 4, 128, {"n_kv_heads": 2}),
+])
+def test_estimate_within_10_percent_of_measured_peak(mode, batch, seq_len, variant):
+    args = get_preset("tiny").replace(**variant)
+    est = estimate_memory(args, batch=batch, seq_len=seq_len, mode=mode)
+    peak = measured_peak(args, batch, seq_len, mode)
+    assert abs(est.peak_bytes / peak - 1) < 0.10, (est.peak_bytes, peak, est.peak_moment)
+
+
+def test_checkpointing_predicts_fewer_activations_and_matches():
+    args = get_preset("tiny")
+    plain = estimate_memory(args, batch=4, seq_len=128)
+    ckpt = estimate_memory(args, batch=4, seq_len=128, checkpointing=True)
+    assert ckpt.by_category["activations"] < plain.by_category["activations"] / 2
+    assert ckpt.peak_bytes < plain.peak_bytes
+    # with checkpointing the peak moves to the backward of the first block: all the other gradients exist
+    # and block 0 is recomputed
+    assert ckpt.peak_moment == "backward of the first block"
+    peak = measured_peak(args, 4, 128, "train", checkpointing=True)
+    assert abs(ckpt.peak_bytes / peak - 1) < 0.10, (ckpt.peak_bytes, peak)
+
+
+def test_train_py_order_keeps_last_steps_gradients_in_the_forward():
+    # train.py zeroes the gradients between forward and backward: the previous step's gradients live
+    # through the forward, and at this size the end of the forward becomes the peak
+    args = get_preset("tiny")
+    est = estimate_memory(args, batch=4, seq_len=128, grads_in_forward=True)
+    assert est.peak_moment == "cross-entropy forward (end of forward)"
+    assert est.peak_bytes > estimate_memory(args, batch=4, seq_len=128).peak_bytes
+    peak = measured_peak(args, 4, 128, "train", train_py_order=True)
+    assert abs(est.peak_bytes / peak - 1) < 0.10, (est.peak_bytes, peak)
+
+
+def test_estimate_structure_and_units():
+    est = estimate_memory(get_preset("tiny"), batch=4, seq_len=128)
+    assert set(est.by_category) == set(CATEGORIES) == set(est.at_peak)
+    assert est.static_bytes == sum(est.by_category[c] for c in ("parameters", "gradients", "optimizer_state"))
+    assert sum(est.at_peak.values()) == est.peak_bytes == max(est.moments.values())
+    assert est.peak_bytes < sum(est.by_category.values())  # gradients are None at the start of backward
+    assert est.notes and all(isinstance(line, str) for line in est.notes)
+    assert any("log_softmax" in line for line in est.notes)
+    assert format_bytes(512) == "512 B" and format_bytes(3 * 1024**2 // 2) == "1.50 MiB"
+    assert format_bytes(int(1.23 * GiB)) == "1.23 GiB"
+    inf = estimate_memory(get_preset("tiny"), batch=4, seq_len=128, mode="inference")
+    assert inf.by_category["gradients"] == inf.by_category["optimizer_state"] == inf.by_category["activations"] == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(optimizer="adam9000"), "optimizer='adam9000' is unknown"),
+    (dict(amp="fp8"), "amp='fp8' is unknown"),
+    (dict(mode="serve"), "mode='serve' is unknown"),
+    (dict(lora={"r": 0}), "lora r=0 is invalid"),
+    (dict(lora={"r": -4, "targets": "all"}), "lora r=-4 is invalid"),
+    (dict(lora={"r": 8, "targets": ("wz",)}), "lora targets"),
+    (dict(batch=0), "batch=0 is invalid"),
+    (dict(seq_len=-1), "seq_len=-1 is invalid"),
+    (dict(param_dtype="fp8"), "param_dtype='fp8' is unknown"),
+    (dict(amp="bf16", param_dtype="bf16"), "needs param_dtype='fp32'"),
+    (dict(quant4={"blocksize": 64}), "needs lora"),
+    (dict(grad_accum=0), "grad_accum=0 is invalid"),
+])
+def test_bad_input_raises_one_clear_sentence(kwargs, match):
+    full = dict(batch=2, seq_len=16)
+    full.update(kwargs)
+    with pytest.raises(ValueError, match=match) as err:
+        estimate_memory(get_preset("tiny"), **full)
+    msg = str(err.value)
+    assert msg.endswith(".") and msg.count(". ") == 0, msg
