@@ -4,7 +4,7 @@ Each row is one configuration (a dict of grid dimensions: mode, batch, seq_len, 
 later notebooks add). For each row a fresh model is built, one step is measured with
 `minillama.measure.measure` (peak bytes by category, step time, FLOPs) and predicted with
 `minillama.memory.estimate_memory`. The results are written as results.json, results.csv, table.md,
-memory.png (stacked bars by category) and runtime.png.
+memory.png (stacked bars by category), runtime.png and flops.png.
 
 Techniques register themselves as grid dimensions with `register_dimension`, so a grid can span
 e.g. {full, LoRA} x {fp32, bf16} without a second copy of this code.
@@ -76,7 +76,9 @@ def grid_configs(name: str) -> list[dict]:
 
 
 def config_name(cfg: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in cfg.items())
+    """'mode=train batch=4 seq_len=256 ...': keys in the order their dimensions were registered."""
+    keys = [k for k in DIMENSIONS if k in cfg] + [k for k in cfg if k not in DIMENSIONS]
+    return " ".join(f"{k}={cfg[k]}" for k in keys)
 
 
 def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: str, warmup: int = 1,
@@ -125,7 +127,7 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
                           **ctx["estimate"])
     row = m.to_row()
     row["predicted_peak_memory_bytes"] = est.peak_bytes
-    row["predicted_by_category"] = est.by_category
+    row["predicted_by_category"] = est.at_peak  # what the model says is live at the peak, like the measurement
     row["prediction_error"] = est.peak_bytes / m.peak_memory_bytes - 1
     return row
 
@@ -221,17 +223,18 @@ def plot_memory(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-def plot_runtime(rows: list[dict], path) -> None:
+def plot_bars(rows: list[dict], key: str, scale: float, ylabel: str, path) -> None:
+    """One bar per configuration of rows[i][key] * scale (runtime, FLOPs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if "step_time_s" in r]
+    rows = [r for r in rows if key in r]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    ax.bar(range(len(rows)), [1000 * r["step_time_s"] for r in rows])
+    ax.bar(range(len(rows)), [scale * r[key] for r in rows])
     ax.set_xticks(range(len(rows)), [r["name"].replace(" ", "\n") for r in rows], fontsize=7)
-    ax.set_ylabel("step time (ms)")
+    ax.set_ylabel(ylabel)
     ax.set_title(describe(rows), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -239,11 +242,12 @@ def plot_runtime(rows: list[dict], path) -> None:
 
 
 def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
-    """results.json, results.csv, table.md, memory.png, runtime.png in out_dir."""
+    """results.json, results.csv, table.md, memory.png, runtime.png, flops.png in out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / v for k, v in (("json", "results.json"), ("csv", "results.csv"), ("md", "table.md"),
-                                       ("memory", "memory.png"), ("runtime", "runtime.png"))}
+                                       ("memory", "memory.png"), ("runtime", "runtime.png"),
+                                       ("flops", "flops.png"))}
     with open(paths["json"], "w") as f:
         json.dump(rows, f, indent=2, default=str)
     flat = []
@@ -261,7 +265,8 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
     paths["md"].write_text(format_table(rows, "md") + "\n")
     if any("memory_by_category" in r for r in rows):
         plot_memory(rows, paths["memory"])
-        plot_runtime(rows, paths["runtime"])
+        plot_bars(rows, "step_time_s", 1000, "step time (ms)", paths["runtime"])
+        plot_bars(rows, "flops_per_step", 1e-9, "GFLOP per step", paths["flops"])
     return paths
 
 

@@ -387,7 +387,8 @@ def _write_meta(sd: dict, args: ModelArgs, out: Path, num_shards: int) -> None:
         shard = {}
         for name, t in sd.items():
             dim = _meta_split_dim(name)
-            shard[name] = t if dim is None else t.chunk(num_shards, dim=dim)[rank].clone()
+            # a view would make torch.save write the whole storage: copy the slice (one shard at a time)
+            shard[name] = t if dim is None or num_shards == 1 else t.chunk(num_shards, dim=dim)[rank].clone()
         torch.save(shard, out / f"consolidated.{rank:02d}.pth")
     params = {k: v for k, v in args.to_dict().items()
               if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",

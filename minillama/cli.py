@@ -196,7 +196,7 @@ def cmd_bench(args) -> int:
     rows = run_grid(make, args.grid, preset=args.preset, out_dir=args.out, repeats=args.repeats)
     print()
     print(format_table(rows, "md"))
-    print(f"\nwrote {args.out}/results.json, results.csv, table.md, memory.png, runtime.png")
+    print(f"\nwrote {args.out}/results.json, results.csv, table.md, memory.png, runtime.png, flops.png")
     return 0
 
 

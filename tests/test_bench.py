@@ -36,9 +36,9 @@ def test_rows_have_every_field_and_files_are_written(tmp_path, monkeypatch):
     train, infer = rows
     assert train["memory_by_category"]["gradients"] > 0 and infer["memory_by_category"]["gradients"] == 0
     assert train["flops_per_step"] > 2.5 * infer["flops_per_step"]  # backward ~ 2x forward
-    for f in ("results.json", "results.csv", "table.md", "memory.png", "runtime.png"):
+    for f in ("results.json", "results.csv", "table.md", "memory.png", "runtime.png", "flops.png"):
         assert (tmp_path / f).stat().st_size > 0, f
-    assert json.loads((tmp_path / "results.json").read_text())[0]["name"] == "batch=2 seq_len=32 mode=train"
+    assert json.loads((tmp_path / "results.json").read_text())[0]["name"] == "mode=train batch=2 seq_len=32"
     with open(tmp_path / "results.csv") as f:
         header = next(csv.reader(f))
     assert "peak_memory_bytes" in header and "memory_gradients_bytes" in header
