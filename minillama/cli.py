@@ -50,12 +50,12 @@ def cmd_demo(args) -> int:
     """The main job of the README: load the shipped tiny model, check it, generate, and evaluate."""
     from . import create_model, generate, get_preset, load_model, load_tokenizer
     from .data import read_jsonl_texts
-    from .doctor import report
     from .evaluate import passkey_accuracy, perplexity
 
+    from . import __version__
+
     device = _device(args.device)
-    info = dict(report())
-    print(f"minillama {info['minillama']} | torch {info['torch']} | device {device}")
+    print(f"minillama {__version__} | torch {torch.__version__} | device {device} (`minillama doctor` for more)")
     shipped = (TINY_DIR / "config.json").exists()
     if shipped:
         model = load_model(TINY_DIR, device=device)
@@ -92,7 +92,8 @@ def cmd_demo(args) -> int:
     print(f"  ({len(out)} tokens in {dt:.2f} s, {len(out) / dt:.0f} tokens/s, pre-allocated KV cache)")
 
     if shipped:
-        docs = [tok.encode(t) for t in read_jsonl_texts(REPO_DATA / "corpora" / "stories_val.jsonl")]
+        texts = read_jsonl_texts(REPO_DATA / "corpora" / "stories_val.jsonl")
+        docs = [d for d in (tok.encode(t) for t in texts) if len(d) > 512][:24]
         long_model = load_model(TINY_DIR, device=device, max_seq_len=512)
         rows = [perplexity(long_model, docs, c, scored_tokens=512) for c in (64, 128, 256, 512)]
         print(f"\nperplexity of held-out stories by context length (the same first 512 tokens of "

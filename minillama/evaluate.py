@@ -61,7 +61,7 @@ def check_fits(model: Transformer, batch: int, seqlen: int, what: str) -> None:
 
 @torch.no_grad()
 def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, scored_tokens: int,
-               batch_size: int = 8) -> dict:
+               batch_size: Optional[int] = None) -> dict:
     """Chunked perplexity of `docs` (token lists that start with BOS) with windows of `context` tokens.
 
     Only documents with more than `scored_tokens` tokens are used, each cut to scored_tokens + 1 tokens,
@@ -72,6 +72,8 @@ def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, 
     docs = [list(d[: scored_tokens + 1]) for d in docs if len(d) > scored_tokens]
     if not docs:
         raise ValueError(f"No document is longer than {scored_tokens} tokens: lower scored_tokens.")
+    if batch_size is None:  # about 8k tokens per forward pass: few calls, modest memory
+        batch_size = max(1, 8192 // context)
     batch_size = max(1, min(batch_size, len(docs) * math.ceil(scored_tokens / context)))
     while batch_size > 1 and forward_bytes_estimate(model, batch_size, context) > 0.5 * available_memory_bytes(
             next(model.parameters()).device):
