@@ -48,6 +48,18 @@ register_dimension("mode", ("train", "inference"))
 register_dimension("batch", (1, 2, 4, 8))
 register_dimension("seq_len", (64, 128, 256))
 
+
+def _apply_lora(r, ctx):
+    """lora=0: full fine-tuning; lora=r: LoRA of rank r (alpha 2r) on wq and wv, everything else frozen."""
+    if r:
+        from .lora import apply_lora
+
+        apply_lora(ctx["model"], r=r, alpha=2 * r, targets=("wq", "wv"))
+        ctx["estimate"]["lora"] = {"r": r, "targets": ("wq", "wv")}
+
+
+register_dimension("lora", (0, 8), _apply_lora)
+
 # A grid: a base config and the dimensions to sweep (the product of their values).
 GRIDS: dict[str, dict] = {
     "default": {"base": {"batch": 4, "seq_len": 256}, "sweep": {"mode": ("train", "inference")},
@@ -56,6 +68,7 @@ GRIDS: dict[str, dict] = {
     "batch": {"base": {"mode": "train", "seq_len": 256}, "sweep": {"batch": (1, 2, 4, 8)}},
     "seq": {"base": {"mode": "train", "batch": 4}, "sweep": {"seq_len": (64, 128, 256)}},
     "mode": {"base": {"batch": 4, "seq_len": 256}, "sweep": {"mode": ("train", "inference")}},
+    "lora": {"base": {"mode": "train", "batch": 4, "seq_len": 256}, "sweep": {"lora": (0, 8, 64)}},
 }
 
 

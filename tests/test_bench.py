@@ -56,8 +56,8 @@ def test_a_registered_dimension_changes_the_run(monkeypatch):
 
 
 def test_unregistered_dimension_and_bad_table_format(monkeypatch):
-    monkeypatch.setitem(bench.GRIDS, "t", {"base": {}, "sweep": {"lora": (False, True)}})
-    with pytest.raises(ValueError, match="sweeps 'lora', which no technique has registered"):
+    monkeypatch.setitem(bench.GRIDS, "t", {"base": {}, "sweep": {"qlora": (False, True)}})
+    with pytest.raises(ValueError, match="sweeps .qlora., which no technique has registered"):
         bench.grid_configs("t")
     with pytest.raises(ValueError, match="Table format 'latex'"):
         bench.format_table([], "latex")
@@ -74,3 +74,11 @@ def test_cli_bench_on_the_shipped_tiny_model(tmp_path, capsys):
 def test_cli_bench_needs_weights_for_big_presets(tmp_path, capsys):
     assert main(["bench", "--preset", "llama2-7b", "--out", str(tmp_path)]) == 2
     assert "--random-weights" in capsys.readouterr().err
+
+
+def test_lora_dimension_collapses_optimizer_state_and_is_predicted(monkeypatch):
+    monkeypatch.setitem(bench.GRIDS, "t", {"base": {"mode": "train", "batch": 2, "seq_len": 32},
+                                            "sweep": {"lora": (0, 4)}})
+    full, lora = bench.run_grid(small, "t", preset="test", repeats=1, progress=False)
+    assert lora["memory_by_category"]["optimizer_state"] < 0.1 * full["memory_by_category"]["optimizer_state"]
+    assert abs(lora["prediction_error"]) < 0.10 and abs(full["prediction_error"]) < 0.10
