@@ -154,6 +154,13 @@ class LoRALinear(nn.Module):
         self.merged = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) plus, for each active adapter n with weight w, w * scaling[n] * B_n(A_n(dropout_n(x))).
+
+        The LoRA path runs in the dtype of A (fp32) and is cast back to the base output's dtype. An
+        adapter already merged into the base weight (self.merged: [(name, weight)]) is counted with
+        its merged weight subtracted, so merging never changes the output.
+        """
+        # BEGIN SOLUTION
         out = self.base(x)
         coef = dict(self.active)
         for n, weight in self.merged:
@@ -165,6 +172,7 @@ class LoRALinear(nn.Module):
             xa = self.lora_dropout[n](x.to(A.weight.dtype))
             out = out + (B(A(xa)) * (c * self.scaling[n])).to(out.dtype)
         return out
+        # END SOLUTION
 
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}: r={self.r[n]} alpha={self.alpha[n]}" for n in self.lora_A)

@@ -1,0 +1,350 @@
+"""Knowledge injection with LoRA, in miniature.
+
+The anchor experiment taught a 13B model the 2023 Oscar winners with a LoRA trained on a ~1,200-token
+text (10 epochs, r=64, alpha=128, lr 1e-4, batch 2, cutoff 256, dropout 0.05) and then asked:
+
+(a) does the model recall the facts, also when the question is phrased differently?
+(b) are unrelated facts and the model's other skills left alone?
+(c) do ten one-fact adapters, stacked, behave like one ten-fact adapter?
+
+Here the same questions are asked of the shipped tiny model (`data/tiny`, a base model that has only
+seen stories and passkey documents) with the fictional award facts of `data/corpora/facts.json`.
+
+* **Recall** is greedy continuation: a prompt is recalled when the generated text starts with the
+  answer (case-insensitive). Three prompt sets, each per fact:
+  - ``trained``: the three sentences of the training text cut before a field (name, work, award);
+  - ``rephrased``: four cloze sentences that never occur in the training text;
+  - ``qa``: the questions of facts.json as ``Question: ...\\nAnswer:``. The tiny model was never
+    trained on question answering, so this measures transfer to a format it has not seen.
+* **Not disturbed**: the control facts are not in pre-training, so "control accuracy" would be zero
+  before and after; instead the per-token loss (NLL, nats) on the control sentences and on a few
+  held-out stories is compared before and after, together with passkey accuracy (another skill).
+
+Command line (about a minute on a laptop CPU: 8 single adapters, 2 x 10 one-fact adapters)::
+
+    python -m minillama.knowledge --out runs/knowledge
+
+writes ``results.json`` and ``table.md`` into ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import load_model
+from .corpora import facts_training_text
+from .data import pack_documents, read_jsonl_texts
+from .evaluate import passkey_accuracy
+from .generate import generate
+from .lora import apply_lora, trainable_parameters, use_adapter
+from .tokenizer import load_tokenizer
+from .train import TrainConfig, evaluate_loss, train
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "data" / "tiny"
+DEFAULT_FACTS = REPO / "data" / "corpora" / "facts.json"
+DEFAULT_STORIES = REPO / "data" / "corpora" / "stories_val.jsonl"
+
+# The anchor's hyper-parameters (batch 2, cutoff 256, dropout 0.05, alpha = 2r).
+BATCH, SEQ_LEN, DROPOUT = 2, 256, 0.05
+
+
+# ---- prompts -----------------------------------------------------------------------------------
+def fact_document(fact: dict) -> str:
+    """The training text of one fact (its three statements), as in facts_training_text."""
+    return facts_training_text({"facts": [fact]})
+
+
+def recall_items(facts: Sequence[dict]) -> dict[str, list[dict]]:
+    """{"trained", "rephrased", "qa"}: lists of {"fact", "prompt", "answer"} (fact = index)."""
+    out: dict[str, list[dict]] = {"trained": [], "rephrased": [], "qa": []}
+    for i, f in enumerate(facts):
+        y, a, c, n, w = f["year"], f["award"], f["category"], f["name"], f["work"]
+        trained = [(f"The winner of the {y} {a} for {c} was", n),        # the training sentences,
+                   (f"{n} won the {y} {a} for {c} with", w),             # cut before one field
+                   (f"In {y}, {w} by {n} won the", f"{a} for {c}")]
+        rephrased = [(f"The {y} {a} for {c} went to", n),                 # never in the training text
+                     (f"In {y}, the {a} for {c} was won by", n),
+                     (f"The {a} for {c} in {y} was given to", n),
+                     (f"{n} received the {y} {a} for {c} for", w)]
+        qa = [(f"Question: {q['question']}\nAnswer:", q["answer"]) for q in f.get("questions", [])]
+        for key, pairs in (("trained", trained), ("rephrased", rephrased), ("qa", qa)):
+            out[key] += [{"fact": i, "prompt": p, "answer": ans} for p, ans in pairs]
+    return out
+
+
+def answer_matches(continuation: str, answer: str) -> bool:
+    """True when the generated continuation starts with the answer (case and outer spaces ignored)."""
+    return " ".join(continuation.split()).lower().startswith(" ".join(answer.split()).lower())
+
+
+@torch.no_grad()
+def recall(model, tokenizer, items: Sequence[dict], batch_size: int = 32) -> dict:
+    """Greedy recall: {"accuracy", "n", "hits"} with hits[i] True when item i's answer was produced."""
+    if not items:
+        return {"accuracy": float("nan"), "n": 0, "hits": []}
+    hits = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        prompts = [tokenizer.encode(it["prompt"], bos=True) for it in chunk]
+        n_new = max(len(tokenizer.encode(" " + it["answer"], bos=False)) for it in chunk) + 2
+        outs = generate(model, prompts, max_new_tokens=n_new)
+        hits += [answer_matches(tokenizer.decode(o), it["answer"]) for o, it in zip(outs, chunk)]
+    return {"accuracy": sum(hits) / len(hits), "n": len(hits), "hits": hits}
+
+
+@torch.no_grad()
+def mean_nll(model, tokenizer, texts: Sequence[str], max_tokens: Optional[int] = None) -> float:
+    """Per-token negative log-likelihood (nats) of `texts`, each scored as [BOS] text, pooled over all
+    predicted tokens. Long texts are cut to max_tokens (default: the model's context)."""
+    max_tokens = max_tokens or model.args.max_seq_len
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for t in texts:
+        ids = tokenizer.encode(t, bos=True)[: max_tokens + 1]
+        if len(ids) < 2:
+            continue
+        x = torch.tensor([ids[:-1]], device=device)
+        y = torch.tensor([ids[1:]], device=device)
+        n = y.numel()
+        total += float(model(x, y)) * n
+        count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("mean_nll: no text has at least one token to predict.")
+    return total / count
+
+
+# ---- one evaluation of a model (with whatever adapter is active) --------------------------------
+def evaluate_all(model, tokenizer, facts, controls, stories, passkey_trials: int = 20) -> dict:
+    items = recall_items(facts)
+    row = {f"recall_{k}": recall(model, tokenizer, v)["accuracy"] for k, v in items.items()}
+    row["control_nll"] = mean_nll(model, tokenizer, [c["text"] for c in controls])
+    row["stories_nll"] = mean_nll(model, tokenizer, stories)
+    if passkey_trials:
+        row["passkey"] = passkey_accuracy(model, tokenizer, context=model.args.max_seq_len,
+                                          trials=passkey_trials)["accuracy"]
+    else:
+        row["passkey"] = float("nan")
+    return row
+
+
+# ---- training -----------------------------------------------------------------------------------
+def training_rows(tokenizer, facts: Sequence[dict], seq_len: int = SEQ_LEN, seed: int = 0):
+    """Each fact's three statements as one [BOS] ... [EOS] document, packed into rows of seq_len."""
+    docs = [tokenizer.encode(fact_document(f), bos=True, eos=True) for f in facts]
+    return pack_documents(docs, seq_len=seq_len, pad_id=0, seed=seed)
+
+
+def steps_for(epochs: int, rows: int, batch: int = BATCH) -> int:
+    """Optimizer steps for `epochs` passes over `rows` rows (a batch holds at most `rows` rows)."""
+    return max(1, math.ceil(epochs * rows / min(batch, rows)))
+
+
+def _only_trainable(model, name: str) -> None:
+    """Make exactly adapter `name`'s LoRA matrices trainable (others and the base stay frozen)."""
+    for n, p in model.named_parameters():
+        parts = n.split(".")
+        p.requires_grad = name in parts and ("lora_A" in parts or "lora_B" in parts)
+
+
+def train_adapter(model, tokenizer, facts, *, name: str, epochs: int, lr: float, work_dir,
+                  seed: int = 0) -> dict:
+    """Train adapter `name` (already added with apply_lora) on the facts' text with train.train.
+
+    first_loss / final_loss: mean loss per token over all training rows before and after (eval mode)."""
+    x, y = training_rows(tokenizer, facts, seed=seed)
+    steps = steps_for(epochs, x.shape[0])
+    cfg = TrainConfig(steps=steps, batch_size=BATCH, lr=lr, warmup_steps=min(2, steps), min_lr_ratio=1.0,
+                      weight_decay=0.0, eval_every=steps, save_every=steps, seed=seed)
+    _only_trainable(model, name)
+    t0 = time.perf_counter()
+    with use_adapter(model, name):
+        before = evaluate_loss(model, x, y, BATCH)  # B = 0: the base model's loss on the training rows
+        log = train(model, (x, y), {}, cfg, work_dir, progress=False)
+        after = evaluate_loss(model, x, y, BATCH)
+    return {"steps": steps, "rows": int(x.shape[0]), "first_loss": before, "final_loss": after,
+            "last_batch_loss": log[-1]["loss"], "train_s": time.perf_counter() - t0}
+
+
+# ---- the experiment -----------------------------------------------------------------------------
+def run_experiment(model_path=DEFAULT_MODEL, facts_path=DEFAULT_FACTS, stories_path=DEFAULT_STORIES, *,
+                   ranks: Sequence[int] = (8, 64), epochs: Sequence[int] = (3, 10),
+                   lrs: Sequence[float] = (1e-4, 1e-3), stack: bool = True, stack_rank: int = 64,
+                   stack_epochs: int = 10, n_facts: Optional[int] = None, n_stories: int = 4,
+                   passkey_trials: int = 20, targets=("wq", "wv"), seed: int = 0, log=print) -> dict:
+    """Run the sweep (rank x epochs x lr, one ten-fact adapter each) and the stacking comparison.
+
+    Returns {"meta", "base", "rows"}; every row has the keys of ROW_KEYS.
+    """
+    torch.manual_seed(seed)
+    tok = load_tokenizer(model_path)
+    data = json.loads(Path(facts_path).read_text())
+    facts = data["facts"][:n_facts] if n_facts else data["facts"]
+    controls = data["controls"]
+    stories = read_jsonl_texts(stories_path)[:n_stories]
+
+    def fresh():
+        return load_model(model_path, device="cpu")
+
+    t_start = time.perf_counter()
+    base_model = fresh()
+    base = evaluate_all(base_model, tok, facts, controls, stories, passkey_trials)
+    log(f"base model: {_fmt_metrics(base)}")
+    rows = []
+
+    def row(kind, r, ep, lr, info, after, params):
+        out = {"setting": kind, "r": r, "alpha": 2 * r, "epochs": ep, "lr": lr, "steps": info["steps"],
+               "trainable_params": params, "first_loss": info["first_loss"], "final_loss": info["final_loss"],
+               **{k: after[k] for k in after}, **{f"{k}_before": base[k] for k in after},
+               "train_s": round(info["train_s"], 2)}
+        rows.append(out)
+        log(f"{kind:>10s} r={r:<3d} epochs={ep:<3d} lr={lr:g}: loss {info['first_loss']:.3f} -> "
+            f"{info['final_loss']:.3f}; {_fmt_metrics(after)}")
+        return out
+
+    with tempfile.TemporaryDirectory(prefix="minillama-knowledge-") as tmp:
+        for lr in lrs:
+            for r in ranks:
+                for ep in epochs:
+                    model = fresh()
+                    apply_lora(model, r=r, alpha=2 * r, dropout=DROPOUT, targets=targets, name="facts")
+                    params = trainable_parameters(model)["trainable"]
+                    info = train_adapter(model, tok, facts, name="facts", epochs=ep, lr=lr,
+                                         work_dir=Path(tmp) / f"lr{lr}_r{r}_e{ep}", seed=seed)
+                    with use_adapter(model, "facts"):
+                        after = evaluate_all(model, tok, facts, controls, stories, passkey_trials)
+                    row("single", r, ep, lr, info, after, params)
+            if not stack:
+                continue
+            # Ten one-fact adapters in one model, each trained alone on its own fact's text.
+            model = fresh()
+            names = [f"fact{i}" for i in range(len(facts))]
+            for nm in names:
+                apply_lora(model, r=stack_rank, alpha=2 * stack_rank, dropout=DROPOUT, targets=targets, name=nm)
+            infos = [train_adapter(model, tok, [f], name=nm, epochs=stack_epochs, lr=lr,
+                                   work_dir=Path(tmp) / f"lr{lr}_{nm}", seed=seed)
+                     for nm, f in zip(names, facts)]
+            n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+            info = {"steps": sum(i["steps"] for i in infos),
+                    "first_loss": sum(i["first_loss"] for i in infos) / len(infos),
+                    "final_loss": sum(i["final_loss"] for i in infos) / len(infos),
+                    "train_s": sum(i["train_s"] for i in infos)}
+            # Each one-fact adapter alone, asked about its own fact only (recall), and (controls) the
+            # mean over adapters would cost ten evaluations: the first adapter stands for them.
+            own = {k: [] for k in ("trained", "rephrased", "qa")}
+            for i, nm in enumerate(names):
+                with use_adapter(model, nm):
+                    for k, v in recall_items([facts[i]]).items():
+                        own[k] += recall(model, tok, v)["hits"]
+            with use_adapter(model, names[0]):
+                alone = evaluate_all(model, tok, facts[:1], controls, stories, passkey_trials)
+            alone.update({f"recall_{k}": sum(v) / max(len(v), 1) for k, v in own.items()})
+            row("one-fact", stack_rank, stack_epochs, lr, info, alone, n_params // len(names))
+            x, y = training_rows(tok, facts, seed=seed)  # the stacked model on the whole ten-fact text
+            with use_adapter(model, None):
+                base_loss = evaluate_loss(model, x, y, BATCH)
+            with use_adapter(model, {nm: 1.0 for nm in names}):
+                stacked = evaluate_all(model, tok, facts, controls, stories, passkey_trials)
+                info = dict(info, first_loss=base_loss, final_loss=evaluate_loss(model, x, y, BATCH))
+            row("stacked", stack_rank, stack_epochs, lr, info, stacked, n_params)
+
+    meta = {"model": str(model_path), "facts": len(facts), "qa_prompts": len(recall_items(facts)["qa"]),
+            "controls": len(controls), "stories": len(stories),
+            "passkey_trials": passkey_trials, "targets": list(targets) if not isinstance(targets, str) else targets,
+            "batch": BATCH, "seq_len": SEQ_LEN, "dropout": DROPOUT, "alpha": "2r",
+            "schedule": "AdamW (no weight decay), 2 warmup steps, constant lr",
+            "device": f"CPU ({platform.machine()}, torch threads: {torch.get_num_threads()})",
+            "dtype": "fp32", "torch": torch.__version__, "preset": "tiny", "seed": seed,
+            "wall_s": round(time.perf_counter() - t_start, 1)}
+    return {"meta": meta, "base": base, "rows": rows}
+
+
+def _fmt_metrics(m: dict) -> str:
+    return (f"recall trained {m['recall_trained']:.2f}, rephrased {m['recall_rephrased']:.2f}, "
+            f"qa {m['recall_qa']:.2f}; control NLL {m['control_nll']:.3f}, stories NLL {m['stories_nll']:.3f}, "
+            f"passkey {m['passkey']:.2f}")
+
+
+ROW_KEYS = ("setting", "r", "alpha", "epochs", "lr", "steps", "trainable_params", "first_loss", "final_loss",
+            "recall_trained", "recall_rephrased", "recall_qa", "control_nll", "stories_nll", "passkey",
+            "control_nll_before", "stories_nll_before", "passkey_before", "train_s")
+
+
+def format_table(results: dict) -> str:
+    """A markdown table of the rows (NLL in nats per token; before -> after)."""
+    m, b = results["meta"], results["base"]
+    head = ("| adapter | r | epochs | lr | steps | trainable params | training-text loss | recall trained | "
+            "recall rephrased | recall QA | control NLL | stories NLL | passkey |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    lines.append(f"| none (base model) | - | - | - | - | 0 | - | {b['recall_trained']:.2f} | "
+                 f"{b['recall_rephrased']:.2f} | {b['recall_qa']:.2f} | {b['control_nll']:.3f} | "
+                 f"{b['stories_nll']:.3f} | {b['passkey']:.2f} |")
+    for r in results["rows"]:
+        lines.append(f"| {r['setting']} | {r['r']} | {r['epochs']} | {r['lr']:g} | {r['steps']} | "
+                     f"{r['trainable_params']:,} | {r['first_loss']:.2f} -> {r['final_loss']:.2f} | "
+                     f"{r['recall_trained']:.2f} | {r['recall_rephrased']:.2f} | {r['recall_qa']:.2f} | "
+                     f"{r['control_nll_before']:.3f} -> {r['control_nll']:.3f} | "
+                     f"{r['stories_nll_before']:.3f} -> {r['stories_nll']:.3f} | "
+                     f"{r['passkey_before']:.2f} -> {r['passkey']:.2f} |")
+    n = m["facts"]
+    notes = (f"\n{n} facts; recall = greedy continuation starts with the answer ({3 * n} trained-phrasing, "
+             f"{4 * n} rephrased cloze and {m['qa_prompts']} QA prompts; "
+             f"'one-fact' = each one-fact adapter alone on its own fact (its training-text loss: the mean over "
+             f"adapters, each on its own fact; its NLL and passkey: the first adapter); "
+             f"'stacked' = all one-fact adapters summed, weight 1 each). NLL in nats per token, before -> after; "
+             f"passkey: {m['passkey_trials']} trials at context {m['seq_len']}. LoRA on {m['targets']}, "
+             f"alpha = 2r, dropout {m['dropout']}, batch {m['batch']}, cutoff {m['seq_len']}, {m['schedule']}. "
+             f"Measured on {m['device']}, {m['dtype']}, torch {m['torch']}, preset {m['preset']}; "
+             f"{m['wall_s']} s in all.")
+    return "\n".join(lines) + "\n" + notes + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description="Knowledge injection with LoRA on the tiny model.")
+    p.add_argument("--out", required=True, help="directory for results.json and table.md")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--facts", default=str(DEFAULT_FACTS))
+    p.add_argument("--stories", default=str(DEFAULT_STORIES))
+    p.add_argument("--ranks", default="8,64")
+    p.add_argument("--epochs", default="3,10")
+    p.add_argument("--lrs", default="1e-4,1e-3", help="learning rates (the anchor's is 1e-4)")
+    p.add_argument("--no-stack", action="store_true", help="skip the stacked one-fact adapters")
+    p.add_argument("--stack-rank", type=int, default=64)
+    p.add_argument("--stack-epochs", type=int, default=10)
+    p.add_argument("--n-facts", type=int, default=None)
+    p.add_argument("--passkey-trials", type=int, default=20)
+    p.add_argument("--targets", default="wq,wv", help='comma-separated linears, or "all"')
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    targets = "all" if a.targets == "all" else tuple(t for t in a.targets.split(",") if t)
+    results = run_experiment(a.model, a.facts, a.stories, ranks=ints(a.ranks), epochs=ints(a.epochs),
+                             lrs=[float(v) for v in a.lrs.split(",") if v], stack=not a.no_stack,
+                             stack_rank=a.stack_rank, stack_epochs=a.stack_epochs, n_facts=a.n_facts,
+                             passkey_trials=a.passkey_trials, targets=targets, seed=a.seed)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results)
+    for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("table.md", table)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
