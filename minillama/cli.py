@@ -129,10 +129,10 @@ def cmd_eval(args) -> int:
     from .evaluate import passkey_accuracy, perplexity
 
     contexts = _contexts(args.context)
-    probe = load_model(args.model)  # read the trained context length before extending it
-    trained = probe.args.max_seq_len
-    del probe
-    model = load_model(args.model, device=_device(args.device), max_seq_len=max(trained, *contexts))
+    model = load_model(args.model, device=_device(args.device))
+    trained = model.args.max_seq_len
+    # RoPE angles are computed per forward, so extending the limit is a config change (no scaling applied)
+    model.args = model.args.replace(max_seq_len=max(trained, *contexts))
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
     rows = []
     if args.what == "ppl":
