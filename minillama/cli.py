@@ -94,8 +94,9 @@ def cmd_demo(args) -> int:
     if shipped:
         texts = read_jsonl_texts(REPO_DATA / "corpora" / "stories_val.jsonl")
         docs = [d for d in (tok.encode(t) for t in texts) if len(d) > 512][:24]
-        long_model = load_model(TINY_DIR, device=device, max_seq_len=512)
-        rows = [perplexity(long_model, docs, c, scored_tokens=512) for c in (64, 128, 256, 512)]
+        model.set_max_seq_len(512)
+        rows = [perplexity(model, docs, c, scored_tokens=512) for c in (64, 128, 256, 512)]
+        model.set_max_seq_len(a.max_seq_len)
         print(f"\nperplexity of held-out stories by context length (the same first 512 tokens of "
               f"{rows[0]['docs']} long stories):")
         print(" context | perplexity")
@@ -131,8 +132,7 @@ def cmd_eval(args) -> int:
     contexts = _contexts(args.context)
     model = load_model(args.model, device=_device(args.device))
     trained = model.args.max_seq_len
-    # RoPE angles are computed per forward, so extending the limit is a config change (no scaling applied)
-    model.args = model.args.replace(max_seq_len=max(trained, *contexts))
+    model.set_max_seq_len(max(trained, *contexts))
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
     rows = []
     if args.what == "ppl":

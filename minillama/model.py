@@ -222,6 +222,11 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.attn_impl = impl
 
+    def set_max_seq_len(self, max_seq_len: int) -> None:
+        """Change the longest accepted sequence. RoPE angles are computed per forward pass, so this is
+        only a config change: positions beyond the trained length get no scaling (see rope_scaling)."""
+        self.args = self.args.replace(max_seq_len=max_seq_len)
+
     # ---- KV cache -------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, mode: str = "prealloc") -> None:
         """Give every attention layer a KV cache; forward() then takes start_pos and appends to it."""
