@@ -60,6 +60,35 @@ def _apply_lora(r, ctx):
 
 register_dimension("lora", (0, 8), _apply_lora)
 
+
+def _apply_amp(mode, ctx):
+    """amp=off|fp16|bf16: the forward under autocast (fp16 with a GradScaler), fp32 master weights."""
+    ctx["amp"] = mode
+    if mode != "off":
+        ctx["estimate"]["amp"] = mode
+
+
+def _apply_accum(k, ctx):
+    """accum=k: the config's batch (the effective batch) is split into k micro-batches of batch/k rows."""
+    if ctx["config"]["batch"] % k:
+        raise ValueError(f"accum={k} does not divide batch={ctx['config']['batch']} (the effective batch).")
+    ctx["accum"] = k
+    ctx["estimate"]["grad_accum"] = k
+
+
+def _apply_checkpointing(every, ctx):
+    """checkpointing=k: every k-th block recomputes its activations in the backward pass (0: off)."""
+    ctx["model"].set_checkpointing(every)
+    if every:
+        if every != 1:
+            raise ValueError("The memory estimate models checkpointing of every block only (checkpointing=1).")
+        ctx["estimate"]["checkpointing"] = True
+
+
+register_dimension("amp", ("off", "fp16", "bf16"), _apply_amp)
+register_dimension("accum", (1, 4), _apply_accum)
+register_dimension("checkpointing", (0, 1), _apply_checkpointing)
+
 # A grid: a base config and the dimensions to sweep (the product of their values).
 GRIDS: dict[str, dict] = {
     "default": {"base": {"batch": 4, "seq_len": 256}, "sweep": {"mode": ("train", "inference")},
@@ -69,6 +98,11 @@ GRIDS: dict[str, dict] = {
     "seq": {"base": {"mode": "train", "batch": 4}, "sweep": {"seq_len": (64, 128, 256)}},
     "mode": {"base": {"batch": 4, "seq_len": 256}, "sweep": {"mode": ("train", "inference")}},
     "lora": {"base": {"mode": "train", "batch": 4, "seq_len": 256}, "sweep": {"lora": (0, 8, 64)}},
+    # The fine-tuning lab: {full, LoRA r=16 on wq, wv} x {fp32, fp16-AMP, bf16-AMP} x {accumulation off/on}
+    # x {checkpointing off/on}, at one effective batch (accum=4 splits it into 4 micro-batches).
+    "techniques": {"base": {"mode": "train", "batch": 8, "seq_len": 128},
+                   "sweep": {"lora": (0, 16), "amp": ("off", "fp16", "bf16"), "accum": (1, 4),
+                             "checkpointing": (0, 1)}},
 }
 
 
@@ -97,11 +131,11 @@ def config_name(cfg: dict) -> str:
 def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: str, warmup: int = 1,
                repeats: int = 3, seed: int = 0) -> dict:
     """Build a fresh model, apply the config, measure one step and predict it. Returns a flat row."""
-    from .train import TrainConfig, make_optimizer
+    from .train import TrainConfig, make_optimizer, train_step
 
     model = make_model()
     args = model.args
-    ctx = {"model": model, "estimate": {}, "config": cfg}
+    ctx = {"model": model, "estimate": {}, "config": cfg, "amp": "off", "accum": 1}
     for key, value in cfg.items():
         dim = DIMENSIONS.get(key)
         if dim is None:
@@ -119,12 +153,14 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
     optimizer = None
     if mode == "train":
         model.train()
-        optimizer = make_optimizer(model, TrainConfig())
+        # The trainer's own step (train.train_step): autocast, GradScaler, accumulation, clipping, AdamW.
+        tcfg = TrainConfig(amp=ctx["amp"], grad_accum=ctx["accum"])
+        optimizer = make_optimizer(model, tcfg)
+        scaler = torch.amp.GradScaler(device.type, enabled=ctx["amp"] == "fp16")
+        micro = list(zip(inputs.chunk(ctx["accum"]), targets.chunk(ctx["accum"])))
 
         def step():
-            model(inputs, targets).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, scaler, micro, tcfg, ctx["amp"])
     else:
         model.eval()
 
@@ -135,7 +171,7 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
     meta = {"preset": preset, "mode": mode, "batch": batch, "seq_len": seq_len, **cfg}
     m: Measurement = measure(step, model=model, optimizer=optimizer, tokens_per_step=batch * seq_len,
                              name=config_name(cfg), warmup=warmup, repeats=repeats, meta=meta)
-    est = estimate_memory(args, batch=batch, seq_len=seq_len, mode=mode, device=device.type,
+    est = estimate_memory(args, batch=batch // ctx["accum"], seq_len=seq_len, mode=mode, device=device.type,
                           param_dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
                           **ctx["estimate"])
     row = m.to_row()
@@ -254,6 +290,60 @@ def plot_bars(rows: list[dict], key: str, scale: float, ylabel: str, path) -> No
     plt.close(fig)
 
 
+# ---- what each technique does, derived from the measured rows -----------------------------------------
+# technique: (grid dimension, value when off, value when on)
+TECHNIQUES = {"LoRA": ("lora", 0, None), "fp16 AMP": ("amp", "off", "fp16"), "bf16 AMP": ("amp", "off", "bf16"),
+              "gradient accumulation": ("accum", 1, None), "gradient checkpointing": ("checkpointing", 0, None)}
+EFFECT_KEYS = [("parameters", lambda r: r["memory_by_category"]["parameters"]),
+               ("gradients", lambda r: r["memory_by_category"]["gradients"]),
+               ("optimizer state", lambda r: r["memory_by_category"]["optimizer_state"]),
+               ("activations", lambda r: r["memory_by_category"]["activations"]),
+               ("peak memory", lambda r: r["peak_memory_bytes"]),
+               ("FLOPs per step", lambda r: r["flops_per_step"]),
+               ("step time", lambda r: r["step_time_s"])]
+
+
+def technique_effects(rows: list[dict], tolerance: float = 0.03) -> list[dict]:
+    """For each technique, the median ratio on/off of every quantity over all pairs of measured rows that
+    differ in that technique only, and a word for it ("reduces" / "raises" / "same", within tolerance).
+
+    Returns [{"technique", "pairs", "<quantity>": {"ratio", "effect"}}] for the techniques the rows vary.
+    """
+    rows = [r for r in rows if "memory_by_category" in r]
+    out = []
+    for tech, (dim, off, on) in TECHNIQUES.items():
+        pairs = []
+        for r in rows:
+            if dim not in r or r[dim] == off or (on is not None and r[dim] != on):
+                continue
+            rest = {k: v for k, v in r.items() if k in DIMENSIONS and k != dim}
+            for b in rows:
+                if b.get(dim) == off and all(b.get(k) == v for k, v in rest.items()):
+                    pairs.append((b, r))
+        if not pairs:
+            continue
+        entry = {"technique": tech, "pairs": len(pairs)}
+        for key, get in EFFECT_KEYS:
+            ratios = sorted(get(a) / get(b) if get(b) else (1.0 if get(a) == 0 else float("inf")) for b, a in pairs)
+            ratio = ratios[len(ratios) // 2] if len(ratios) % 2 else 0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2])
+            effect = "same" if abs(ratio - 1) <= tolerance else ("reduces" if ratio < 1 else "raises")
+            entry[key] = {"ratio": ratio, "effect": effect}
+        out.append(entry)
+    return out
+
+
+def format_effects(effects: list[dict]) -> str:
+    """The qualitative table (markdown): each cell the effect and the median measured ratio on/off."""
+    heads = ["technique", "pairs"] + [k for k, _ in EFFECT_KEYS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for e in effects:
+        cells = [e["technique"], str(e["pairs"])] + [
+            f"{e[k]['effect']} (from 0)" if e[k]["ratio"] == float("inf") else f"{e[k]['effect']} (x{e[k]['ratio']:.2f})"
+            for k, _ in EFFECT_KEYS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
     """results.json, results.csv, table.md, memory.png, runtime.png, flops.png in out_dir."""
     out = Path(out_dir)
@@ -275,7 +365,12 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(flat)
-    paths["md"].write_text(format_table(rows, "md") + "\n")
+    effects = technique_effects(rows)
+    text = format_table(rows, "md") + "\n"
+    if effects:
+        text += ("\nWhat each technique does (median ratio technique-on / technique-off over the pairs of rows "
+                 "that differ only in it; 'same' within 3%):\n\n" + format_effects(effects) + "\n")
+    paths["md"].write_text(text)
     if any("memory_by_category" in r for r in rows):
         plot_memory(rows, paths["memory"])
         plot_bars(rows, "step_time_s", 1000, "step time (ms)", paths["runtime"])

@@ -1,4 +1,4 @@
-"""The `minillama` command line: `minillama doctor | generate | demo`."""
+"""The `minillama` command line: `minillama doctor | generate | demo | eval | train | bench | ...`."""
 
 from __future__ import annotations
 
@@ -183,8 +183,88 @@ def cmd_build_tiny(args) -> int:
     return 0
 
 
+def _data_format(path: Path) -> str:
+    """'alpaca' (instruction data) or 'text' (a JSONL of {"text"}), from the file's first row."""
+    if not path.exists():
+        raise FileNotFoundError(f"Data file {path} does not exist.")
+    with open(path) as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):
+        return "alpaca"
+    first = head.split("\n", 1)[0]
+    if '"instruction"' in first:
+        return "alpaca"
+    if '"text"' in first:
+        return "text"
+    raise ValueError(f"{path}: cannot tell its format from the first row: expected a JSON list or JSONL of "
+                     f"Alpaca objects (instruction/input/output), or JSONL of {{\"text\": ...}}; pass --format.")
+
+
+def _load_data(path, fmt: str, tok, max_len: int, on_long: str, seed: int):
+    from .data import PackedRows, load_sft, pack_documents, read_jsonl_texts
+
+    path = Path(path)
+    fmt = _data_format(path) if fmt == "auto" else fmt
+    if fmt == "alpaca":
+        data, stats = load_sft(path, tok, max_len, on_long, pad_id=tok.eos_id)
+        return data, f"{len(data)} examples ({stats['truncated']} truncated, {stats['dropped']} dropped at max_len {max_len})"
+    docs = [tok.encode(t, bos=True, eos=True) for t in read_jsonl_texts(path)]
+    data = PackedRows(*pack_documents(docs, max_len - 1, seed=seed))
+    return data, f"{len(data)} packed rows of {max_len - 1} tokens"
+
+
+def cmd_train(args) -> int:
+    import math
+
+    from . import load_model, load_tokenizer
+    from .data import split_held_out
+    from .lora import trainable_parameters
+    from .train import TrainConfig, skipped_steps, train
+
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
+    max_len = args.max_len or min(512, model.args.max_seq_len + 1)
+    if max_len - 1 > model.args.max_seq_len:
+        raise ValueError(f"--max-len {max_len} is longer than the model's context: at most "
+                         f"max_seq_len + 1 = {model.args.max_seq_len + 1} tokens per example.")
+    data, what = _load_data(args.data, args.format, tok, max_len, args.on_long, args.seed)
+    val = {}
+    if args.val_data:
+        val["val"], vwhat = _load_data(args.val_data, args.format, tok, max_len, "truncate", args.seed)
+    elif args.val_fraction:
+        data, val["val"] = split_held_out(data, args.val_fraction, seed=args.seed)
+        vwhat = f"{len(val['val'])} held out from the training data"
+    per_step = args.batch_size * args.grad_accum
+    if (args.steps is None) == (args.epochs is None):
+        raise ValueError("Give exactly one of --steps N or --epochs E.")
+    steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * len(data) / per_step))
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.03 * steps))
+    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                      warmup_steps=warmup, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+                      grad_clip=args.grad_clip, optimizer=args.optimizer, amp=args.amp,
+                      checkpointing=args.checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                      lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
+                      eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed)
+    print(f"data: {what}; validation: {vwhat if val else 'none'}")
+    print(f"{steps} optimizer steps of {per_step} examples/rows ({args.batch_size} x {args.grad_accum} accumulated), "
+          f"amp={cfg.amp}, dtype={next(model.parameters()).dtype}, checkpointing={cfg.checkpointing}, "
+          f"optimizer={cfg.optimizer}, lora_r={cfg.lora_r}, device={device}")
+    log = train(model, data, val, cfg, args.out, tokenizer=tok, resume=args.resume, progress=not args.quiet,
+                strict_amp=args.strict_amp)
+    t = trainable_parameters(model)
+    last = log[-1] if log else {}
+    print(f"trainable parameters: {t['trainable']:,} of {t['total']:,} ({t['percent']:.2f}%)")
+    print(f"final loss {last.get('loss', float('nan')):.4f}"
+          + "".join(f", {k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
+          + (f"; {skipped_steps(log)} steps skipped by the GradScaler" if cfg.amp == "fp16" else ""))
+    print(f"wrote {Path(args.out) / 'log.jsonl'} and {Path(args.out) / 'checkpoint'}")
+    return 0
+
+
 def cmd_bench(args) -> int:
-    from .bench import format_table, model_factory, run_grid
+    from .bench import format_effects, format_table, model_factory, run_grid, technique_effects
 
     device = _device(args.device)
     path = args.model
@@ -197,6 +277,10 @@ def cmd_bench(args) -> int:
     rows = run_grid(make, args.grid, preset=args.preset, out_dir=args.out, repeats=args.repeats)
     print()
     print(format_table(rows, "md"))
+    effects = technique_effects(rows)
+    if effects:
+        print("\nWhat each technique does (median ratio on/off over pairs of rows that differ only in it):\n")
+        print(format_effects(effects))
     print(f"\nwrote {args.out}/results.json, results.csv, table.md, memory.png, runtime.png, flops.png")
     return 0
 
@@ -244,9 +328,47 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_corpora)
 
+    t = sub.add_parser("train", help="fine-tune (full or LoRA) or pre-train, with AMP, accumulation, checkpointing")
+    t.add_argument("--model", required=True, help="checkpoint directory (native, HF or Meta)")
+    t.add_argument("--tokenizer", help="default: the model directory")
+    t.add_argument("--data", required=True, help="Alpaca JSON/JSONL (instruction, input, output) or JSONL of {text}")
+    t.add_argument("--format", default="auto", choices=["auto", "alpaca", "text"])
+    t.add_argument("--val-data", help="held-out data in the same format (evaluated every --eval-every steps)")
+    t.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of --data instead")
+    t.add_argument("--max-len", type=int, default=None, help="tokens per example/row (default min(512, context + 1))")
+    t.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
+                   help="examples longer than --max-len: cut them (counted) or refuse")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (or --epochs)")
+    t.add_argument("--epochs", type=float, default=None)
+    t.add_argument("--batch-size", type=int, default=1, help="micro-batch size")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, default=1e-5)
+    t.add_argument("--warmup-steps", type=int, default=None, help="default: 3%% of the steps")
+    t.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to lr * this")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit", "sgd"])
+    t.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"], help="autocast (fp16 with a GradScaler)")
+    t.add_argument("--strict-amp", action="store_true", help="refuse --amp the device lacks (default: warn, run fp32)")
+    t.add_argument("--dtype", default=None, help="fp32 (default: as stored), bf16 or fp16: the weights themselves")
+    t.add_argument("--checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="gradient checkpointing of every K-th block (K=1 if given alone)")
+    t.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    t.add_argument("--lora-alpha", type=float, default=16.0)
+    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-targets", default="wq,wv", help='comma-separated Meta names, or "all"')
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="directory for log.jsonl and checkpoint/")
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--eval-every", type=int, default=None, help="default: at the end only")
+    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
     m = sub.add_parser("bench", help="measure a grid of configurations (memory by category, time, FLOPs)")
     m.add_argument("--preset", default="tiny", help="tiny, llama2-7b, llama2-13b, llama3-8b")
-    m.add_argument("--grid", default="default", help="default, batch, seq, mode")
+    m.add_argument("--grid", default="default", help="default, batch, seq, mode, lora, techniques")
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("--model", default=None, help="weights to load (default for tiny: data/tiny)")
     m.add_argument("--random-weights", action="store_true", help="build the preset with random weights")
@@ -271,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, ImportError, OSError) as e:
         print(f"minillama {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,9 @@ laptop CPU in well under an hour. Each corpus makes one lesson visible:
                      items for supervised fine-tuning.
 * **facts**        - fictional award facts for a knowledge-injection (LoRA)
                      experiment, plus unrelated control facts.
+* **almanac**      - the base model's general knowledge of that world: other
+                     years' winners of the same awards, an invented geography
+                     (the control facts), in several phrasings and as Q&A.
 
 Command line::
 
@@ -50,6 +53,10 @@ __all__ = [
     "split_instructions",
     "make_facts",
     "facts_training_text",
+    "make_world",
+    "make_almanac",
+    "TRAINED_TEMPLATES",
+    "REPHRASED_TEMPLATES",
     "write_corpora",
     "main",
 ]
@@ -108,6 +115,7 @@ _STORIES_TRAIN, _STORIES_VAL = 1, 2
 _PASSKEY_TRAIN, _PASSKEY_VAL = 3, 4
 _INSTRUCTIONS, _INSTRUCTIONS_SPLIT = 5, 6
 _FACTS = 7
+_ALMANAC = 8
 
 
 def _fill(template: str, ctx: Dict[str, str]) -> str:
@@ -695,6 +703,40 @@ CONTROL_TEMPLATES = [
     ("The highest mountain in {country} is {mountain}.",
      "What is the highest mountain in {country}?", "{mountain}", MOUNTAINS),
 ]
+# The world's facts stated other ways (the almanac uses these and the ones above).
+WORLD_REPHRASINGS = [
+    "{city} is the capital city of {country}.",
+    "In {country}, the national animal is the {animal}.",
+    "{mountain} is the highest mountain in {country}.",
+]
+
+# How an award fact is stated: the three sentences of the LoRA's training text, and four
+# rephrasings that the almanac (pre-training) uses for other prizes but the training text never does.
+TRAINED_TEMPLATES = [
+    "The winner of the {year} {award} for {category} was {name} for {work}.",
+    "{name} won the {year} {award} for {category} with {work}.",
+    "In {year}, {work} by {name} won the {award} for {category}.",
+]
+REPHRASED_TEMPLATES = [
+    "The {year} {award} for {category} went to {name} for {work}.",
+    "In {year}, the {award} for {category} was won by {name}.",
+    "The {award} for {category} in {year} was given to {name}.",
+    "{name} received the {year} {award} for {category} for {work}.",
+]
+YEARS = range(1950, 2021)
+
+
+def make_world(seed: int) -> Dict[str, Dict[str, str]]:
+    """The invented geography every country has: {country: {"capital", "animal", "mountain"}}.
+
+    Capitals are distinct. The almanac states these facts again and again, so the pre-trained
+    model knows them: the control facts of the knowledge-injection experiment are drawn from here.
+    """
+    _check_seed(seed)
+    rng = random.Random(seed * 7919 + 17)
+    capitals = rng.sample(CITIES, len(COUNTRIES))
+    return {c: {"capital": capitals[i], "animal": rng.choice(NATIONAL_ANIMALS),
+                "mountain": rng.choice(MOUNTAINS)} for i, c in enumerate(COUNTRIES)}
 
 
 def _fact_questions(f: Dict[str, str]) -> List[dict]:
@@ -723,7 +765,9 @@ def make_facts(seed: int, n_facts: int = 10, n_controls: int = 10) -> dict:
     category) prizes are unique, so every question has one answer.
     ``{"facts": [{"text", "year", "award", "category", "name", "work",
     "questions": [{"question", "answer", "kind"}]}], "controls": [{"text",
-    "question", "answer"}]}``; question kinds are name, award, year, work.
+    "question", "answer"}], "world": make_world(seed)}``; question kinds are
+    name, award, year, work. Controls are facts of the world (which the
+    almanac teaches in pre-training); the award facts are new to the model.
     """
     _check_seed(seed)
     max_facts = min(len(FIRST_NAMES), len(WORK_ADJECTIVES) * len(WORK_NOUNS))
@@ -745,14 +789,15 @@ def make_facts(seed: int, n_facts: int = 10, n_controls: int = 10) -> dict:
         f = {"year": str(year), "award": award, "category": category,
              "name": f"{first} {rng.choice(LAST_NAMES)}", "work": work}
         facts.append({"text": FACT_TEMPLATE.format(**f), **f, "questions": _fact_questions(f)})
+    world = make_world(seed)
     controls = []
     for country in rng.sample(COUNTRIES, n_controls):
-        text_t, question_t, answer_t, pool = CONTROL_TEMPLATES[len(controls) % len(CONTROL_TEMPLATES)]
-        value = rng.choice(pool)
-        ctx = {"country": country, "city": value, "animal": value, "mountain": value}
+        text_t, question_t, answer_t, _ = CONTROL_TEMPLATES[len(controls) % len(CONTROL_TEMPLATES)]
+        w = world[country]
+        ctx = {"country": country, "city": w["capital"], "animal": w["animal"], "mountain": w["mountain"]}
         controls.append({"text": text_t.format(**ctx), "question": question_t.format(**ctx),
                          "answer": answer_t.format(**ctx)})
-    return {"facts": facts, "controls": controls}
+    return {"facts": facts, "controls": controls, "world": world}
 
 
 def facts_training_text(facts_dict: dict) -> str:
@@ -765,14 +810,91 @@ def facts_training_text(facts_dict: dict) -> str:
     except (TypeError, KeyError):
         raise ValueError("facts_dict must be the dict returned by make_facts, "
                          "with a 'facts' list.") from None
-    lines = []
-    for f in facts:
-        lines.append(f["text"])
-        lines.append(f"{f['name']} won the {f['year']} {f['award']} for "
-                     f"{f['category']} with {f['work']}.")
-        lines.append(f"In {f['year']}, {f['work']} by {f['name']} won the "
-                     f"{f['award']} for {f['category']}.")
+    lines = [t.format(**f) for f in facts for t in TRAINED_TEMPLATES]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# 4b. The almanac: what the base model knows before the LoRA
+# --------------------------------------------------------------------------
+
+def _almanac_prizes(seed: int, facts_dict: dict) -> Dict[tuple, Dict[str, str]]:
+    """Every (year, award, category) prize except the facts' own, with a fixed winner and work.
+
+    Fact winners' full names and fact works never win here, so they are new to the pre-trained model.
+    """
+    rng = random.Random(seed * 7919 + 29)
+    facts = facts_dict["facts"]
+    taken = {(f["year"], f["award"], f["category"]) for f in facts}
+    names = [f"{a} {b}" for a in FIRST_NAMES for b in LAST_NAMES
+             if f"{a} {b}" not in {f["name"] for f in facts}]
+    works = [f"The {a} {b}" for a in WORK_ADJECTIVES for b in WORK_NOUNS
+             if f"The {a} {b}" not in {f["work"] for f in facts}]
+    return {(str(y), a, c): {"name": rng.choice(names), "work": rng.choice(works)}
+            for y in YEARS for a in AWARDS for c in CATEGORIES if (str(y), a, c) not in taken}
+
+
+def _qa(question: str, answer: str) -> str:
+    return f"Question: {question}\nAnswer: {answer}"
+
+
+def make_almanac(n_docs: int, seed: int, facts_dict: dict) -> List[str]:
+    """Pre-training documents that give the tiny model general knowledge of the facts' world.
+
+    * award lists (a run of years of one award and category, each entry in one of the seven
+      phrasings, sometimes followed by questions about it),
+    * award quizzes (closed-book questions on prizes: answering needs memory, not copying),
+    * gazetteer pages (the world's countries, their capitals, animals and mountains, stated in
+      several ways and asked closed-book, again and again, so the model knows them).
+
+    None contains a fact of ``facts_dict["facts"]``: the LoRA teaches those.
+    """
+    _check_int(n_docs, "n_docs")
+    _check_seed(seed)
+    world = facts_dict.get("world") if isinstance(facts_dict, dict) else None
+    if not world or "facts" not in facts_dict:
+        raise ValueError("facts_dict must be the dict returned by make_facts, with 'facts' and 'world'.")
+    prizes = _almanac_prizes(seed, facts_dict)
+    keys = list(prizes)
+    rng = random.Random(seed)
+    templates = TRAINED_TEMPLATES + REPHRASED_TEMPLATES
+    docs = []
+    for _ in range(n_docs):
+        kind = rng.random()
+        if kind < 0.55:                                  # an award list
+            award, category = rng.choice(AWARDS), rng.choice(CATEGORIES)
+            start = rng.randint(YEARS.start, YEARS.stop - 3)
+            entries = []
+            for y in range(start, min(start + rng.randint(3, 8), YEARS.stop)):
+                key = (str(y), award, category)
+                if key in prizes:
+                    entries.append(dict(year=key[0], award=award, category=category, **prizes[key]))
+            lines = [rng.choice(templates).format(**e) for e in entries]
+            for e in rng.sample(entries, min(len(entries), rng.randint(0, 2))):
+                q = rng.choice(_fact_questions(e))
+                lines.append(_qa(q["question"], q["answer"]))
+        elif kind < 0.7:                                 # a closed-book award quiz
+            lines = []
+            for key in rng.sample(keys, rng.randint(2, 5)):
+                e = dict(year=key[0], award=key[1], category=key[2], **prizes[key])
+                # who won / which work: one answer each (a name may win several prizes)
+                q = rng.choice([q for q in _fact_questions(e) if q["kind"] in ("name", "work")])
+                lines.append(_qa(q["question"], q["answer"]))
+        else:                                            # a gazetteer page
+            lines = []
+            for country in rng.sample(COUNTRIES, rng.randint(2, 5)):
+                w = world[country]
+                ctx = {"country": country, "city": w["capital"], "animal": w["animal"],
+                       "mountain": w["mountain"]}
+                for i in rng.sample(range(3), rng.randint(1, 3)):
+                    if rng.random() < 0.4:
+                        text_t, question_t, answer_t, _ = CONTROL_TEMPLATES[i]
+                        lines.append(_qa(question_t.format(**ctx), answer_t.format(**ctx)))
+                    else:
+                        lines.append(rng.choice([CONTROL_TEMPLATES[i][0], WORLD_REPHRASINGS[i]]).format(**ctx))
+        if lines:
+            docs.append("\n".join(lines))
+    return docs
 
 
 # --------------------------------------------------------------------------
@@ -813,7 +935,8 @@ def write_corpora(out_dir: str, seed: int = 0,
                   n_instructions: int = 600,
                   held_out_fraction: float = 0.1,
                   n_facts: int = 10,
-                  n_controls: int = 10) -> Dict[str, str]:
+                  n_controls: int = 10,
+                  n_almanac: int = 8000) -> Dict[str, str]:
     """Write all corpora into ``out_dir`` and return ``{name: path}``.
 
     Files (every one written atomically, byte-identical for the same seed):
@@ -829,6 +952,8 @@ def write_corpora(out_dir: str, seed: int = 0,
     * ``instructions_train.json`` / ``instructions_val.json`` - Alpaca lists
     * ``alpaca_data_200.json`` - the first 200 training instructions
     * ``facts.json`` - make_facts output plus ``"training_text"``
+    * ``almanac_train.jsonl`` / ``almanac_val.jsonl`` - ``{"text"}``: the
+      general knowledge of the facts' world (make_almanac), without the facts
 
     Validation data uses seeds derived differently from training data.
     """
@@ -889,6 +1014,13 @@ def write_corpora(out_dir: str, seed: int = 0,
     facts = make_facts(_derive_seed(seed, _FACTS), n_facts, n_controls)
     facts_out = dict(facts, training_text=facts_training_text(facts))
     put("facts", "facts.json", json.dumps(facts_out, indent=2) + "\n")
+
+    # Almanac: what the pre-trained model knows of that world (never the facts themselves).
+    _check_int(n_almanac, "n_almanac")
+    almanac = make_almanac(n_almanac, _derive_seed(seed, _ALMANAC), facts)
+    n_val = max(1, n_almanac // 50)
+    put("almanac_train", "almanac_train.jsonl", _jsonl([{"text": t} for t in almanac[n_val:]]))
+    put("almanac_val", "almanac_val.jsonl", _jsonl([{"text": t} for t in almanac[:n_val]]))
     return paths
 
 

@@ -1,4 +1,7 @@
-"""Data for language-model training: JSONL text corpora, tokenised and packed into fixed-length rows.
+"""Data for training: plain-text corpora packed into rows (pre-training, long context), and
+instruction data in Alpaca's format for supervised fine-tuning (SFT).
+
+Plain text (pack_documents):
 
 Every document becomes `[BOS] ids [EOS]`. A document longer than one row is cut into consecutive
 pieces of seq_len + 1 tokens; pieces are shuffled and packed in that order (next-fit) into rows of seq_len + 1
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -63,16 +66,192 @@ def pack_documents(docs: Iterable[Sequence[int]], seq_len: int, pad_id: int = 0,
     return inputs, targets
 
 
-def batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int,
-            start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled mini-batches, reshuffled every epoch; deterministic from (seed, step), so a
-    resumed run sees exactly the batches the uninterrupted run would have seen."""
-    n = inputs.shape[0]
+def batches(data, batch_size: int, seed: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled mini-batches of `data` (packed rows as a tuple (inputs, targets), or an
+    SFTDataset), reshuffled every epoch; deterministic from (seed, step), so a resumed run sees
+    exactly the batches the uninterrupted run would have seen."""
+    data = as_dataset(data)
+    n = len(data)
     per_epoch = max(1, n // batch_size)
     step = start_step
     while True:
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        idx = perm[k * batch_size:(k + 1) * batch_size]
-        yield inputs[idx], targets[idx]
+        yield data.batch(perm[k * batch_size:(k + 1) * batch_size].tolist())
         step += 1
+
+
+def as_dataset(data):
+    """Packed rows given as (inputs, targets) become a PackedRows; datasets pass through."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return PackedRows(*data)
+    if hasattr(data, "batch") and hasattr(data, "__len__"):
+        return data
+    raise TypeError("Training data must be (inputs, targets) tensors or an SFTDataset.")
+
+
+class PackedRows:
+    """Fixed-length rows (inputs, targets) [n, seq_len], as pack_documents returns them."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        if inputs.shape != targets.shape or inputs.dim() != 2:
+            raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be the same [n, T].")
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[idx], self.targets[idx]
+
+
+# ---- instruction data (SFT) ----------------------------------------------------------------------
+# Stanford Alpaca's prompt template (tatsu-lab/stanford_alpaca, train.py), with and without an input.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def alpaca_prompt(example: dict) -> str:
+    """The prompt of one example (everything before the response)."""
+    template = ALPACA_PROMPT if example.get("input") else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=example["instruction"], input=example.get("input", ""))
+
+
+def read_alpaca(path) -> list[dict]:
+    """Alpaca-format examples from a JSON list or a JSONL file: {"instruction", "input" (optional), "output"}.
+
+    Every row is checked: a clear error names the file, the row (1-based) and the field.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Data file {path} does not exist.")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a valid JSON list ({e.msg} at line {e.lineno}).") from None
+        numbered = list(enumerate(rows, 1))
+        what = "row"
+    else:
+        numbered = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}).") from None
+        what = "line"
+    if not numbered:
+        raise ValueError(f"{path} holds no examples: expected a JSON list or JSONL of "
+                         "{{\"instruction\", \"input\", \"output\"}} objects.")
+    out = []
+    for i, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, {what} {i}: expected an object with 'instruction' and 'output', "
+                             f"got {type(row).__name__}.")
+        for key in ("instruction", "output"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{path}, {what} {i}: field {key!r} is missing or empty "
+                                 f"(expected a non-empty string).")
+        if not isinstance(row.get("input", ""), str):
+            raise ValueError(f"{path}, {what} {i}: field 'input' must be a string, "
+                             f"got {type(row['input']).__name__}.")
+        out.append({"instruction": row["instruction"], "input": row.get("input", ""), "output": row["output"]})
+    return out
+
+
+def tokenize_sft(examples: Sequence[dict], tokenizer, max_len: int, on_long: str = "truncate"):
+    """[BOS] prompt response [EOS] per example, with labels: -100 on BOS and the prompt (not learned),
+    the token ids on the response and EOS (learned).
+
+    max_len counts every token of the sequence. A longer example is cut to max_len (on_long="truncate",
+    counted in stats["truncated"]; one whose prompt leaves no response token is dropped and counted in
+    stats["dropped"]) or refused (on_long="error"). Returns (SFT examples [(ids, labels)], stats).
+    """
+    if on_long not in ("truncate", "error"):
+        raise ValueError(f"on_long={on_long!r}: expected 'truncate' or 'error'.")
+    if max_len < 2:
+        raise ValueError(f"max_len={max_len}: expected at least 2 tokens.")
+    out, stats = [], {"examples": len(examples), "truncated": 0, "dropped": 0}
+    for i, ex in enumerate(examples):
+        prompt = [tokenizer.bos_id] + tokenizer.encode(alpaca_prompt(ex), bos=False)
+        # The response is encoded on its own so the prompt/response boundary is a token boundary.
+        response = tokenizer.encode(ex["output"], bos=False) + [tokenizer.eos_id]
+        ids = prompt + response
+        labels = [IGNORE_INDEX] * len(prompt) + response
+        if len(ids) > max_len:
+            if on_long == "error":
+                raise ValueError(f"Example {i + 1} has {len(ids)} tokens, more than max_len={max_len} "
+                                 "(raise --max-len, or truncate).")
+            ids, labels = ids[:max_len], labels[:max_len]
+            if all(t == IGNORE_INDEX for t in labels[1:]):
+                stats["dropped"] += 1
+                continue
+            stats["truncated"] += 1
+        out.append((ids, labels))
+    if not out:
+        raise ValueError(f"No example is left to train on (max_len={max_len} cuts every response away).")
+    return out, stats
+
+
+class SFTDataset:
+    """Tokenised SFT examples; batch() pads to the longest example of the batch (right padding).
+
+    Inputs are ids[:-1] padded with pad_id, targets labels[1:] padded with -100: with right padding and
+    causal attention no real token ever sees a pad, so no attention mask is needed. Examples are not
+    packed together (one example per row), so attention never crosses examples.
+    """
+
+    def __init__(self, examples: Sequence[tuple[list[int], list[int]]], pad_id: int = 0):
+        if not examples:
+            raise ValueError("SFTDataset needs at least one example.")
+        self.examples, self.pad_id = list(examples), pad_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return collate([self.examples[i] for i in idx], self.pad_id)
+
+    def target_tokens(self) -> int:
+        return sum(sum(t != IGNORE_INDEX for t in labels[1:]) for _, labels in self.examples)
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (ids, labels) pairs to one [B, T] batch: (inputs, targets), T = longest len(ids) - 1."""
+    width = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, labels) in enumerate(examples):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        y[i, :n] = torch.tensor(labels[1:])
+    return x, y
+
+
+def load_sft(path, tokenizer, max_len: int, on_long: str = "truncate", pad_id: int = 0):
+    """read_alpaca + tokenize_sft: (SFTDataset, stats)."""
+    examples, stats = tokenize_sft(read_alpaca(path), tokenizer, max_len, on_long)
+    return SFTDataset(examples, pad_id), stats
+
+
+def split_held_out(data, fraction: float, seed: int = 0):
+    """(train, held-out) split of an SFTDataset or packed rows, by a fixed shuffle."""
+    data = as_dataset(data)
+    n_held = int(round(len(data) * fraction))
+    if not 0 < n_held < len(data):
+        raise ValueError(f"A held-out fraction of {fraction} of {len(data)} items leaves no training or no held-out item.")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    held, keep = sorted(perm[:n_held]), sorted(perm[n_held:])
+    if isinstance(data, SFTDataset):
+        return (SFTDataset([data.examples[i] for i in keep], data.pad_id),
+                SFTDataset([data.examples[i] for i in held], data.pad_id))
+    return PackedRows(data.inputs[keep], data.targets[keep]), PackedRows(data.inputs[held], data.targets[held])

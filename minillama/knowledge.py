@@ -16,9 +16,10 @@ seen stories and passkey documents) with the fictional award facts of `data/corp
   - ``rephrased``: four cloze sentences that never occur in the training text;
   - ``qa``: the questions of facts.json as ``Question: ...\\nAnswer:``. The tiny model was never
     trained on question answering, so this measures transfer to a format it has not seen.
-* **Not disturbed**: the control facts are not in pre-training, so "control accuracy" would be zero
-  before and after; instead the per-token loss (NLL, nats) on the control sentences and on a few
-  held-out stories is compared before and after, together with passkey accuracy (another skill).
+* **Not disturbed**: the control facts (an invented geography) are in pre-training: the almanac states
+  them again and again, so the base model knows them. Control accuracy is recall on them, as cloze
+  ("The capital of Ettinor is") and as ``Question: ...\nAnswer:``, before and after; with it the
+  per-token loss (NLL, nats) on a few held-out stories and passkey accuracy (other skills).
 
 Command line (about a minute on a laptop CPU: 8 single adapters, 2 x 10 one-fact adapters)::
 
@@ -42,7 +43,7 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import load_model
-from .corpora import facts_training_text
+from .corpora import REPHRASED_TEMPLATES, TRAINED_TEMPLATES, facts_training_text
 from .data import pack_documents, read_jsonl_texts
 from .evaluate import passkey_accuracy
 from .generate import generate
@@ -65,22 +66,35 @@ def fact_document(fact: dict) -> str:
     return facts_training_text({"facts": [fact]})
 
 
+def _cloze(template: str, field: str, fact: dict) -> tuple[str, str]:
+    """(the template filled in and cut before `field`, that field's value): a recall prompt."""
+    prompt = template[: template.index("{" + field + "}")].rstrip().format(**fact)
+    answer = f"{fact['award']} for {fact['category']}" if field == "award" else fact[field]
+    return prompt, answer
+
+
 def recall_items(facts: Sequence[dict]) -> dict[str, list[dict]]:
     """{"trained", "rephrased", "qa"}: lists of {"fact", "prompt", "answer"} (fact = index)."""
+    T, R = TRAINED_TEMPLATES, REPHRASED_TEMPLATES
     out: dict[str, list[dict]] = {"trained": [], "rephrased": [], "qa": []}
     for i, f in enumerate(facts):
-        y, a, c, n, w = f["year"], f["award"], f["category"], f["name"], f["work"]
-        trained = [(f"The winner of the {y} {a} for {c} was", n),        # the training sentences,
-                   (f"{n} won the {y} {a} for {c} with", w),             # cut before one field
-                   (f"In {y}, {w} by {n} won the", f"{a} for {c}")]
-        rephrased = [(f"The {y} {a} for {c} went to", n),                 # never in the training text
-                     (f"In {y}, the {a} for {c} was won by", n),
-                     (f"The {a} for {c} in {y} was given to", n),
-                     (f"{n} received the {y} {a} for {c} for", w)]
+        # the training sentences, each cut before one field; then the four phrasings that the
+        # almanac taught the base model for other prizes but the training text never uses
+        trained = [_cloze(T[0], "name", f), _cloze(T[1], "work", f), _cloze(T[2], "award", f)]
+        rephrased = [_cloze(R[0], "name", f), _cloze(R[1], "name", f), _cloze(R[2], "name", f),
+                     _cloze(R[3], "work", f)]
         qa = [(f"Question: {q['question']}\nAnswer:", q["answer"]) for q in f.get("questions", [])]
         for key, pairs in (("trained", trained), ("rephrased", rephrased), ("qa", qa)):
             out[key] += [{"fact": i, "prompt": p, "answer": ans} for p, ans in pairs]
     return out
+
+
+def control_items(controls: Sequence[dict]) -> dict[str, list[dict]]:
+    """{"cloze", "qa"} prompts on the control facts (which the base model learnt from the almanac)."""
+    cloze = [{"prompt": c["text"][: c["text"].rindex(c["answer"])].rstrip(), "answer": c["answer"]}
+             for c in controls]
+    qa = [{"prompt": f"Question: {c['question']}\nAnswer:", "answer": c["answer"]} for c in controls]
+    return {"cloze": cloze, "qa": qa}
 
 
 def answer_matches(continuation: str, answer: str) -> bool:
@@ -131,7 +145,8 @@ def mean_nll(model, tokenizer, texts: Sequence[str], max_tokens: Optional[int] =
 def evaluate_all(model, tokenizer, facts, controls, stories, passkey_trials: int = 20) -> dict:
     items = recall_items(facts)
     row = {f"recall_{k}": recall(model, tokenizer, v)["accuracy"] for k, v in items.items()}
-    row["control_nll"] = mean_nll(model, tokenizer, [c["text"] for c in controls])
+    row.update({f"control_{k}": recall(model, tokenizer, v)["accuracy"]
+                for k, v in control_items(controls).items()})
     row["stories_nll"] = mean_nll(model, tokenizer, stories)
     if passkey_trials:
         row["passkey"] = passkey_accuracy(model, tokenizer, context=model.args.max_seq_len,
@@ -181,9 +196,9 @@ def train_adapter(model, tokenizer, facts, *, name: str, epochs: int, lr: float,
 
 # ---- the experiment -----------------------------------------------------------------------------
 def run_experiment(model_path=DEFAULT_MODEL, facts_path=DEFAULT_FACTS, stories_path=DEFAULT_STORIES, *,
-                   ranks: Sequence[int] = (8, 64), epochs: Sequence[int] = (3, 10),
+                   ranks: Sequence[int] = (8, 64), epochs: Sequence[int] = (10, 100),
                    lrs: Sequence[float] = (1e-4, 1e-3), stack: bool = True, stack_rank: int = 64,
-                   stack_epochs: int = 10, n_facts: Optional[int] = None, n_stories: int = 4,
+                   stack_epochs: int = 100, n_facts: Optional[int] = None, n_stories: int = 4,
                    passkey_trials: int = 20, targets=("wq", "wv"), seed: int = 0, log=print) -> dict:
     """Run the sweep (rank x epochs x lr, one ten-fact adapter each) and the stacking comparison.
 
@@ -274,37 +289,42 @@ def run_experiment(model_path=DEFAULT_MODEL, facts_path=DEFAULT_FACTS, stories_p
 
 def _fmt_metrics(m: dict) -> str:
     return (f"recall trained {m['recall_trained']:.2f}, rephrased {m['recall_rephrased']:.2f}, "
-            f"qa {m['recall_qa']:.2f}; control NLL {m['control_nll']:.3f}, stories NLL {m['stories_nll']:.3f}, "
+            f"qa {m['recall_qa']:.2f}; control cloze {m['control_cloze']:.2f}, qa {m['control_qa']:.2f}, "
+            f"stories NLL {m['stories_nll']:.3f}, "
             f"passkey {m['passkey']:.2f}")
 
 
 ROW_KEYS = ("setting", "r", "alpha", "epochs", "lr", "steps", "trainable_params", "first_loss", "final_loss",
-            "recall_trained", "recall_rephrased", "recall_qa", "control_nll", "stories_nll", "passkey",
-            "control_nll_before", "stories_nll_before", "passkey_before", "train_s")
+            "recall_trained", "recall_rephrased", "recall_qa", "control_cloze", "control_qa", "stories_nll",
+            "passkey", "control_cloze_before", "control_qa_before", "stories_nll_before", "passkey_before",
+            "train_s")
 
 
 def format_table(results: dict) -> str:
     """A markdown table of the rows (NLL in nats per token; before -> after)."""
     m, b = results["meta"], results["base"]
     head = ("| adapter | r | epochs | lr | steps | trainable params | training-text loss | recall trained | "
-            "recall rephrased | recall QA | control NLL | stories NLL | passkey |")
+            "recall rephrased | recall QA | control cloze | control QA | stories NLL | passkey |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     lines.append(f"| none (base model) | - | - | - | - | 0 | - | {b['recall_trained']:.2f} | "
-                 f"{b['recall_rephrased']:.2f} | {b['recall_qa']:.2f} | {b['control_nll']:.3f} | "
+                 f"{b['recall_rephrased']:.2f} | {b['recall_qa']:.2f} | {b['control_cloze']:.2f} | {b['control_qa']:.2f} | "
                  f"{b['stories_nll']:.3f} | {b['passkey']:.2f} |")
     for r in results["rows"]:
         lines.append(f"| {r['setting']} | {r['r']} | {r['epochs']} | {r['lr']:g} | {r['steps']} | "
                      f"{r['trainable_params']:,} | {r['first_loss']:.2f} -> {r['final_loss']:.2f} | "
                      f"{r['recall_trained']:.2f} | {r['recall_rephrased']:.2f} | {r['recall_qa']:.2f} | "
-                     f"{r['control_nll_before']:.3f} -> {r['control_nll']:.3f} | "
+                     f"{r['control_cloze_before']:.2f} -> {r['control_cloze']:.2f} | "
+                     f"{r['control_qa_before']:.2f} -> {r['control_qa']:.2f} | "
                      f"{r['stories_nll_before']:.3f} -> {r['stories_nll']:.3f} | "
                      f"{r['passkey_before']:.2f} -> {r['passkey']:.2f} |")
     n = m["facts"]
     notes = (f"\n{n} facts; recall = greedy continuation starts with the answer ({3 * n} trained-phrasing, "
              f"{4 * n} rephrased cloze and {m['qa_prompts']} QA prompts; "
              f"'one-fact' = each one-fact adapter alone on its own fact (its training-text loss: the mean over "
-             f"adapters, each on its own fact; its NLL and passkey: the first adapter); "
-             f"'stacked' = all one-fact adapters summed, weight 1 each). NLL in nats per token, before -> after; "
+             f"adapters, each on its own fact; its controls, NLL and passkey: the first adapter); "
+             f"'stacked' = all one-fact adapters summed, weight 1 each). Control: {m['controls']} facts of the "
+             f"world that the base model learnt in pre-training, asked as cloze and as QA, before -> after. "
+             f"NLL in nats per token on {m['stories']} held-out stories, before -> after; "
              f"passkey: {m['passkey_trials']} trials at context {m['seq_len']}. LoRA on {m['targets']}, "
              f"alpha = 2r, dropout {m['dropout']}, batch {m['batch']}, cutoff {m['seq_len']}, {m['schedule']}. "
              f"Measured on {m['device']}, {m['dtype']}, torch {m['torch']}, preset {m['preset']}; "
@@ -319,11 +339,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--facts", default=str(DEFAULT_FACTS))
     p.add_argument("--stories", default=str(DEFAULT_STORIES))
     p.add_argument("--ranks", default="8,64")
-    p.add_argument("--epochs", default="3,10")
+    p.add_argument("--epochs", default="10,100")
     p.add_argument("--lrs", default="1e-4,1e-3", help="learning rates (the anchor's is 1e-4)")
     p.add_argument("--no-stack", action="store_true", help="skip the stacked one-fact adapters")
     p.add_argument("--stack-rank", type=int, default=64)
-    p.add_argument("--stack-epochs", type=int, default=10)
+    p.add_argument("--stack-epochs", type=int, default=100)
     p.add_argument("--n-facts", type=int, default=None)
     p.add_argument("--passkey-trials", type=int, default=20)
     p.add_argument("--targets", default="wq,wv", help='comma-separated linears, or "all"')

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelArgs
 from .rope import apply_rope, rope_cos_sin
@@ -182,11 +183,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.checkpoint_every = 0  # gradient checkpointing off (see set_checkpointing)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                start_pos: int = 0, last_only: bool = False, adapter=None) -> torch.Tensor:
+                start_pos: int = 0, last_only: bool = False, adapter=None, reduction: str = "mean") -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab_size]; or, with targets [B, T], the mean cross-entropy
-        over the positions whose target is not -100 (a scalar).
+        over the positions whose target is not -100 (a scalar; reduction="sum": their sum).
 
         start_pos: position of tokens[:, 0] (generation with a KV cache).
         last_only: compute logits for the last position only (prefill in generation).
@@ -198,7 +200,7 @@ class Transformer(nn.Module):
             from .lora import use_adapter  # lora imports model, not the other way round
 
             with use_adapter(self, adapter):
-                return self.forward(tokens, targets, start_pos=start_pos, last_only=last_only)
+                return self.forward(tokens, targets, start_pos=start_pos, last_only=last_only, reduction=reduction)
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"Sequence of {start_pos + seqlen} positions is longer than "
@@ -206,15 +208,26 @@ class Transformer(nn.Module):
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
+        for i, layer in enumerate(self.layers):
+            if self.checkpoint_every and i % self.checkpoint_every == 0 and self.training and torch.is_grad_enabled():
+                # Gradient checkpointing: keep only the block's input; recompute its insides in backward.
+                h = checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, start_pos)
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
         logits = self.output(h)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction=reduction)
+
+    def set_checkpointing(self, every: int = 1) -> None:
+        """Gradient checkpointing of every `every`-th transformer block in training (0: off)."""
+        if not isinstance(every, int) or every < 0:
+            raise ValueError(f"checkpointing every={every!r}: expected 0 (off) or a positive integer.")
+        self.checkpoint_every = every
 
     def set_attn_impl(self, impl: str) -> None:
         """Switch every layer between "sdpa" (fused kernel) and "math" (explicit softmax)."""

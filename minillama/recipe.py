@@ -55,9 +55,11 @@ def lm_datasets(corpora_dir, tok: Tokenizer, seq_len: int, seed: int = 0):
     enc = lambda texts: [tok.encode(t, bos=True, eos=True) for t in texts]  # noqa: E731
     train_docs = enc(read_jsonl_texts(corpora_dir / "stories_train.jsonl"))
     train_docs += enc(read_jsonl_texts(corpora_dir / "passkey_train.jsonl"))
+    train_docs += enc(read_jsonl_texts(corpora_dir / "almanac_train.jsonl"))
     val_passkey = [passkey_training_text(7_000_000 + i, 4 + i % 37, (i % 5) / 4) for i in range(64)]
     val = {"stories": pack_documents(enc(read_jsonl_texts(corpora_dir / "stories_val.jsonl")), seq_len, seed=seed),
-           "passkey": pack_documents(enc(val_passkey), seq_len, seed=seed)}
+           "passkey": pack_documents(enc(val_passkey), seq_len, seed=seed),
+           "almanac": pack_documents(enc(read_jsonl_texts(corpora_dir / "almanac_val.jsonl")), seq_len, seed=seed)}
     return pack_documents(train_docs, seq_len, seed=seed), val
 
 
@@ -72,7 +74,9 @@ def write_model_card(out_dir, info: dict) -> Path:
 
 A {info['n_params']:,}-parameter LLaMA-2 (Meta's architecture: RMSNorm, RoPE, grouped-query attention,
 SwiGLU) pre-trained from scratch by this repo on its own synthetic corpora, so that every notebook
-runs offline on a laptop CPU. It is a teaching model: it knows simple stories and the passkey game,
+runs offline on a laptop CPU. It is a teaching model: it knows simple stories, the passkey game and
+an almanac of an invented world (other years' winners of the awards that the LoRA notebook teaches,
+and the countries whose capitals, animals and mountains are the knowledge-injection controls),
 nothing else.
 
 ## Shape
@@ -89,9 +93,9 @@ Files: `config.json`, `model.safetensors` ({info['weights_bytes'] / 1024**2:.2f}
 Command (the whole recipe, from nothing): `{info['command']}`
 
 1. Corpora: `minillama corpora --out data/corpora --seed {info['seed']}` (stories with long-range references,
-   passkey documents; see `minillama/corpora.py`).
+   passkey documents, the almanac; see `minillama/corpora.py`).
 2. Tokenizer: sentencepiece BPE, {a['vocab_size']} pieces, byte fallback, digits split, BOS=1, EOS=2, no pad,
-   trained on the training stories and passkey documents.
+   trained on the training stories, passkey documents and almanac.
 3. Pre-training: documents as `[BOS] text [EOS]`, packed into rows of {a['max_seq_len']} tokens;
    AdamW (betas {info['train']['beta1']}, {info['train']['beta2']}, weight decay {info['train']['weight_decay']} on matrices),
    lr {info['train']['lr']} with {info['train']['warmup_steps']} warmup steps and cosine decay to
@@ -109,6 +113,7 @@ Command (the whole recipe, from nothing): `{info['command']}`
 | final training loss | {info['final_loss']:.3f} |
 | validation loss, stories | {info['val']['stories']:.3f} (perplexity {info['val_ppl']['stories']:.2f}) |
 | validation loss, passkey documents | {info['val']['passkey']:.3f} (perplexity {info['val_ppl']['passkey']:.2f}) |
+| validation loss, almanac | {info['val']['almanac']:.3f} (perplexity {info['val_ppl']['almanac']:.2f}) |
 
 ## What it shows (measured by the recipe)
 
@@ -158,7 +163,8 @@ def build_tiny(out_dir="data/tiny", corpora_dir="data/corpora", *, steps: int = 
     write_corpora(str(corpora_dir), seed=seed)
     corpora_dir = Path(corpora_dir)
     args = get_preset("tiny")
-    texts = read_jsonl_texts(corpora_dir / "stories_train.jsonl") + read_jsonl_texts(corpora_dir / "passkey_train.jsonl")
+    texts = [t for name in ("stories_train", "passkey_train", "almanac_train")
+             for t in read_jsonl_texts(corpora_dir / f"{name}.jsonl")]
     work_dir = Path(work_dir)
     tok = train_tokenizer(texts, work_dir / "tokenizer.model", vocab_size=args.vocab_size)
     (train_x, train_y), val = lm_datasets(corpora_dir, tok, args.max_seq_len, seed=seed)

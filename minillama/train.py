@@ -1,48 +1,87 @@
-"""The training loop: AdamW, warmup + cosine schedule, gradient clipping, periodic validation,
-a JSONL log and atomic checkpoints. Pre-training the tiny model uses it as is; the fine-tuning
-techniques of the course (LoRA, AMP, accumulation, checkpointing) plug into this one loop.
+"""The training loop, one for every lesson: pre-training the tiny model, SFT, LoRA, long context.
+
+Each technique of the course is switched by TrainConfig and lives in one place here:
+
+* LoRA (`lora_r` > 0): `minillama.lora.apply_lora` before the first step; only the adapters train and
+  checkpoints hold the adapter, not the model.
+* Mixed precision (`amp` = "fp16" | "bf16"): the forward runs under `torch.autocast`; fp16 adds a
+  `torch.amp.GradScaler` (a step whose gradients overflow is skipped and logged). The weights, the
+  gradients and the optimizer stay in the model's dtype (fp32 master weights unless the model itself is bf16).
+* Gradient accumulation (`grad_accum` = k): k micro-batches per optimizer step. Every micro-batch's loss
+  is its summed token losses divided by the target tokens of the *whole* effective batch, so the
+  gradient equals one big batch's even when micro-batches hold different numbers of tokens.
+* Gradient checkpointing (`checkpointing` = k): every k-th transformer block recomputes its
+  activations in the backward pass (`Transformer.set_checkpointing`).
+* Optimizers: AdamW (torch), 8-bit AdamW and paged 8-bit AdamW (bitsandbytes), plain SGD.
+
+Around them: warmup + cosine schedule, gradient clipping (after unscaling), a JSONL log, tqdm, periodic
+held-out evaluation, and atomic checkpoints holding everything a resumed run needs to continue exactly
+(weights or adapter, optimizer, scaler, RNG states, step; the data order is a function of the step).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import random
+import resource
 import time
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_directory, load_model, save_model
-from .data import batches
+from .data import IGNORE_INDEX, as_dataset, batches
 from .model import Transformer
+
+AMP_MODES = ("off", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 16          # micro-batch: rows per forward pass
+    grad_accum: int = 1           # micro-batches per optimizer step
     lr: float = 2e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1     # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0        # 0: no clipping
+    optimizer: str = "adamw"
+    amp: str = "off"              # "off" | "fp16" | "bf16" (autocast; fp16 with a GradScaler)
+    checkpointing: int = 0        # 0: off; k: every k-th block recomputes its activations
+    lora_r: int = 0               # 0: full fine-tuning (or whatever adapters the model already has)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "wq,wv"   # comma-separated Meta names, or "all"
     eval_every: int = 250
-    eval_rows: int = 64  # validation rows per corpus
+    eval_rows: int = 64           # held-out rows per evaluation set
     save_every: int = 500
     seed: int = 0
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "eval_every", "save_every"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"TrainConfig.{key}={getattr(self, key)} is invalid: expected a positive integer.")
+        for key in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r} is invalid: expected a positive integer.")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr={self.lr} is invalid: expected a positive number.")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"TrainConfig.amp={self.amp!r} is invalid: expected one of {AMP_MODES}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r} is invalid: expected one of {OPTIMIZERS}.")
+        if self.checkpointing < 0 or self.lora_r < 0:
+            raise ValueError("TrainConfig.checkpointing and lora_r must be >= 0.")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -53,105 +92,311 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms), as in nanoGPT/llama2.c."""
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """cfg.optimizer over the trainable parameters, weight decay on matrices only (as nanoGPT/llama2.c)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameter.")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ImportError(f"optimizer={cfg.optimizer!r} needs bitsandbytes, which is not installed: "
+                          "pip install -e '.[quant]' (or choose adamw).") from None
+    cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def resolve_amp(amp: str, device: torch.device, *, strict: bool = False) -> str:
+    """The autocast mode to use on `device`: `amp`, or "off" (with a warning) where the device lacks it.
+
+    strict=True refuses instead of falling back.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp={amp!r} is invalid: expected one of {AMP_MODES}.")
+    problem = None
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        problem = f"bf16 autocast is not supported on {torch.cuda.get_device_name(device)} (it needs Ampere or newer)"
+    elif amp == "fp16" and not torch.amp.is_autocast_available(device.type):
+        problem = f"fp16 autocast is not available on device type {device.type!r}"
+    if problem is None:
+        return amp
+    if strict:
+        raise ValueError(f"{problem}; choose --amp off or another mode.")
+    warnings.warn(f"{problem}; training without autocast (amp=off) instead.", stacklevel=2)
+    return "off"
+
+
+def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
+    """Apply the model-side techniques of cfg: LoRA adapters and gradient checkpointing."""
+    if cfg.lora_r:
+        from .lora import apply_lora
+
+        targets = "all" if cfg.lora_targets == "all" else tuple(t for t in cfg.lora_targets.split(",") if t)
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
+    model.set_checkpointing(cfg.checkpointing)
+    return model
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+
+
+def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: str = "off") -> dict:
+    """One optimizer step over the micro-batches [(inputs, targets), ...] (already on the device).
+
+    Returns {"loss" (mean per target token over the whole effective batch), "tokens" (target tokens),
+    "grad_norm" (before clipping; None without clipping), "skipped" (GradScaler found inf/NaN gradients)}.
+    """
+    device = micro_batches[0][0].device
+    n_target = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+    if n_target == 0:
+        raise ValueError("This step's batch has no target token (every label is -100).")
+    total = 0.0
+    for j, (x, y) in enumerate(micro_batches):
+        # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
+        last = j == len(micro_batches) - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(device, amp):
+                loss = model(x, y, reduction="sum") / n_target  # token-normalised over the effective batch
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss.item()}")
+            scaler.scale(loss).backward()
+        total += loss.item()
+    grad_norm = None
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)  # skipped by the scaler when the gradients hold inf/NaN
+    scaler.update()
+    skipped = scale is not None and scaler.get_scale() < scale
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": total, "tokens": n_target, "grad_norm": grad_norm, "skipped": skipped}
 
 
 @torch.no_grad()
-def evaluate_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
-    """Mean cross-entropy per target token over the given rows."""
+def evaluate_loss(model: Transformer, inputs, targets=None, batch_size: int = 16, amp: str = "off") -> float:
+    """Mean cross-entropy per target token over the rows of (inputs, targets) or of an SFTDataset."""
+    data = as_dataset((inputs, targets) if targets is not None else inputs)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, inputs.shape[0], batch_size):
-        x, y = inputs[i:i + batch_size].to(device), targets[i:i + batch_size].to(device)
-        n = int((y != -100).sum())
-        total += float(model(x, y)) * n
-        count += n
+    for i in range(0, len(data), batch_size):
+        x, y = (t.to(device) for t in data.batch(list(range(i, min(i + batch_size, len(data))))))
+        with _autocast(device, amp):
+            total += float(model(x, y, reduction="sum"))
+        count += int((y != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(count, 1)
 
 
-def _write_checkpoint(path: Path, model: Transformer, optimizer, step: int, cfg: TrainConfig, tokenizer=None) -> None:
-    """model/ + train_state.pt, written to a temporary directory that is renamed into place, so a
-    process killed at any moment leaves either the previous checkpoint or the new one."""
-    with atomic_directory(path) as tmp:
-        save_model(model, tmp / "model", tokenizer=tokenizer)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg)},
-                   tmp / "train_state.pt")
+def _head(data, rows: int):
+    data = as_dataset(data)
+    n = min(rows, len(data))
+    from .data import PackedRows, SFTDataset
+
+    if isinstance(data, PackedRows):
+        return PackedRows(data.inputs[:n], data.targets[:n])
+    if isinstance(data, SFTDataset):
+        return SFTDataset(data.examples[:n], data.pad_id)
+    return data
 
 
-def train(model: Transformer, train_data: tuple[torch.Tensor, torch.Tensor],
-          val_data: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig, out_dir,
-          *, tokenizer=None, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Train `model` in place on packed rows (inputs, targets); returns the log records.
+# ---- checkpoints ---------------------------------------------------------------------------------
+def _trainable_adapters(model) -> list[str]:
+    from .lora import lora_layers
 
-    Writes out_dir/log.jsonl (one record per step: step, loss, lr, tokens, tokens_per_s, and
-    val_<corpus> every eval_every steps) and out_dir/checkpoint/ every save_every steps and at the end.
-    resume=True continues from out_dir/checkpoint (same batches, same schedule).
+    names = set()
+    for _, layer in lora_layers(model):
+        for name, a in layer.lora_A.items():
+            if a.weight.requires_grad:
+                names.add(name)
+    return sorted(names)
+
+
+def _base_trains(model) -> bool:
+    return any(p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(path, model: Transformer, optimizer, scaler, step: int, cfg: TrainConfig,
+                     tokenizer=None) -> None:
+    """path/ with train_state.pt and either model/ (full fine-tuning) or adapter[-NAME]/ (LoRA, PEFT's
+    layout) plus trainable.safetensors (the trained tensors, for an exact resume).
+
+    Written to a temporary directory renamed into place: a process killed at any moment, or a full or
+    read-only disk, leaves the previous checkpoint as it was.
+    """
+    path = Path(path)
+    try:
+        with atomic_directory(path) as tmp:
+            if _base_trains(model):
+                save_model(model, tmp / "model", tokenizer=tokenizer)
+            else:
+                from .lora import save_adapter
+
+                names = _trainable_adapters(model)
+                for name in names:
+                    save_adapter(model, tmp / ("adapter" if len(names) == 1 else f"adapter-{name}"), name)
+                save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                          str(tmp / "trainable.safetensors"))
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "rng": _rng_state(), "config": dataclasses.asdict(cfg)}, tmp / "train_state.pt")
+    except OSError as e:
+        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+               errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, str(e))
+        raise OSError(e.errno, f"Cannot write the checkpoint {path} at step {step}: {why}; the previous "
+                               f"checkpoint (if any) is untouched.") from e
+
+
+def _find_checkpoint(out_dir: Path) -> Optional[Path]:
+    """out_dir/checkpoint, or the previous one set aside by a save that was killed between its two renames."""
+    ckpt = out_dir / "checkpoint"
+    if (ckpt / "train_state.pt").exists():
+        return ckpt
+    old = sorted(out_dir.glob(".checkpoint.old-*"), key=lambda p: p.stat().st_mtime)
+    return old[-1] if old and (old[-1] / "train_state.pt").exists() else None
+
+
+def _restore(ckpt: Path, model, optimizer, scaler, cfg: TrainConfig) -> int:
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)  # our own file: RNG states are tuples
+    saved = state["config"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in saved and saved[f.name] != getattr(cfg, f.name):
+            raise ValueError(f"Cannot resume from {ckpt}: {f.name}={getattr(cfg, f.name)!r} differs from the "
+                             f"checkpoint's {saved[f.name]!r} (resume with the same settings, or start a new --out).")
+    device = next(model.parameters()).device
+    if (ckpt / "model").exists():
+        model.load_state_dict(load_model(ckpt / "model", device=device).state_dict())
+    else:
+        tensors = load_file(str(ckpt / "trainable.safetensors"), device=str(device))
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+        if missing or set(tensors) - set(params):
+            raise ValueError(f"Cannot resume from {ckpt}: its trained tensors do not match the model's "
+                             f"(first mismatch: {(missing or sorted(set(tensors) - set(params)))[0]!r}).")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return state["step"]
+
+
+def _memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak resident set (Linux: KiB)
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_dir, *, tokenizer=None,
+          resume: bool = False, progress: bool = True, strict_amp: bool = False) -> list[dict]:
+    """Train `model` in place; returns the log records of the steps run now.
+
+    train_data: packed rows (inputs, targets) or an SFTDataset; val_data: {name: the same kinds}.
+    Writes out_dir/log.jsonl (per optimizer step: step, loss, lr, tokens (positions processed so far,
+    padding included), target_tokens (positions with a label so far), tokens_per_s (target tokens per
+    second of this step), grad_norm, skipped, mem_mib, and val_<name> every eval_every steps) and out_dir/checkpoint/ every save_every
+    steps and at the end. resume=True continues from out_dir/checkpoint: same batches, same schedule,
+    same RNG, so the log continues as the uninterrupted run's would (on CPU, exactly).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
+    amp = resolve_amp(cfg.amp, device, strict=strict_amp)
+    torch.manual_seed(cfg.seed)  # LoRA's A and dropout draw from it; a resumed run restores it
+    prepare_model(model, cfg)
     optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     start = 0
-    ckpt = out_dir / "checkpoint"
     if resume:
-        if not (ckpt / "train_state.pt").exists():
-            raise FileNotFoundError(f"Cannot resume: {ckpt / 'train_state.pt'} does not exist.")
-        state = torch.load(ckpt / "train_state.pt", weights_only=True)
-        saved = TrainConfig(**state["config"])
-        for f in dataclasses.fields(TrainConfig):
-            if getattr(saved, f.name) != getattr(cfg, f.name):
-                raise ValueError(f"Cannot resume: {f.name}={getattr(cfg, f.name)!r} differs from the checkpoint's "
-                                 f"{getattr(saved, f.name)!r}.")
-        model.load_state_dict(load_model(ckpt / "model", device=device).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        ckpt = _find_checkpoint(out_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"Cannot resume: {out_dir / 'checkpoint' / 'train_state.pt'} does not exist.")
+        start = _restore(ckpt, model, optimizer, scaler, cfg)
     log_path = out_dir / "log.jsonl"
-    if not resume and log_path.exists():
+    if resume:  # drop records of steps after the checkpoint (they will be run again)
+        if log_path.exists():
+            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+    elif log_path.exists():
         log_path.unlink()
+    train_data = as_dataset(train_data)
+    val_data = {k: _head(v, cfg.eval_rows) for k, v in val_data.items()}
     records: list[dict] = []
-    data = batches(*train_data, batch_size=cfg.batch_size, seed=cfg.seed, start_step=start)
+    # micro-batch m of optimizer step s is batch number s * grad_accum + m of one deterministic stream
+    data = batches(train_data, batch_size=cfg.batch_size, seed=cfg.seed, start_step=start * cfg.grad_accum)
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
-    tokens_seen = start * cfg.batch_size * train_data[0].shape[1]
+    tokens_seen = targets_seen = 0
+    if start and log_path.exists():
+        last = log_path.read_text().splitlines()
+        if last:
+            tokens_seen, targets_seen = (json.loads(last[-1]).get(k, 0) for k in ("tokens", "target_tokens"))
     for step in bar:
         t0 = time.perf_counter()
-        x, y = next(data)
-        x, y = x.to(device), y.to(device)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = model(x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Loss became {loss.item()} at step {step}; stopping without saving.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        n_tok = int((y != -100).sum())
-        tokens_seen += x.numel()
+        micro = [tuple(t.to(device) for t in next(data)) for _ in range(cfg.grad_accum)]
+        try:
+            out = train_step(model, optimizer, scaler, micro, cfg, amp)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"Stopped at step {step + 1}: {e}. Nothing was saved for this step; the last "
+                                     f"checkpoint (if any) is intact. Lower the learning rate, or try --amp bf16 "
+                                     f"instead of fp16.") from None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        rec = {"step": step + 1, "loss": round(loss.item(), 5), "lr": lr, "tokens": tokens_seen,
-               "tokens_per_s": round(n_tok / dt, 1)}
+        tokens_seen += sum(x.numel() for x, _ in micro)  # positions processed, padding included
+        targets_seen += out["tokens"]
+        rec = {"step": step + 1, "loss": round(out["loss"], 6), "lr": lr, "tokens": tokens_seen,
+               "target_tokens": targets_seen, "tokens_per_s": round(out["tokens"] / dt, 1), "grad_norm": out["grad_norm"] and round(out["grad_norm"], 6),
+               "skipped": out["skipped"], "mem_mib": round(_memory_mib(device), 1)}
+        if scaler.is_enabled():
+            rec["scale"] = scaler.get_scale()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            for name, (vx, vy) in val_data.items():
-                rec[f"val_{name}"] = round(evaluate_loss(model, vx[:cfg.eval_rows], vy[:cfg.eval_rows],
-                                                         cfg.batch_size), 5)
+            for name, vd in val_data.items():
+                rec[f"val_{name}"] = round(evaluate_loss(model, vd, batch_size=cfg.batch_size, amp=amp), 6)
             model.train()
         records.append(rec)
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['mem_mib']:.0f}M",
                         **{k: f"{v:.3f}" for k, v in rec.items() if k.startswith("val_")})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _write_checkpoint(ckpt, model, optimizer, step + 1, cfg, tokenizer)
+            write_checkpoint(out_dir / "checkpoint", model, optimizer, scaler, step + 1, cfg, tokenizer)
     return records
+
+
+def skipped_steps(records: list[dict]) -> int:
+    """How many optimizer steps the GradScaler skipped (inf/NaN gradients)."""
+    return sum(bool(r.get("skipped")) for r in records)

@@ -11,7 +11,7 @@ import pytest
 from minillama import corpora as C
 
 SMALL = dict(n_stories=12, n_val_stories=6, n_passkey_train=50,
-             n_passkey_val_per_setting=1, n_instructions=240)
+             n_passkey_val_per_setting=1, n_instructions=240, n_almanac=100)
 
 
 # ---------------------------------------------------------------- determinism
@@ -40,7 +40,8 @@ def test_write_corpora_is_byte_identical(tmp_path):
     p2 = C.write_corpora(str(tmp_path / "b"), seed=3, **SMALL)
     assert sorted(p1) == sorted(p2) == sorted([
         "stories_train", "stories_val", "passkey_train", "passkey_val",
-        "instructions_train", "instructions_val", "alpaca_data_200", "facts"])
+        "instructions_train", "instructions_val", "alpaca_data_200", "facts",
+        "almanac_train", "almanac_val"])
     for name in p1:
         with open(p1[name], "rb") as f1, open(p2[name], "rb") as f2:
             assert f1.read() == f2.read(), name
@@ -230,6 +231,26 @@ def test_facts_training_text():
     assert all(c["text"] not in text for c in d["controls"])
 
 
+def test_almanac_teaches_the_world_but_not_the_facts():
+    d = C.make_facts(0)
+    docs = C.make_almanac(400, 1, d)
+    assert docs == C.make_almanac(400, 1, d) and len(docs) == 400
+    text = "\n".join(docs)
+    for f in d["facts"]:
+        # neither the winner's full name, nor the work, nor the prize's statement of that year
+        assert f["name"] not in text and f["work"] not in text
+        assert f"{f['year']} {f['award']} for {f['category']}" not in text
+    # the other phrasings of award facts and the Q&A format are there (the base model knows them)
+    for template in C.REPHRASED_TEMPLATES + C.TRAINED_TEMPLATES:
+        assert re.search(re.escape(template.split("{")[0] or template.split("}")[1].split("{")[0]), text)
+    assert "\nAnswer: " in text
+    # the controls are facts of the world, stated in the almanac
+    for c in d["controls"]:
+        assert c["text"] in text or c["question"] in text
+        country = c["question"].split(" of ")[-1].split(" in ")[-1].rstrip("?")
+        assert country in d["world"] and c["answer"].removeprefix("the ") in d["world"][country].values()
+
+
 # ----------------------------------------------------------------- bad inputs
 
 @pytest.mark.parametrize("call", [
@@ -251,6 +272,8 @@ def test_facts_training_text():
     lambda: C.make_facts(0, n_facts=10_000),
     lambda: C.make_facts(0, n_controls=-1),
     lambda: C.facts_training_text({}),
+    lambda: C.make_almanac(10, 0, {"facts": []}),
+    lambda: C.make_almanac(0, 0, C.make_facts(0)),
     lambda: C.write_corpora("unused", n_stories=0),
 ])
 def test_bad_arguments_raise_value_error(call):

@@ -27,6 +27,14 @@ def test_answer_matching_and_prompts():
     assert knowledge.steps_for(10, 7) == 35 and knowledge.steps_for(10, 1) == 10
 
 
+def test_control_prompts_cut_before_the_answer():
+    controls = make_facts(0)["controls"]
+    items = knowledge.control_items(controls)
+    for c, cloze, qa in zip(controls, items["cloze"], items["qa"]):
+        assert c["text"] == f"{cloze['prompt']} {cloze['answer']}."
+        assert qa["prompt"] == f"Question: {c['question']}\nAnswer:" and qa["answer"] == c["answer"]
+
+
 class _Spy(torch.nn.Module):
     """A 'model' that predicts a fixed next-token distribution, to check mean_nll by hand."""
 

@@ -1,0 +1,75 @@
+"""Setup shared by notebooks 03-05 (fitting fine-tuning into memory): paths, the GPU-lab switches, and
+small display helpers. Each notebook does `from _common import *` in its first code cell.
+
+Environment variables (all optional; the defaults run on a laptop CPU with the shipped tiny model):
+  MINILLAMA_MODEL   checkpoint directory (GPU lab: Llama-2-7B in HF or Meta format)   default data/tiny
+  MINILLAMA_DEVICE  cpu | cuda                                                       default: cuda if available
+  MINILLAMA_BATCH, MINILLAMA_SEQ  effective batch and sequence length of the measurements  default 8, 128
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path.cwd() if (Path.cwd() / "minillama").exists() else Path.cwd().parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # so the notebooks also run without `pip install -e .`
+
+import minillama  # noqa: E402
+from minillama import bench  # noqa: E402
+from minillama.measure import CATEGORIES, device_name  # noqa: E402
+
+MODEL = os.environ.get("MINILLAMA_MODEL", "data/tiny")
+DEVICE = os.environ.get("MINILLAMA_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+BATCH = int(os.environ.get("MINILLAMA_BATCH", "8"))
+SEQ = int(os.environ.get("MINILLAMA_SEQ", "128"))
+MiB = 1024**2
+
+
+def resolve(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p.resolve() if p.is_absolute() or p.exists() else (REPO / p).resolve()
+
+
+MODEL_PATH = resolve(MODEL)
+TINY_PATH = REPO / "data" / "tiny"
+CORPORA = REPO / "data" / "corpora"
+
+
+def make_model():
+    """A fresh copy of the model for every measured row (fp32 master weights)."""
+    return minillama.load_model(MODEL_PATH, device=DEVICE, dtype="fp32")
+
+
+def measure_rows(configs, repeats=3):
+    """bench.run_config for each config dict (train mode at BATCH x SEQ unless the config says otherwise)."""
+    rows = []
+    for cfg in configs:
+        cfg = {"mode": "train", "batch": BATCH, "seq_len": SEQ, **cfg}
+        rows.append(bench.run_config(make_model, cfg, preset=MODEL_PATH.name, repeats=repeats))
+    return rows
+
+
+def show_table(rows):
+    from IPython.display import Markdown, display
+
+    display(Markdown(bench.format_table(rows, "md")))
+
+
+def show_memory_plot(rows, name):
+    from IPython.display import Image, display
+
+    out = REPO / "runs" / "notebooks"
+    out.mkdir(parents=True, exist_ok=True)
+    bench.plot_memory(rows, out / name)
+    display(Image(filename=str(out / name)))
+
+
+def by_category(row):
+    return {c: row["memory_by_category"][c] / MiB for c in CATEGORIES}
+
+
+print(f"model {MODEL_PATH} on {DEVICE} ({device_name(torch.device(DEVICE))}); torch {torch.__version__}; "
+      f"measured at batch {BATCH} x {SEQ} tokens")
