@@ -160,7 +160,14 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
         micro = list(zip(inputs.chunk(ctx["accum"]), targets.chunk(ctx["accum"])))
 
         def step():
-            train_step(model, optimizer, scaler, micro, tcfg, ctx["amp"])
+            return train_step(model, optimizer, scaler, micro, tcfg, ctx["amp"])
+
+        if scaler.is_enabled():
+            # fp16: the GradScaler starts at 2**16 and skips the first steps (their gradients overflow);
+            # a skipped step never creates the optimizer state. Measure the steady state instead.
+            for _ in range(30):
+                if not step()["skipped"]:
+                    break
     else:
         model.eval()
 

@@ -7,8 +7,10 @@ text (10 epochs, r=64, alpha=128, lr 1e-4, batch 2, cutoff 256, dropout 0.05) an
 (b) are unrelated facts and the model's other skills left alone?
 (c) do ten one-fact adapters, stacked, behave like one ten-fact adapter?
 
-Here the same questions are asked of the shipped tiny model (`data/tiny`, a base model that has only
-seen stories and passkey documents) with the fictional award facts of `data/corpora/facts.json`.
+Here the same questions are asked of the shipped tiny model (`data/tiny`) with the fictional award facts
+of `data/corpora/facts.json`. Its pre-training almanac holds other years' winners of the same awards, in
+all seven phrasings and as questions, but never these ten facts: like the anchor's model, it can spell
+the names and knows the format, and has to learn the facts from the LoRA.
 
 * **Recall** is greedy continuation: a prompt is recalled when the generated text starts with the
   answer (case-insensitive). Three prompt sets, each per fact:
@@ -21,7 +23,7 @@ seen stories and passkey documents) with the fictional award facts of `data/corp
   ("The capital of Ettinor is") and as ``Question: ...\nAnswer:``, before and after; with it the
   per-token loss (NLL, nats) on a few held-out stories and passkey accuracy (other skills).
 
-Command line (about a minute on a laptop CPU: 8 single adapters, 2 x 10 one-fact adapters)::
+Command line (10 to 15 minutes on 2 CPU cores: 8 single adapters, 2 x 10 one-fact adapters)::
 
     python -m minillama.knowledge --out runs/knowledge
 

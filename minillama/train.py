@@ -310,6 +310,17 @@ def _restore(ckpt: Path, model, optimizer, scaler, cfg: TrainConfig) -> int:
     return state["step"]
 
 
+def _check_writable(out_dir: Path) -> None:
+    """Fail before any compute if out_dir cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"Cannot write to the output directory {out_dir}: {e.strerror}.") from e
+
+
 def _memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -329,11 +340,15 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
     same RNG, so the log continues as the uninterrupted run's would (on CPU, exactly).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir)
     device = next(model.parameters()).device
     amp = resolve_amp(cfg.amp, device, strict=strict_amp)
     torch.manual_seed(cfg.seed)  # LoRA's A and dropout draw from it; a resumed run restores it
     prepare_model(model, cfg)
+    fp16 = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if fp16:
+        raise ValueError(f"Trainable parameter {fp16[0]} is fp16: pure fp16 training is not supported (the "
+                         f"GradScaler needs fp32 gradients); load the model in fp32 (with --amp fp16) or bf16.")
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     start = 0

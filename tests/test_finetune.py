@@ -279,6 +279,16 @@ def test_amp_where_unsupported_warns_or_refuses(monkeypatch):
         TrainConfig(amp="fp8")
 
 
+def test_fp16_weights_and_an_unwritable_output_are_refused_before_training(tok, tmp_path):
+    model = small_model().half()
+    with pytest.raises(ValueError, match="is fp16: pure fp16 training is not supported"):
+        train(model, sft_data(tok), {}, TrainConfig(steps=1, batch_size=2), tmp_path / "a", progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="Cannot write to the output directory"):
+        train(small_model(), sft_data(tok), {}, TrainConfig(steps=1, batch_size=2), blocker / "out", progress=False)
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw8bit", "paged_adamw8bit"])
 def test_other_optimizers_train(tok, tmp_path, name):
     if name != "sgd":
