@@ -394,7 +394,7 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
         tokens_seen += sum(x.numel() for x, _ in micro)  # positions processed, padding included
         targets_seen += out["tokens"]
         rec = {"step": step + 1, "loss": round(out["loss"], 6), "lr": lr, "tokens": tokens_seen,
-               "target_tokens": targets_seen, "tokens_per_s": round(out["tokens"] / dt, 1), "grad_norm": out["grad_norm"] and round(out["grad_norm"], 6),
+               "target_tokens": targets_seen, "tokens_per_s": round(out["tokens"] / dt, 1), "grad_norm": _finite_or_none(out["grad_norm"]),
                "skipped": out["skipped"], "mem_mib": round(_memory_mib(device), 1)}
         if scaler.is_enabled():
             rec["scale"] = scaler.get_scale()
@@ -410,6 +410,11 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             write_checkpoint(out_dir / "checkpoint", model, optimizer, scaler, step + 1, cfg, tokenizer)
     return records
+
+
+def _finite_or_none(x: Optional[float]) -> Optional[float]:
+    """A log value: rounded, or None (JSON null) when absent or inf/NaN (a step the GradScaler skipped)."""
+    return round(x, 6) if x is not None and math.isfinite(x) else None
 
 
 def skipped_steps(records: list[dict]) -> int:

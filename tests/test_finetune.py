@@ -211,6 +211,8 @@ def test_resume_equals_uninterrupted_with_lora_dropout_and_accumulation(tok, tmp
     resumed = train(small_model(), data, val, cfg, tmp_path / "run", resume=True, progress=False)
     assert [r["step"] for r in resumed] == [5, 6]
     assert strip_timing(resumed) == strip_timing(full[4:])  # exact on CPU
+    for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines():  # strict JSON (no NaN/Infinity)
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in log.jsonl"))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert strip_timing(log) == strip_timing(full)
 
