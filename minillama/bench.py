@@ -16,6 +16,7 @@ import csv
 import itertools
 import json
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -331,8 +332,8 @@ def technique_effects(rows: list[dict], tolerance: float = 0.03) -> list[dict]:
             continue
         entry = {"technique": tech, "pairs": len(pairs)}
         for key, get in EFFECT_KEYS:
-            ratios = sorted(get(a) / get(b) if get(b) else (1.0 if get(a) == 0 else float("inf")) for b, a in pairs)
-            ratio = ratios[len(ratios) // 2] if len(ratios) % 2 else 0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2])
+            ratio = statistics.median(get(a) / get(b) if get(b) else (1.0 if get(a) == 0 else float("inf"))
+                                      for b, a in pairs)
             effect = "same" if abs(ratio - 1) <= tolerance else ("reduces" if ratio < 1 else "raises")
             entry[key] = {"ratio": ratio, "effect": effect}
         out.append(entry)

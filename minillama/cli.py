@@ -222,7 +222,6 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, skipped_steps, train
 
     device = _device(args.device)
-    torch.manual_seed(args.seed)
     model = load_model(args.model, device=device, dtype=args.dtype)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
     max_len = args.max_len or min(512, model.args.max_seq_len + 1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -85,7 +85,7 @@ def as_dataset(data):
     """Packed rows given as (inputs, targets) become a PackedRows; datasets pass through."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return PackedRows(*data)
-    if hasattr(data, "batch") and hasattr(data, "__len__"):
+    if hasattr(data, "batch") and hasattr(data, "subset") and hasattr(data, "__len__"):
         return data
     raise TypeError("Training data must be (inputs, targets) tensors or an SFTDataset.")
 
@@ -103,6 +103,9 @@ class PackedRows:
 
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[idx], self.targets[idx]
+
+    def subset(self, idx: list[int]) -> "PackedRows":
+        return PackedRows(self.inputs[idx], self.targets[idx])
 
 
 # ---- instruction data (SFT) ----------------------------------------------------------------------
@@ -221,6 +224,9 @@ class SFTDataset:
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return collate([self.examples[i] for i in idx], self.pad_id)
 
+    def subset(self, idx: list[int]) -> "SFTDataset":
+        return SFTDataset([self.examples[i] for i in idx], self.pad_id)
+
     def target_tokens(self) -> int:
         return sum(sum(t != IGNORE_INDEX for t in labels[1:]) for _, labels in self.examples)
 
@@ -250,8 +256,4 @@ def split_held_out(data, fraction: float, seed: int = 0):
     if not 0 < n_held < len(data):
         raise ValueError(f"A held-out fraction of {fraction} of {len(data)} items leaves no training or no held-out item.")
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    held, keep = sorted(perm[:n_held]), sorted(perm[n_held:])
-    if isinstance(data, SFTDataset):
-        return (SFTDataset([data.examples[i] for i in keep], data.pad_id),
-                SFTDataset([data.examples[i] for i in held], data.pad_id))
-    return PackedRows(data.inputs[keep], data.targets[keep]), PackedRows(data.inputs[held], data.targets[held])
+    return data.subset(sorted(perm[n_held:])), data.subset(sorted(perm[:n_held]))

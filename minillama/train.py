@@ -158,10 +158,10 @@ def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: s
     "grad_norm" (before clipping; None without clipping), "skipped" (GradScaler found inf/NaN gradients)}.
     """
     device = micro_batches[0][0].device
-    n_target = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+    n_target = int(sum((y != IGNORE_INDEX).sum() for _, y in micro_batches))
     if n_target == 0:
         raise ValueError("This step's batch has no target token (every label is -100).")
-    total = 0.0
+    total = torch.zeros((), device=device)
     for j, (x, y) in enumerate(micro_batches):
         # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
         last = j == len(micro_batches) - 1
@@ -169,10 +169,11 @@ def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: s
         with sync:
             with _autocast(device, amp):
                 loss = model(x, y, reduction="sum") / n_target  # token-normalised over the effective batch
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss.item()}")
             scaler.scale(loss).backward()
-        total += loss.item()
+        total += loss.detach()
+    total = total.item()  # one host sync per step, not per micro-batch
+    if not math.isfinite(total):
+        raise FloatingPointError(f"the loss is {total}")
     grad_norm = None
     if cfg.grad_clip:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -201,18 +202,6 @@ def evaluate_loss(model: Transformer, inputs, targets=None, batch_size: int = 16
         count += int((y != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(count, 1)
-
-
-def _head(data, rows: int):
-    data = as_dataset(data)
-    n = min(rows, len(data))
-    from .data import PackedRows, SFTDataset
-
-    if isinstance(data, PackedRows):
-        return PackedRows(data.inputs[:n], data.targets[:n])
-    if isinstance(data, SFTDataset):
-        return SFTDataset(data.examples[:n], data.pad_id)
-    return data
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -358,24 +347,21 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
             raise FileNotFoundError(f"Cannot resume: {out_dir / 'checkpoint' / 'train_state.pt'} does not exist.")
         start = _restore(ckpt, model, optimizer, scaler, cfg)
     log_path = out_dir / "log.jsonl"
-    if resume:  # drop records of steps after the checkpoint (they will be run again)
-        if log_path.exists():
-            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+    kept: list[dict] = []
+    if resume and log_path.exists():  # drop records of steps after the checkpoint (they will be run again)
+        kept = [r for r in map(json.loads, filter(None, log_path.read_text().splitlines())) if r["step"] <= start]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     elif log_path.exists():
         log_path.unlink()
     train_data = as_dataset(train_data)
-    val_data = {k: _head(v, cfg.eval_rows) for k, v in val_data.items()}
+    val_data = {k: as_dataset(v) for k, v in val_data.items()}
+    val_data = {k: v.subset(list(range(min(cfg.eval_rows, len(v))))) for k, v in val_data.items()}
     records: list[dict] = []
     # micro-batch m of optimizer step s is batch number s * grad_accum + m of one deterministic stream
     data = batches(train_data, batch_size=cfg.batch_size, seed=cfg.seed, start_step=start * cfg.grad_accum)
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
-    tokens_seen = targets_seen = 0
-    if start and log_path.exists():
-        last = log_path.read_text().splitlines()
-        if last:
-            tokens_seen, targets_seen = (json.loads(last[-1]).get(k, 0) for k in ("tokens", "target_tokens"))
+    tokens_seen, targets_seen = (kept[-1].get(k, 0) for k in ("tokens", "target_tokens")) if kept else (0, 0)
     for step in bar:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)

@@ -63,3 +63,24 @@ def spm_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     path.write_bytes(out.getvalue())
     return path
+
+
+@pytest.fixture
+def killed_at_batch(monkeypatch):
+    """kill(n): the training loop's batch stream raises KeyboardInterrupt while fetching batch n (0-based), as if
+    the process were killed there; restore() puts the real stream back for the resumed run."""
+    import minillama.train as T
+
+    real = T.batches
+
+    def kill(n):
+        def dies(*args, **kwargs):
+            for i, b in enumerate(real(*args, **kwargs)):
+                if i == n:
+                    raise KeyboardInterrupt
+                yield b
+
+        monkeypatch.setattr(T, "batches", dies)
+
+    kill.restore = lambda: monkeypatch.setattr(T, "batches", real)
+    return kill

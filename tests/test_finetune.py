@@ -190,24 +190,16 @@ def test_lora_training_changes_only_adapter_weights(tok, tmp_path):
 
 
 @pytest.mark.parametrize("amp", ["off", "fp16", "bf16"])
-def test_resume_equals_uninterrupted_with_lora_dropout_and_accumulation(tok, tmp_path, monkeypatch, amp):
+def test_resume_equals_uninterrupted_with_lora_dropout_and_accumulation(tok, tmp_path, killed_at_batch, amp):
     cfg = TrainConfig(steps=6, batch_size=2, grad_accum=2, lr=5e-3, warmup_steps=2, lora_r=4, lora_alpha=8,
                       lora_dropout=0.1, amp=amp, eval_every=3, save_every=2)
     data, val = sft_data(tok), {"val": sft_data(tok, n=4)}
     full = train(small_model(), data, val, cfg, tmp_path / "full", progress=False)
 
-    real = T.batches
-
-    def dies(*args, **kwargs):  # "killed" while fetching micro-batch 9 (step 5): the last save was step 4
-        for i, b in enumerate(real(*args, **kwargs)):
-            if i == 8:
-                raise KeyboardInterrupt
-            yield b
-
-    monkeypatch.setattr(T, "batches", dies)
+    killed_at_batch(8)  # "killed" while fetching micro-batch 9 (step 5): the last save was step 4
     with pytest.raises(KeyboardInterrupt):
         train(small_model(), data, val, cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(T, "batches", real)
+    killed_at_batch.restore()
     resumed = train(small_model(), data, val, cfg, tmp_path / "run", resume=True, progress=False)
     assert [r["step"] for r in resumed] == [5, 6]
     assert strip_timing(resumed) == strip_timing(full[4:])  # exact on CPU

@@ -71,25 +71,15 @@ def test_a_few_steps_reduce_loss(small_data, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), model.state_dict().values()))
 
 
-def test_resume_equals_uninterrupted(small_data, tmp_path, monkeypatch):
-    import minillama.train as T
-
+def test_resume_equals_uninterrupted(small_data, tmp_path, killed_at_batch):
     tok, (x, y) = small_data
     cfg = TrainConfig(steps=8, batch_size=4, warmup_steps=2, eval_every=100, save_every=4)
     full = train(small_model(tok.vocab_size), (x, y), {}, cfg, tmp_path / "full", progress=False)
 
-    real_batches = T.batches
-
-    def dies_after_five(*args, **kwargs):  # the process is "killed" while fetching the 6th batch
-        for i, b in enumerate(real_batches(*args, **kwargs)):
-            if i == 5:
-                raise KeyboardInterrupt
-            yield b
-
-    monkeypatch.setattr(T, "batches", dies_after_five)
+    killed_at_batch(5)  # the process is "killed" while fetching the 6th batch
     with pytest.raises(KeyboardInterrupt):
         train(small_model(tok.vocab_size), (x, y), {}, cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(T, "batches", real_batches)
+    killed_at_batch.restore()
     resumed = train(small_model(tok.vocab_size), (x, y), {}, cfg, tmp_path / "run", resume=True, progress=False)
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[4:]]  # exact on CPU in fp32
