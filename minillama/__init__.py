@@ -1,6 +1,6 @@
 """minillama: a minimal LLaMA-2, built from scratch for a course on fine-tuning on one GPU."""
 
-from .checkpoint import load_model, save_model
+from .checkpoints import load_model, save_model
 from .config import PRESETS, ModelArgs, get_preset
 from .generate import generate
 from .model import Transformer, create_model

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
 ATTN_IMPLS = ("sdpa", "math")
 
 
@@ -122,3 +124,22 @@ def get_preset(name: str) -> ModelArgs:
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}: expected one of {sorted(PRESETS)}.")
     return dataclasses.replace(PRESETS[name])
+
+
+# The dtype names accepted everywhere (CLI flags, load_model, the memory model): this table is their one owner.
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a torch.dtype, or one of 'fp32', 'fp16', 'bf16' (and their long names)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is unknown: expected one of {sorted(DTYPES)}.")
+    return DTYPES[str(dtype).lower()]
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element of a dtype given by name ('bf16') or as a torch.dtype."""
+    return parse_dtype(dtype).itemsize

@@ -32,8 +32,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import (PathLike, _read_json, atomic_directory, hf_to_meta_name, meta_to_hf_name,
-                         permute_hf_to_meta, permute_meta_to_hf)
+from .files import PathLike, atomic_directory, read_json
+from .layout import hf_to_meta_name, meta_to_hf_name, permute_hf_to_meta, permute_meta_to_hf
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # Meta names; "all" = every one of them
 _PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
@@ -254,7 +254,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     to those already wrapped; freeze every non-LoRA parameter; return the model (changed in place).
 
     The first adapter of a model is active at weight 1.0; adding another leaves the active set as it is
-    (switch with set_adapter / use_adapter, or model(x, adapter=name)).
+    (switch with set_adapter / use_adapter, or call_with_adapter(model, name, x)).
     """
     targets = _normalise_targets(targets)
     sites = [(i, t) for i in range(len(model.layers)) for t in targets]
@@ -334,6 +334,13 @@ def use_adapter(model: nn.Module, adapter: AdapterSpec) -> Iterator[nn.Module]:
     finally:
         for m, act in zip(layers, saved):
             m.active = act
+
+
+def call_with_adapter(model: nn.Module, adapter: AdapterSpec, *args, **kwargs):
+    """model(*args, **kwargs) with `adapter` chosen for this one call (a name, a dict {name: weight}, or
+    None / {} for the base model): the model itself knows no adapter, LoRA switches it from outside."""
+    with use_adapter(model, adapter):
+        return model(*args, **kwargs)
 
 
 def merge_lora(model: nn.Module, name: Optional[str] = None) -> nn.Module:
@@ -430,7 +437,7 @@ def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None) -
         if not (path / f).exists():
             hint = " (PyTorch adapter_model.bin is not supported)" if (path / "adapter_model.bin").exists() else ""
             raise FileNotFoundError(f"Adapter file {path / f} is missing{hint}.")
-    cfg = _read_json(path / ADAPTER_CONFIG)
+    cfg = read_json(path / ADAPTER_CONFIG)
     src = path / ADAPTER_CONFIG
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{src} has peft_type {cfg.get('peft_type')!r}: only 'LORA' adapters can be loaded.")

@@ -186,21 +186,13 @@ class Transformer(nn.Module):
         self.checkpoint_every = 0  # gradient checkpointing off (see set_checkpointing)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                start_pos: int = 0, last_only: bool = False, adapter=None, reduction: str = "mean") -> torch.Tensor:
+                start_pos: int = 0, last_only: bool = False, reduction: str = "mean") -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab_size]; or, with targets [B, T], the mean cross-entropy
         over the positions whose target is not -100 (a scalar; reduction="sum": their sum).
 
         start_pos: position of tokens[:, 0] (generation with a KV cache).
         last_only: compute logits for the last position only (prefill in generation).
-        adapter: LoRA adapters to apply for this call only (see minillama.lora.use_adapter): a name,
-            or a dict {name: weight} to stack several, or {} for the base model alone; None (default)
-            keeps the adapters currently set.
         """
-        if adapter is not None:
-            from .lora import use_adapter  # lora imports model, not the other way round
-
-            with use_adapter(self, adapter):
-                return self.forward(tokens, targets, start_pos=start_pos, last_only=last_only, reduction=reduction)
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"Sequence of {start_pos + seqlen} positions is longer than "

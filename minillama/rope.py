@@ -3,7 +3,7 @@
 Meta's Llama-2 rotates the pairs (x0, x1), (x2, x3), ... of each head by the angle
 `pos * theta ** (-2i / head_dim)`. Hugging Face rotates the halves (x_i, x_{i+d/2}) instead
 and permutes the rows of wq/wk when converting, so the two give the same attention
-scores (`minillama.checkpoint` does that permutation when loading HF checkpoints).
+scores (`minillama.checkpoints.weights` does that permutation when loading HF checkpoints).
 
 The angles are recomputed for every forward pass (cheap: positions x head_dim/2) in
 fp32, which keeps them exact whatever dtype the model is cast to.

@@ -18,8 +18,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # so the notebooks also run without `pip install -e .`
 
 import minillama  # noqa: E402
-from minillama import bench  # noqa: E402
-from minillama.measure import CATEGORIES, device_name  # noqa: E402
+from minillama.measuring import bench  # noqa: E402
+from minillama.measuring.measure import CATEGORIES, device_name  # noqa: E402
 
 MODEL = os.environ.get("MINILLAMA_MODEL", "data/tiny")
 DEVICE = os.environ.get("MINILLAMA_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")

@@ -69,7 +69,7 @@ def spm_path(tmp_path_factory):
 def killed_at_batch(monkeypatch):
     """kill(n): the training loop's batch stream raises KeyboardInterrupt while fetching batch n (0-based), as if
     the process were killed there; restore() puts the real stream back for the resumed run."""
-    import minillama.train as T
+    import minillama.training.train as T
 
     real = T.batches
 

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from minillama import bench, create_model, get_preset
+from minillama import create_model, get_preset
+from minillama.measuring import bench
 from minillama.cli import main
 
 ROW_KEYS = {"name", "peak_memory_bytes", "memory_by_category", "predicted_peak_memory_bytes", "step_time_s",

@@ -10,7 +10,7 @@ import torch
 from conftest import HF_CONFIGS, make_hf_model
 from safetensors.torch import load_file, save_file
 
-import minillama.checkpoint as ckpt
+import minillama.checkpoints.weights as ckpt
 from minillama import create_model, get_preset, load_model, save_model
 
 ATOL = 1e-5  # fp32 logits

@@ -1,4 +1,4 @@
-"""Tests for minillama.corpora (fast: standard library + optional sentencepiece)."""
+"""Tests for minillama.course.corpora (fast: standard library + optional sentencepiece)."""
 
 import io
 import json
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from minillama import corpora as C
+from minillama.course import corpora as C
 
 SMALL = dict(n_stories=12, n_val_stories=6, n_passkey_train=50,
              n_passkey_val_per_setting=1, n_instructions=240, n_almanac=100)

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import minillama
-import minillama.train as T
-from minillama import ModelArgs, bench, create_model
-from minillama.data import (IGNORE_INDEX, SFTDataset, alpaca_prompt, collate, load_sft, read_alpaca,
+import minillama.training.train as T
+from minillama import ModelArgs, create_model
+from minillama.measuring import bench
+from minillama.training.data import (IGNORE_INDEX, SFTDataset, alpaca_prompt, collate, load_sft, read_alpaca,
                             split_held_out, tokenize_sft)
-from minillama.train import TrainConfig, resolve_amp, train, train_step
+from minillama.training.train import TrainConfig, resolve_amp, train, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "data" / "tiny"

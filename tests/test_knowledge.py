@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import minillama
-from minillama import knowledge, lora
-from minillama.corpora import make_facts
+from minillama import lora
+from minillama.course import knowledge
+from minillama.course.corpora import make_facts
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny"
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minillama import create_model, get_preset, load_model
-from minillama.lora import (TARGETS, LoRALinear, adapter_names, apply_lora, load_adapter, lora_parameter_count,
+from minillama.lora import (TARGETS, LoRALinear, adapter_names, apply_lora, call_with_adapter, load_adapter, lora_parameter_count,
                             merge_lora, save_adapter, set_adapter, trainable_parameters, use_adapter)
 
 ATOL = 1e-5
@@ -223,9 +223,9 @@ def test_switching_and_stacking_adapters():
         ref_ab = merged_by_hand(base, model, {"a": 1.0, "b": 0.5}, r_alpha)(x)
         assert (ref_a - ref_base).abs().max() > 1e-2 and (ref_b - ref_base).abs().max() > 1e-2
         torch.testing.assert_close(model(x), ref_a, atol=ATOL, rtol=0)  # the first adapter is active
-        torch.testing.assert_close(model(x, adapter="b"), ref_b, atol=ATOL, rtol=0)
-        torch.testing.assert_close(model(x, adapter={"a": 1.0, "b": 0.5}), ref_ab, atol=ATOL, rtol=0)
-        torch.testing.assert_close(model(x, adapter={}), ref_base, atol=ATOL, rtol=0)
+        torch.testing.assert_close(call_with_adapter(model, "b", x), ref_b, atol=ATOL, rtol=0)
+        torch.testing.assert_close(call_with_adapter(model, {"a": 1.0, "b": 0.5}, x), ref_ab, atol=ATOL, rtol=0)
+        torch.testing.assert_close(call_with_adapter(model, {}, x), ref_base, atol=ATOL, rtol=0)
         with use_adapter(model, None):
             torch.testing.assert_close(model(x), ref_base, atol=ATOL, rtol=0)
         with use_adapter(model, "b"):
@@ -238,7 +238,7 @@ def test_switching_and_stacking_adapters():
         for _, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
             m.merge()
         torch.testing.assert_close(model(x), ref_ab, atol=ATOL, rtol=0)
-        torch.testing.assert_close(model(x, adapter="b"), ref_b, atol=ATOL, rtol=0)
+        torch.testing.assert_close(call_with_adapter(model, "b", x), ref_b, atol=ATOL, rtol=0)
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.unmerge()
@@ -377,7 +377,7 @@ def test_applying_lora_twice_to_the_same_layer():
 def test_unknown_adapter_name():
     model = apply_lora(tiny_model(), r=4)
     with pytest.raises(ValueError, match=r"'b' is unknown.*\['default'\]"):
-        model(tokens_for(128), adapter="b")
+        call_with_adapter(model, "b", tokens_for(128))
     with pytest.raises(ValueError, match="unknown"):
         merge_lora(model, "b")
 

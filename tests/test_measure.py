@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import minillama
-from minillama.measure import (CATEGORIES, MemoryTracker, count_flops, device_peak_flops, measure,
+from minillama.measuring.measure import (CATEGORIES, MemoryTracker, count_flops, device_peak_flops, measure,
                                peak_flops_for_name)
-from minillama.train import TrainConfig, make_optimizer
+from minillama.training.train import TrainConfig, make_optimizer
 
 ARGS = minillama.get_preset("tiny").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128,
                                             max_seq_len=64)

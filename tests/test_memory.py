@@ -1,4 +1,4 @@
-"""The analytic memory model (minillama.memory): parameter counts, the QLoRA report's Llama-3-8B budget,
+"""The analytic memory model (minillama.measuring.memory): parameter counts, the QLoRA report's Llama-3-8B budget,
 bytes per parameter, bad input, and predictions against MemoryTracker's exact count on CPU."""
 
 import pytest
@@ -7,10 +7,10 @@ from torch import nn
 
 import minillama
 from minillama import get_preset
-from minillama.measure import MemoryTracker
-from minillama.memory import (CATEGORIES, LINEARS, estimate_memory, format_bytes, llama3_8b_budget,
+from minillama.measuring.measure import MemoryTracker
+from minillama.measuring.memory import (CATEGORIES, LINEARS, estimate_memory, format_bytes, llama3_8b_budget,
                               parameter_count)
-from minillama.train import TrainConfig, make_optimizer
+from minillama.training.train import TrainConfig, make_optimizer
 
 GiB = 1024**3
 
@@ -122,9 +122,9 @@ def test_exact_counts_against_the_report():
 
 # ---- predictions against MemoryTracker on CPU -----------------------------------------------------
 def measured_peak(args, batch, seq_len, mode, checkpointing=False, train_py_order=False):
-    """MemoryTracker's peak for one step as minillama.bench runs it: train = forward with loss, backward,
+    """MemoryTracker's peak for one step as minillama.measuring.bench runs it: train = forward with loss, backward,
     AdamW step, zero_grad(set_to_none=True), after one warm-up step; inference = a no-grad forward.
-    train_py_order: as minillama.train.train does it (forward, zero_grad, backward, clip, step)."""
+    train_py_order: as minillama.training.train.train does it (forward, zero_grad, backward, clip, step)."""
     model = minillama.create_model(args, seed=0)
     if checkpointing:  # torch.utils.checkpoint around every block (use_reentrant=False)
         for layer in model.layers:

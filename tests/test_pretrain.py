@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from minillama import create_model, get_preset, load_model
-from minillama.data import IGNORE_INDEX, pack_documents, read_jsonl_texts
-from minillama.recipe import train_tokenizer
-from minillama.train import TrainConfig, lr_at, train
+from minillama.training.data import IGNORE_INDEX, pack_documents, read_jsonl_texts
+from minillama.course.recipe import train_tokenizer
+from minillama.training.train import TrainConfig, lr_at, train
 
 
 def test_packing_keeps_every_token_once_and_masks_padding():
@@ -45,7 +45,7 @@ def test_bad_train_config():
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from minillama import corpora as C
+    from minillama.course import corpora as C
 
     texts = C.make_stories(16, seed=5, lengths=(100, 200)) + [C.passkey_training_text(i, 10, 0.5) for i in range(16)]
     tok = train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=400)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import minillama
-from minillama import corpora as C
+from minillama.course import corpora as C
 from minillama.cli import main
-from minillama.data import read_jsonl_texts
-from minillama.evaluate import passkey_accuracy, perplexity
+from minillama.training.data import read_jsonl_texts
+from minillama.evaluation.evaluate import passkey_accuracy, perplexity
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "data" / "tiny"
@@ -116,7 +116,7 @@ def test_tokenizer_of_another_model(tiny, spm_path):
 
 
 def test_eval_context_beyond_memory_is_refused_before_allocating(tiny, tok, monkeypatch):
-    import minillama.evaluate as E
+    import minillama.evaluation.evaluate as E
 
     monkeypatch.setattr(E, "available_memory_bytes", lambda device: 1024**2)
     docs = [tok.encode(t) for t in read_jsonl_texts(CORPORA / "stories_val.jsonl")][:12]

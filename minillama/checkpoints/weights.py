@@ -30,79 +30,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelArgs
-from .model import Transformer
+from ..config import ModelArgs, parse_dtype
+from ..files import PathLike, atomic_directory, read_json
+from ..layout import hf_to_meta_name, meta_to_hf_name, permute_hf_to_meta, permute_meta_to_hf, qk_heads
+from ..model import Transformer
 
-PathLike = Union[str, os.PathLike]
 FORMATS = ("native", "hf", "meta")
 HF_SAFE_INDEX = "model.safetensors.index.json"
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(dtype) -> Optional[torch.dtype]:
-    """None, a torch.dtype, or one of 'fp32', 'fp16', 'bf16' (and their long names)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype).lower() not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is unknown: expected one of {sorted(_DTYPES)}.")
-    return _DTYPES[str(dtype).lower()]
-
-
-# ---------------------------------------------------------------------------------------------
-# Names and the q/k permutation
-# ---------------------------------------------------------------------------------------------
-# Meta name -> HF name. Layer entries map the module path inside `layers.N.`.
-_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-
-
-def _rename(name: str, top: dict, layer: dict, src_prefix: str, dst_prefix: str) -> Optional[str]:
-    module, _, param = name.rpartition(".")  # e.g. ("layers.0.attention.wq", "weight")
-    if module in top:
-        return f"{top[module]}.{param}"
-    m = re.fullmatch(re.escape(src_prefix) + r"(\d+)\.(.+)", module)
-    if m and m.group(2) in layer:
-        return f"{dst_prefix}{m.group(1)}.{layer[m.group(2)]}.{param}"
-    return None
-
-
-def meta_to_hf_name(name: str) -> Optional[str]:
-    """'layers.0.attention.wq.weight' -> 'model.layers.0.self_attn.q_proj.weight' (None if unknown)."""
-    return _rename(name, _TOP_NAMES, _LAYER_NAMES, "layers.", "model.layers.")
-
-
-def hf_to_meta_name(name: str) -> Optional[str]:
-    """'model.layers.0.self_attn.q_proj.weight' -> 'layers.0.attention.wq.weight' (None if unknown)."""
-    inv = lambda d: {v: k for k, v in d.items()}  # noqa: E731
-    return _rename(name, inv(_TOP_NAMES), inv(_LAYER_NAMES), "model.layers.", "layers.")
-
-
-def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder the output rows of a q/k projection (or a LoRA B) from Meta's pairs to HF's halves."""
-    out, rest = w.shape[0], w.shape[1:]
-    return w.reshape(n_heads, out // n_heads // 2, 2, *rest).transpose(1, 2).reshape(out, *rest)
-
-
-def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of permute_meta_to_hf."""
-    out, rest = w.shape[0], w.shape[1:]
-    return w.reshape(n_heads, 2, out // n_heads // 2, *rest).transpose(1, 2).reshape(out, *rest)
-
-
-def _qk_heads(meta_name: str, args: ModelArgs) -> Optional[int]:
-    if ".attention.wq." in meta_name:
-        return args.n_heads
-    if ".attention.wk." in meta_name:
-        return args.n_kv_heads
-    return None
-
 
 # ---------------------------------------------------------------------------------------------
 # Configs
@@ -148,17 +82,6 @@ def args_to_hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     }
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            out = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}).") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {type(out).__name__}.")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +96,7 @@ def detect_format(path: PathLike) -> str:
     if (path / "params.json").exists():
         return "meta"
     if (path / "config.json").exists():
-        cfg = _read_json(path / "config.json")
+        cfg = read_json(path / "config.json")
         return "native" if cfg.get("format") == "minillama" else "hf"
     raise ValueError(f"{path} holds no known checkpoint: expected config.json + *.safetensors (native or HF) "
                      f"or params.json + consolidated.NN.pth (Meta).")
@@ -194,17 +117,17 @@ def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
 
 
 def _load_native(path: Path) -> tuple[ModelArgs, dict]:
-    cfg = _read_json(path / "config.json")
+    cfg = read_json(path / "config.json")
     cfg.pop("format", None)
     args = ModelArgs.from_dict(cfg, source=str(path / "config.json"))
     return args, _read_safetensors([path / "model.safetensors"])
 
 
 def _load_hf(path: Path) -> tuple[ModelArgs, dict]:
-    cfg = _read_json(path / "config.json")
+    cfg = read_json(path / "config.json")
     args = hf_config_to_args(cfg, source=str(path / "config.json"))
     if (path / HF_SAFE_INDEX).exists():
-        weight_map = _read_json(path / HF_SAFE_INDEX).get("weight_map", {})
+        weight_map = read_json(path / HF_SAFE_INDEX).get("weight_map", {})
         files = [path / name for name in sorted(set(weight_map.values()))]
     else:
         files = sorted(path.glob("*.safetensors"))
@@ -221,7 +144,7 @@ def _load_hf(path: Path) -> tuple[ModelArgs, dict]:
             if name.endswith("rotary_emb.inv_freq"):  # older HF checkpoints store it; recomputed here
                 continue
             raise ValueError(f"{path}: weight {name!r} is not part of a LLaMA model.")
-        heads = _qk_heads(meta, args)
+        heads = qk_heads(meta, args)
         sd[meta] = permute_hf_to_meta(t, heads) if heads else t
     return args, sd
 
@@ -247,7 +170,7 @@ def _torch_load(f: Path) -> dict:
 
 
 def _load_meta(path: Path) -> tuple[ModelArgs, dict]:
-    params = _read_json(path / "params.json")
+    params = read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise ValueError(f"{path} has params.json but no consolidated.NN.pth shards.")
@@ -350,7 +273,7 @@ def _state_dict_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
 def _write_hf(sd: dict, args: ModelArgs, out: Path, max_shard_bytes: Optional[int]) -> None:
     hf = {}
     for name, t in sd.items():
-        heads = _qk_heads(name, args)
+        heads = qk_heads(name, args)
         hf[meta_to_hf_name(name)] = (permute_meta_to_hf(t, heads) if heads else t).contiguous()
     dtype = next(iter(sd.values())).dtype
     with open(out / "config.json", "w") as f:
@@ -399,48 +322,6 @@ def _write_meta(sd: dict, args: ModelArgs, out: Path, num_shards: int) -> None:
         params["rope_scaling"] = args.rope_scaling  # not Meta's either; dropping it would change the model
     with open(out / "params.json", "w") as f:
         json.dump(params, f, indent=2)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_directory(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory to fill; on success it replaces `path` in one rename, on any
-    error it is deleted and `path` is left as it was. A process killed at any moment leaves either the
-    old directory or the new one (at worst plus a hidden `.NAME.tmp-*` leftover), never a mix."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"Cannot write the directory {path}: it is an existing file.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain mkdir (not tempfile.mkdtemp, which makes a private 0700 directory), so the checkpoint gets
-    # the usual permissions and classmates sharing a lab folder can read it.
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        mode = 0o666 & ~_umask()  # some writers (safetensors) create private 0600 files
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                f.chmod(mode)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)  # put the previous directory back
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_model(model: Transformer, path: PathLike, format: str = "native", *, tokenizer=None,

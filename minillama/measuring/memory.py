@@ -6,9 +6,9 @@
 
 Nothing here is fitted to a measurement. Every term is counted from what THIS implementation
 (minillama/model.py, rope.py, train.py) allocates and what autograd SAVES for the backward pass,
-op by op; the comments next to each term name the op that keeps it. `minillama.measure.MemoryTracker`
+op by op; the comments next to each term name the op that keeps it. `minillama.measuring.measure.MemoryTracker`
 counts the same thing (live tensor storages), so the two can be compared row by row
-(`minillama.bench` puts both in every benchmark row).
+(`minillama.measuring.bench` puts both in every benchmark row).
 
 Notation: N = batch * seq_len tokens; d = dim; Hq = n_heads * head_dim (= d); Hkv = n_kv_heads * head_dim;
 hid = FFN width; V = vocab_size; r = bytes of the residual stream (4 with amp: fp32 master weights make
@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .config import ModelArgs, get_preset
+from ..config import ModelArgs, get_preset
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporary")
 MODES = ("train", "inference", "eval")  # eval: a no-grad forward that also computes the loss
@@ -148,7 +148,7 @@ def _param_tensors(args: ModelArgs) -> list[tuple[str, int]]:
 
 def _trainable_groups(args: ModelArgs, lora) -> list[list[int]]:
     """numel of the trainable tensors per optimizer param group, in the order
-    minillama.train.make_optimizer builds them (decay: tensors with dim >= 2, then no_decay)."""
+    minillama.training.train.make_optimizer builds them (decay: tensors with dim >= 2, then no_decay)."""
     if lora is None:
         tensors = _param_tensors(args)
         decay = [n for name, n in tensors if not name.endswith("norm.weight")]

@@ -24,7 +24,7 @@ laptop CPU in well under an hour. Each corpus makes one lesson visible:
 
 Command line::
 
-    python -m minillama.corpora --out data/corpora --seed 0
+    python -m minillama.course.corpora --out data/corpora --seed 0
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from .config import get_preset
+from ..config import get_preset
 from .corpora import passkey_training_text, write_corpora
-from .data import pack_documents, read_jsonl_texts
-from .tokenizer import Tokenizer
+from ..training.data import pack_documents, read_jsonl_texts
+from ..tokenizer import Tokenizer
 
 # Llama-2's tokenizer settings: BPE with byte fallback, digits split, BOS=1, EOS=2, no pad. Identity
 # normalisation and kept whitespace make decode(encode(text)) == text for the corpora (newlines too).
@@ -93,7 +93,7 @@ Files: `config.json`, `model.safetensors` ({info['weights_bytes'] / 1024**2:.2f}
 Command (the whole recipe, from nothing): `{info['command']}`
 
 1. Corpora: `minillama corpora --out data/corpora --seed {info['seed']}` (stories with long-range references,
-   passkey documents, the almanac; see `minillama/corpora.py`).
+   passkey documents, the almanac; see `minillama/course/corpora.py`).
 2. Tokenizer: sentencepiece BPE, {a['vocab_size']} pieces, byte fallback, digits split, BOS=1, EOS=2, no pad,
    trained on the training stories, passkey documents and almanac.
 3. Pre-training: documents as `[BOS] text [EOS]`, packed into rows of {a['max_seq_len']} tokens;
@@ -154,9 +154,9 @@ def build_tiny(out_dir="data/tiny", corpora_dir="data/corpora", *, steps: int = 
                batch_size: int = 16, lr: float = 2e-3, work_dir="runs/tiny-pretrain",
                command: Optional[str] = None, progress: bool = True) -> dict:
     """Run the whole recipe and write out_dir/{config.json, model.safetensors, tokenizer.model, MODEL_CARD.md}."""
-    from . import create_model, generate, save_model
-    from .evaluate import passkey_accuracy, perplexity
-    from .train import TrainConfig, evaluate_loss, train
+    from .. import create_model, generate, save_model
+    from ..evaluation.evaluate import passkey_accuracy, perplexity
+    from ..training.train import TrainConfig, evaluate_loss, train
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)

@@ -28,7 +28,7 @@ def _jupyter_kernels() -> str:
 
 def report() -> list[tuple[str, str]]:
     """(label, value) rows describing Python, torch, the accelerator and optional packages."""
-    from . import __version__
+    from .. import __version__
 
     rows = [
         ("minillama", __version__),

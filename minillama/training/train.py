@@ -38,9 +38,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_directory, load_model, save_model
+from ..checkpoints import load_model, save_model
+from ..files import atomic_directory
 from .data import IGNORE_INDEX, as_dataset, batches
-from .model import Transformer
+from ..model import Transformer
 
 AMP_MODES = ("off", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
@@ -137,7 +138,7 @@ def resolve_amp(amp: str, device: torch.device, *, strict: bool = False) -> str:
 def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
     """Apply the model-side techniques of cfg: LoRA adapters and gradient checkpointing."""
     if cfg.lora_r:
-        from .lora import apply_lora
+        from ..lora import apply_lora
 
         targets = "all" if cfg.lora_targets == "all" else tuple(t for t in cfg.lora_targets.split(",") if t)
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
@@ -206,7 +207,7 @@ def evaluate_loss(model: Transformer, inputs, targets=None, batch_size: int = 16
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def _trainable_adapters(model) -> list[str]:
-    from .lora import lora_layers
+    from ..lora import lora_layers
 
     names = set()
     for _, layer in lora_layers(model):
@@ -248,7 +249,7 @@ def write_checkpoint(path, model: Transformer, optimizer, scaler, step: int, cfg
             if _base_trains(model):
                 save_model(model, tmp / "model", tokenizer=tokenizer)
             else:
-                from .lora import save_adapter
+                from ..lora import save_adapter
 
                 names = _trainable_adapters(model)
                 for name in names:

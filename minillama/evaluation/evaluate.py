@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .corpora import make_passkey
-from .generate import generate
-from .model import Transformer
+from ..course.corpora import make_passkey
+from ..generate import generate
+from ..model import Transformer
 
 GiB = 1024**3
 

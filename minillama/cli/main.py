@@ -10,8 +10,7 @@ from typing import Optional
 
 import torch
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
-TINY_DIR = REPO_DATA / "tiny"
+from ..course.paths import corpora_dir, tiny_model_dir
 
 
 def _device(name: str) -> str:
@@ -27,7 +26,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from . import generate, load_model, load_tokenizer
+    from .. import generate, load_model, load_tokenizer
 
     model = load_model(args.model, device=_device(args.device), dtype=args.dtype)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
@@ -48,19 +47,20 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job of the README: load the shipped tiny model, check it, generate, and evaluate."""
-    from . import create_model, generate, get_preset, load_model, load_tokenizer
-    from .data import read_jsonl_texts
-    from .evaluate import passkey_accuracy, perplexity
+    from .. import create_model, generate, get_preset, load_model, load_tokenizer
+    from ..training.data import read_jsonl_texts
+    from ..evaluation.evaluate import passkey_accuracy, perplexity
 
-    from . import __version__
+    from .. import __version__
 
     device = _device(args.device)
     print(f"minillama {__version__} | torch {torch.__version__} | device {device} (`minillama doctor` for more)")
-    shipped = (TINY_DIR / "config.json").exists()
+    tiny = tiny_model_dir()
+    shipped = (tiny / "config.json").exists()
     if shipped:
-        model = load_model(TINY_DIR, device=device)
-        tok = load_tokenizer(TINY_DIR, vocab_size=model.args.vocab_size)
-        source = f"shipped tiny model ({TINY_DIR}, see MODEL_CARD.md)"
+        model = load_model(tiny, device=device)
+        tok = load_tokenizer(tiny, vocab_size=model.args.vocab_size)
+        source = f"shipped tiny model ({tiny}, see MODEL_CARD.md)"
     else:
         model, tok = create_model(get_preset("tiny"), device=device, seed=0), None
         source = "randomly initialised 'tiny' preset (data/tiny is missing: run `minillama build-tiny`)"
@@ -92,7 +92,7 @@ def cmd_demo(args) -> int:
     print(f"  ({len(out)} tokens in {dt:.2f} s, {len(out) / dt:.0f} tokens/s, pre-allocated KV cache)")
 
     if shipped:
-        texts = read_jsonl_texts(REPO_DATA / "corpora" / "stories_val.jsonl")
+        texts = read_jsonl_texts(corpora_dir() / "stories_val.jsonl")
         docs = [d for d in (tok.encode(t) for t in texts) if len(d) > 512][:24]
         model.set_max_seq_len(512)
         rows = [perplexity(model, docs, c, scored_tokens=512) for c in (64, 128, 256, 512)]
@@ -125,11 +125,12 @@ EVAL_CORPORA = {"stories": "stories_val.jsonl"}
 def cmd_eval(args) -> int:
     import json
 
-    from . import load_model, load_tokenizer
-    from .data import read_jsonl_texts
-    from .evaluate import passkey_accuracy, perplexity
+    from .. import load_model, load_tokenizer
+    from ..training.data import read_jsonl_texts
+    from ..evaluation.evaluate import passkey_accuracy, perplexity
 
     contexts = _contexts(args.context)
+    args.model = args.model or str(tiny_model_dir())
     model = load_model(args.model, device=_device(args.device))
     trained = model.args.max_seq_len
     model.set_max_seq_len(max(trained, *contexts))
@@ -141,7 +142,7 @@ def cmd_eval(args) -> int:
             if args.data not in EVAL_CORPORA:
                 raise ValueError(f"Unknown corpus {args.data!r}: expected one of {sorted(EVAL_CORPORA)} "
                                  f"or a path to a JSONL file with a 'text' field.")
-            data = Path(args.corpora) / EVAL_CORPORA[args.data]
+            data = Path(args.corpora or corpora_dir()) / EVAL_CORPORA[args.data]
         docs = [tok.encode(t) for t in read_jsonl_texts(data)][: args.max_docs]
         scored = args.scored_tokens or max(contexts)
         for c in contexts:
@@ -168,14 +169,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_corpora(args) -> int:
-    from .corpora import main
+    from ..course.corpora import main
 
-    return main(["--out", args.out, "--seed", str(args.seed)]) or 0
+    return main(["--out", args.out or str(corpora_dir()), "--seed", str(args.seed)]) or 0
 
 
 def cmd_build_tiny(args) -> int:
-    from .recipe import build_tiny
+    from ..course.recipe import build_tiny
 
+    args.out = args.out or str(tiny_model_dir())
+    args.corpora = args.corpora or str(corpora_dir())
     info = build_tiny(args.out, args.corpora, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                       lr=args.lr, work_dir=args.work_dir, command="minillama " + " ".join(sys.argv[1:]))
     print(f"wrote {args.out} ({info['total_bytes'] / 1024**2:.2f} MiB); passkey accuracy "
@@ -201,7 +204,7 @@ def _data_format(path: Path) -> str:
 
 
 def _load_data(path, fmt: str, tok, max_len: int, on_long: str, seed: int):
-    from .data import PackedRows, load_sft, pack_documents, read_jsonl_texts
+    from ..training.data import PackedRows, load_sft, pack_documents, read_jsonl_texts
 
     path = Path(path)
     fmt = _data_format(path) if fmt == "auto" else fmt
@@ -216,10 +219,10 @@ def _load_data(path, fmt: str, tok, max_len: int, on_long: str, seed: int):
 def cmd_train(args) -> int:
     import math
 
-    from . import load_model, load_tokenizer
-    from .data import split_held_out
-    from .lora import trainable_parameters
-    from .train import TrainConfig, skipped_steps, train
+    from .. import load_model, load_tokenizer
+    from ..training.data import split_held_out
+    from ..lora import trainable_parameters
+    from ..training.train import TrainConfig, skipped_steps, train
 
     device = _device(args.device)
     model = load_model(args.model, device=device, dtype=args.dtype)
@@ -263,12 +266,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_effects, format_table, model_factory, run_grid, technique_effects
+    from ..measuring.bench import format_effects, format_table, model_factory, run_grid, technique_effects
 
     device = _device(args.device)
     path = args.model
     if path is None and args.preset == "tiny" and not args.random_weights:
-        path = str(TINY_DIR)
+        path = str(tiny_model_dir())
     if path is None and not args.random_weights:
         raise ValueError(f"--preset {args.preset} needs --model PATH (its weights) or --random-weights.")
     make = model_factory(args.preset, model_path=path, random_weights=args.random_weights, device=device,
@@ -284,12 +287,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minillama", description="minillama: LLaMA-2 from scratch, fine-tuned on one GPU.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("doctor", help="print the environment (paste it into bug reports)").set_defaults(func=cmd_doctor)
-
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint (native, HF or Meta)")
     g.add_argument("--model", required=True, help="checkpoint directory")
     g.add_argument("--tokenizer", help="tokenizer.model or its directory (default: the model directory)")
@@ -302,17 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as stored)")
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="the quick-start job: load the tiny model, check it, generate")
-    d.add_argument("--device", default="auto")
-    d.add_argument("--max-new-tokens", type=int, default=60)
-    d.set_defaults(func=cmd_demo)
 
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="perplexity against context length, or passkey retrieval")
     e.add_argument("what", choices=["ppl", "passkey"])
-    e.add_argument("--model", default=str(TINY_DIR))
+    e.add_argument("--model", default=None, help="checkpoint directory (default: the shipped tiny model)")
     e.add_argument("--tokenizer", help="default: the model directory")
     e.add_argument("--data", default="stories", help="ppl: a corpus name (stories) or a JSONL file")
-    e.add_argument("--corpora", default=str(REPO_DATA / "corpora"), help="where corpus names are looked up")
+    e.add_argument("--corpora", default=None, help="where corpus names are looked up (default: the shipped corpora)")
     e.add_argument("--context", default="64,128,256", help="comma-separated context lengths")
     e.add_argument("--scored-tokens", type=int, default=None, help="ppl: tokens scored per doc (default: max context)")
     e.add_argument("--max-docs", type=int, default=None)
@@ -322,12 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the rows as JSON")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("corpora", help="write the synthetic corpora (deterministic from --seed)")
-    c.add_argument("--out", default=str(REPO_DATA / "corpora"))
-    c.add_argument("--seed", type=int, default=0)
-    c.set_defaults(func=cmd_corpora)
 
-    t = sub.add_parser("train", help="fine-tune (full or LoRA) or pre-train, with AMP, accumulation, checkpointing")
+def _add_train_data(t) -> None:
     t.add_argument("--model", required=True, help="checkpoint directory (native, HF or Meta)")
     t.add_argument("--tokenizer", help="default: the model directory")
     t.add_argument("--data", required=True, help="Alpaca JSON/JSONL (instruction, input, output) or JSONL of {text}")
@@ -337,6 +328,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-len", type=int, default=None, help="tokens per example/row (default min(512, context + 1))")
     t.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
                    help="examples longer than --max-len: cut them (counted) or refuse")
+
+
+def _add_train_techniques(t) -> None:
+    from ..training.train import AMP_MODES, OPTIMIZERS
+
+    t.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    t.add_argument("--amp", default="off", choices=list(AMP_MODES), help="autocast (fp16 with a GradScaler)")
+    t.add_argument("--strict-amp", action="store_true", help="refuse --amp the device lacks (default: warn, run fp32)")
+    t.add_argument("--dtype", default=None, help="fp32 (default: as stored), bf16 or fp16: the weights themselves")
+    t.add_argument("--checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="gradient checkpointing of every K-th block (K=1 if given alone)")
+    t.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    t.add_argument("--lora-alpha", type=float, default=16.0)
+    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--lora-targets", default="wq,wv", help='comma-separated Meta names, or "all"')
+
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="fine-tune (full or LoRA) or pre-train, with AMP, accumulation, checkpointing")
+    _add_train_data(t)
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (or --epochs)")
     t.add_argument("--epochs", type=float, default=None)
     t.add_argument("--batch-size", type=int, default=1, help="micro-batch size")
@@ -346,16 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to lr * this")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
-    t.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit", "sgd"])
-    t.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"], help="autocast (fp16 with a GradScaler)")
-    t.add_argument("--strict-amp", action="store_true", help="refuse --amp the device lacks (default: warn, run fp32)")
-    t.add_argument("--dtype", default=None, help="fp32 (default: as stored), bf16 or fp16: the weights themselves")
-    t.add_argument("--checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
-                   help="gradient checkpointing of every K-th block (K=1 if given alone)")
-    t.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    t.add_argument("--lora-alpha", type=float, default=16.0)
-    t.add_argument("--lora-dropout", type=float, default=0.0)
-    t.add_argument("--lora-targets", default="wq,wv", help='comma-separated Meta names, or "all"')
+    _add_train_techniques(t)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="directory for log.jsonl and checkpoint/")
     t.add_argument("--save-every", type=int, default=100)
@@ -365,26 +367,50 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
+
+def _add_bench(sub) -> None:
     m = sub.add_parser("bench", help="measure a grid of configurations (memory by category, time, FLOPs)")
     m.add_argument("--preset", default="tiny", help="tiny, llama2-7b, llama2-13b, llama3-8b")
     m.add_argument("--grid", default="default", help="default, batch, seq, mode, lora, techniques")
     m.add_argument("--out", required=True, help="output directory")
-    m.add_argument("--model", default=None, help="weights to load (default for tiny: data/tiny)")
+    m.add_argument("--model", default=None, help="weights to load (default for tiny: the shipped tiny model)")
     m.add_argument("--random-weights", action="store_true", help="build the preset with random weights")
     m.add_argument("--device", default="auto")
     m.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: as loaded / fp32)")
     m.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median)")
     m.set_defaults(func=cmd_bench)
 
+
+def _add_course(sub) -> None:
+    c = sub.add_parser("corpora", help="write the synthetic corpora (deterministic from --seed)")
+    c.add_argument("--out", default=None, help="default: the shipped corpora folder")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_corpora)
+
     b = sub.add_parser("build-tiny", help="the whole recipe of the shipped tiny model (pre-trains from scratch)")
-    b.add_argument("--out", default=str(TINY_DIR))
-    b.add_argument("--corpora", default=str(REPO_DATA / "corpora"))
+    b.add_argument("--out", default=None, help="default: the shipped tiny model folder")
+    b.add_argument("--corpora", default=None, help="default: the shipped corpora folder")
     b.add_argument("--work-dir", default="runs/tiny-pretrain", help="log.jsonl and training checkpoints")
     b.add_argument("--steps", type=int, default=3000)
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--lr", type=float, default=2e-3)
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_build_tiny)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minillama", description="minillama: LLaMA-2 from scratch, fine-tuned on one GPU.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="print the environment (paste it into bug reports)").set_defaults(func=cmd_doctor)
+    _add_generate(sub)
+    d = sub.add_parser("demo", help="the quick-start job: load the tiny model, check it, generate")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--max-new-tokens", type=int, default=60)
+    d.set_defaults(func=cmd_demo)
+    _add_eval(sub)
+    _add_train(sub)
+    _add_bench(sub)
+    _add_course(sub)
     return p
 
 

@@ -25,7 +25,7 @@ the names and knows the format, and has to learn the facts from the LoRA.
 
 Command line (10 to 15 minutes on 2 CPU cores: 8 single adapters, 2 x 10 one-fact adapters)::
 
-    python -m minillama.knowledge --out runs/knowledge
+    python -m minillama.course.knowledge --out runs/knowledge
 
 writes ``results.json`` and ``table.md`` into ``--out`` and prints the table.
 """
@@ -44,19 +44,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import load_model
+from ..checkpoints import load_model
 from .corpora import REPHRASED_TEMPLATES, TRAINED_TEMPLATES, facts_training_text
-from .data import pack_documents, read_jsonl_texts
-from .evaluate import passkey_accuracy
-from .generate import generate
-from .lora import apply_lora, trainable_parameters, use_adapter
-from .tokenizer import load_tokenizer
-from .train import TrainConfig, evaluate_loss, train
+from ..training.data import pack_documents, read_jsonl_texts
+from ..evaluation.evaluate import passkey_accuracy
+from ..generate import generate
+from ..lora import apply_lora, trainable_parameters, use_adapter
+from ..tokenizer import load_tokenizer
+from .paths import corpora_dir, tiny_model_dir
+from ..training.train import TrainConfig, evaluate_loss, train
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO / "data" / "tiny"
-DEFAULT_FACTS = REPO / "data" / "corpora" / "facts.json"
-DEFAULT_STORIES = REPO / "data" / "corpora" / "stories_val.jsonl"
 
 # The anchor's hyper-parameters (batch 2, cutoff 256, dropout 0.05, alpha = 2r).
 BATCH, SEQ_LEN, DROPOUT = 2, 256, 0.05
@@ -197,15 +194,19 @@ def train_adapter(model, tokenizer, facts, *, name: str, epochs: int, lr: float,
 
 
 # ---- the experiment -----------------------------------------------------------------------------
-def run_experiment(model_path=DEFAULT_MODEL, facts_path=DEFAULT_FACTS, stories_path=DEFAULT_STORIES, *,
+def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
                    ranks: Sequence[int] = (8, 64), epochs: Sequence[int] = (10, 100),
                    lrs: Sequence[float] = (1e-4, 1e-3), stack: bool = True, stack_rank: int = 64,
                    stack_epochs: int = 100, n_facts: Optional[int] = None, n_stories: int = 4,
                    passkey_trials: int = 20, targets=("wq", "wv"), seed: int = 0, log=print) -> dict:
     """Run the sweep (rank x epochs x lr, one ten-fact adapter each) and the stacking comparison.
 
+    Paths default to the shipped tiny model, facts.json and stories_val.jsonl.
     Returns {"meta", "base", "rows"}; every row has the keys of ROW_KEYS.
     """
+    model_path = model_path or tiny_model_dir()
+    facts_path = facts_path or corpora_dir() / "facts.json"
+    stories_path = stories_path or corpora_dir() / "stories_val.jsonl"
     torch.manual_seed(seed)
     tok = load_tokenizer(model_path)
     data = json.loads(Path(facts_path).read_text())
@@ -337,9 +338,9 @@ def format_table(results: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description="Knowledge injection with LoRA on the tiny model.")
     p.add_argument("--out", required=True, help="directory for results.json and table.md")
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--facts", default=str(DEFAULT_FACTS))
-    p.add_argument("--stories", default=str(DEFAULT_STORIES))
+    p.add_argument("--model", default=None, help="default: the shipped tiny model")
+    p.add_argument("--facts", default=None, help="default: the shipped facts.json")
+    p.add_argument("--stories", default=None, help="default: the shipped stories_val.jsonl")
     p.add_argument("--ranks", default="8,64")
     p.add_argument("--epochs", default="10,100")
     p.add_argument("--lrs", default="1e-4,1e-3", help="learning rates (the anchor's is 1e-4)")

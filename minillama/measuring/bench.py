@@ -2,8 +2,8 @@
 
 Each row is one configuration (a dict of grid dimensions: mode, batch, seq_len, and the techniques
 later notebooks add). For each row a fresh model is built, one step is measured with
-`minillama.measure.measure` (peak bytes by category, step time, FLOPs) and predicted with
-`minillama.memory.estimate_memory`. The results are written as results.json, results.csv, table.md,
+`minillama.measuring.measure.measure` (peak bytes by category, step time, FLOPs) and predicted with
+`minillama.measuring.memory.estimate_memory`. The results are written as results.json, results.csv, table.md,
 memory.png (stacked bars by category), runtime.png and flops.png.
 
 Techniques register themselves as grid dimensions with `register_dimension`, so a grid can span
@@ -53,7 +53,7 @@ register_dimension("seq_len", (64, 128, 256))
 def _apply_lora(r, ctx):
     """lora=0: full fine-tuning; lora=r: LoRA of rank r (alpha 2r) on wq and wv, everything else frozen."""
     if r:
-        from .lora import apply_lora
+        from ..lora import apply_lora
 
         apply_lora(ctx["model"], r=r, alpha=2 * r, targets=("wq", "wv"))
         ctx["estimate"]["lora"] = {"r": r, "targets": ("wq", "wv")}
@@ -132,7 +132,7 @@ def config_name(cfg: dict) -> str:
 def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: str, warmup: int = 1,
                repeats: int = 3, seed: int = 0) -> dict:
     """Build a fresh model, apply the config, measure one step and predict it. Returns a flat row."""
-    from .train import TrainConfig, make_optimizer, train_step
+    from ..training.train import TrainConfig, make_optimizer, train_step
 
     model = make_model()
     args = model.args
@@ -388,8 +388,8 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
 
 def model_factory(preset: str, *, model_path=None, random_weights: bool = False, device="cpu", dtype=None):
     """A function that builds a fresh model per row: the shipped/loaded weights, or random ones."""
-    from . import create_model, get_preset, load_model
-    from .checkpoint import parse_dtype
+    from .. import create_model, get_preset, load_model
+    from ..config import parse_dtype
 
     dtype = parse_dtype(dtype)
     if random_weights or model_path is None:

@@ -1,0 +1,1 @@
+"""Evaluation: chunked perplexity per context length and passkey retrieval (`evaluate.py`)."""
