@@ -143,3 +143,10 @@ def parse_dtype(dtype) -> Optional[torch.dtype]:
 def dtype_bytes(dtype) -> int:
     """Bytes per element of a dtype given by name ('bf16') or as a torch.dtype."""
     return parse_dtype(dtype).itemsize
+
+
+def dtype_name(dtype) -> str:
+    """The short name ('fp32', 'fp16', 'bf16') of a dtype given as a torch.dtype or any accepted name."""
+    dtype = parse_dtype(dtype)
+    return next(name for name in ("fp32", "fp16", "bf16") if DTYPES[name] == dtype)
+

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelArgs
 from .rope import apply_rope, rope_cos_sin
 
-CACHE_MODES = ("prealloc", "concat")
+CACHE_MODES = ("prealloc", "concat")  # "concat": ConcatKVCache, at the end of this file
 
 
 class RMSNorm(nn.Module):
@@ -47,43 +47,36 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Keys and values of past positions, for generation.
-
-    mode="prealloc": one buffer of max_seq_len positions, written in place (no allocation per
-    token, no fragmentation). mode="concat": grow by torch.cat each step (allocates a new,
-    larger tensor every token; kept so a notebook can compare the two).
-    """
+    """Keys and values of past positions, for generation: one buffer of max_seq_len positions per layer,
+    written in place (no allocation per token, no fragmentation)."""
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
-                 mode: str = "prealloc", dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        if mode not in CACHE_MODES:
-            raise ValueError(f"KV cache mode {mode!r} is unknown: expected one of {CACHE_MODES}.")
-        self.mode, self.batch_size, self.max_seq_len = mode, batch_size, max_seq_len
-        shape = (batch_size, n_kv_heads, max_seq_len if mode == "prealloc" else 0, head_dim)
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        shape = (batch_size, n_kv_heads, self.initial_length(max_seq_len), head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.length = 0  # positions filled so far
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v ([B, n_kv_heads, T, head_dim]) at start_pos; return keys/values of positions 0..start_pos+T."""
+    @staticmethod
+    def initial_length(max_seq_len: int) -> int:
+        return max_seq_len
+
+    def check(self, start_pos: int, k: torch.Tensor) -> int:
         bsz, end = k.shape[0], start_pos + k.shape[2]
         if bsz > self.batch_size or end > self.max_seq_len:
             raise ValueError(f"KV cache holds batch {self.batch_size} x {self.max_seq_len} positions; "
                              f"got batch {bsz} up to position {end}.")
-        if self.mode == "prealloc":
-            self.k[:bsz, :, start_pos:end] = k
-            self.v[:bsz, :, start_pos:end] = v
-            self.length = end
-            return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
-        if start_pos != self.length:
-            raise ValueError(f"concat KV cache holds {self.length} positions; cannot write at {start_pos}.")
-        if start_pos == 0:
-            self.k, self.v = k, v
-        else:
-            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        return end
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v ([B, n_kv_heads, T, head_dim]) at start_pos; return keys/values of positions 0..start_pos+T."""
+        bsz, end = k.shape[0], self.check(start_pos, k)
+        self.k[:bsz, :, start_pos:end] = k
+        self.v[:bsz, :, start_pos:end] = v
         self.length = end
-        return self.k, self.v
+        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -234,12 +227,16 @@ class Transformer(nn.Module):
 
     # ---- KV cache -------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, mode: str = "prealloc") -> None:
-        """Give every attention layer a KV cache; forward() then takes start_pos and appends to it."""
+        """Give every attention layer a KV cache; forward() then takes start_pos and appends to it.
+        mode="prealloc": KVCache; "concat": ConcatKVCache (kept only to compare the two in notebook 01)."""
+        if mode not in CACHE_MODES:
+            raise ValueError(f"KV cache mode {mode!r} is unknown: expected one of {CACHE_MODES}.")
+        cache_cls = KVCache if mode == "prealloc" else ConcatKVCache
         length = max_seq_len or self.args.max_seq_len
         w = self.layers[0].attention.wk.weight
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, self.args.n_kv_heads, length, self.args.head_dim,
-                                            mode=mode, dtype=w.dtype, device=w.device)
+            layer.attention.cache = cache_cls(batch_size, self.args.n_kv_heads, length, self.args.head_dim,
+                                              dtype=w.dtype, device=w.device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -273,3 +270,25 @@ def create_model(args: ModelArgs, *, device="cpu", dtype: Optional[torch.dtype] 
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
+
+
+# ---- for comparison only ----------------------------------------------------------------------------
+class ConcatKVCache(KVCache):
+    """The naive cache, kept so notebook 01 can compare it with KVCache: it grows by torch.cat at every
+    step, so each new token allocates a new, larger tensor (and frees the old one)."""
+
+    @staticmethod
+    def initial_length(max_seq_len: int) -> int:
+        return 0
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.check(start_pos, k)
+        if start_pos != self.length:
+            raise ValueError(f"concat KV cache holds {self.length} positions; cannot write at {start_pos}.")
+        if start_pos == 0:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.length = end
+        return self.k, self.v
+

@@ -1,7 +1,9 @@
-"""Setup shared by notebooks 03-05 (fitting fine-tuning into memory): paths, the GPU-lab switches, and
-small display helpers. Each notebook does `from _common import *` in its first code cell.
+"""Setup shared by every notebook: the repo on sys.path, binary units, where the shipped data lives, and
+where a measurement was made. Notebooks 03-05 (fitting fine-tuning into memory) also use the measuring
+lab below: `from _common import *`, then `lab_banner()`.
 
-Environment variables (all optional; the defaults run on a laptop CPU with the shipped tiny model):
+Environment variables of the measuring lab (all optional; the defaults run on a laptop CPU with the
+shipped tiny model):
   MINILLAMA_MODEL   checkpoint directory (GPU lab: Llama-2-7B in HF or Meta format)   default data/tiny
   MINILLAMA_DEVICE  cpu | cuda                                                       default: cuda if available
   MINILLAMA_BATCH, MINILLAMA_SEQ  effective batch and sequence length of the measurements  default 8, 128
@@ -13,29 +15,42 @@ from pathlib import Path
 
 import torch
 
+# Jupyter starts in notebooks/; the repo root is one level up.
 REPO = Path.cwd() if (Path.cwd() / "minillama").exists() else Path.cwd().parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # so the notebooks also run without `pip install -e .`
 
 import minillama  # noqa: E402
+from minillama.course.paths import corpora_dir, tiny_model_dir  # noqa: E402
 from minillama.measuring import bench  # noqa: E402
 from minillama.measuring.measure import CATEGORIES, device_name  # noqa: E402
 
-MODEL = os.environ.get("MINILLAMA_MODEL", "data/tiny")
-DEVICE = os.environ.get("MINILLAMA_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
-BATCH = int(os.environ.get("MINILLAMA_BATCH", "8"))
-SEQ = int(os.environ.get("MINILLAMA_SEQ", "128"))
-MiB = 1024**2
+KiB, MiB, GiB = 1024, 1024**2, 1024**3  # binary units, everywhere in the notebooks
+TINY_PATH = tiny_model_dir()
+CORPORA = corpora_dir()
 
 
 def resolve(path: str) -> Path:
+    """A relative path is looked up in the current directory first, then in the repo root."""
     p = Path(path).expanduser()
     return p.resolve() if p.is_absolute() or p.exists() else (REPO / p).resolve()
 
 
+def where(device) -> str:
+    """The device and torch version every printed table names."""
+    return f"{device_name(torch.device(device))}, torch {torch.__version__}"
+
+
+# ---- the measuring lab of notebooks 03-05 --------------------------------------------------------
+MODEL = os.environ.get("MINILLAMA_MODEL", "data/tiny")
+DEVICE = os.environ.get("MINILLAMA_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+BATCH = int(os.environ.get("MINILLAMA_BATCH", "8"))
+SEQ = int(os.environ.get("MINILLAMA_SEQ", "128"))
 MODEL_PATH = resolve(MODEL)
-TINY_PATH = REPO / "data" / "tiny"
-CORPORA = REPO / "data" / "corpora"
+
+
+def lab_banner():
+    print(f"model {MODEL_PATH} on {DEVICE} ({where(DEVICE)}); measured at batch {BATCH} x {SEQ} tokens")
 
 
 def make_model():
@@ -69,7 +84,3 @@ def show_memory_plot(rows, name):
 
 def by_category(row):
     return {c: row["memory_by_category"][c] / MiB for c in CATEGORIES}
-
-
-print(f"model {MODEL_PATH} on {DEVICE} ({device_name(torch.device(DEVICE))}); torch {torch.__version__}; "
-      f"measured at batch {BATCH} x {SEQ} tokens")

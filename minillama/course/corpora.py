@@ -923,6 +923,40 @@ def _jsonl(records: Sequence[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
+def _passkey_corpora(seed: int, n_train: int, train_fillers: Tuple[int, int], n_val_per_setting: int,
+                     val_fillers: Sequence[int], val_depths: Sequence[float]) -> Tuple[List[dict], List[dict]]:
+    """Training documents at random lengths and depths, and evaluation items for every
+    (n_filler, depth) setting of the validation grid."""
+    lo, hi = train_fillers
+    rng = random.Random(_derive_seed(seed, _PASSKEY_TRAIN))
+    docs = []
+    for _ in range(n_train):
+        n_filler = rng.randint(lo, hi)
+        depth = round(rng.random(), 4)
+        docs.append({"text": passkey_training_text(rng, n_filler, depth)})
+    rng = random.Random(_derive_seed(seed, _PASSKEY_VAL))
+    depths = tuple(val_depths)
+    val_items = []
+    for n_filler in val_fillers:
+        val_items += make_passkeys(n_val_per_setting * len(depths), rng.randint(0, 2**31 - 1), n_filler, depths)
+    return docs, val_items
+
+
+def _check_corpora_args(seed, n_stories, n_val_stories, n_passkey_train, n_passkey_val_per_setting,
+                        passkey_train_fillers, passkey_val_fillers, n_instructions) -> None:
+    _check_seed(seed)
+    _check_int(n_stories, "n_stories")
+    _check_int(n_val_stories, "n_val_stories")
+    _check_int(n_passkey_train, "n_passkey_train")
+    _check_int(n_passkey_val_per_setting, "n_passkey_val_per_setting")
+    lo, hi = passkey_train_fillers
+    _check_int(lo, "passkey_train_fillers[0]")
+    _check_int(hi, f"passkey_train_fillers[1] (at least {lo})", minimum=lo)
+    if not passkey_val_fillers:
+        raise ValueError("passkey_val_fillers must be a non-empty sequence of positive integers.")
+    _check_int(n_instructions, "n_instructions")
+
+
 def write_corpora(out_dir: str, seed: int = 0,
                   n_stories: int = 2400,
                   n_val_stories: int = 120,
@@ -957,17 +991,9 @@ def write_corpora(out_dir: str, seed: int = 0,
 
     Validation data uses seeds derived differently from training data.
     """
-    _check_seed(seed)
-    _check_int(n_stories, "n_stories")
-    _check_int(n_val_stories, "n_val_stories")
-    _check_int(n_passkey_train, "n_passkey_train")
-    _check_int(n_passkey_val_per_setting, "n_passkey_val_per_setting")
+    _check_corpora_args(seed, n_stories, n_val_stories, n_passkey_train, n_passkey_val_per_setting,
+                        passkey_train_fillers, passkey_val_fillers, n_instructions)
     lo, hi = passkey_train_fillers
-    _check_int(lo, "passkey_train_fillers[0]")
-    _check_int(hi, f"passkey_train_fillers[1] (at least {lo})", minimum=lo)
-    if not passkey_val_fillers:
-        raise ValueError("passkey_val_fillers must be a non-empty sequence of positive integers.")
-    _check_int(n_instructions, "n_instructions")
     os.makedirs(out_dir, exist_ok=True)
     paths: Dict[str, str] = {}
 
@@ -982,21 +1008,9 @@ def write_corpora(out_dir: str, seed: int = 0,
     put("stories_train", "stories_train.jsonl", _jsonl([{"text": t} for t in train]))
     put("stories_val", "stories_val.jsonl", _jsonl([{"text": t} for t in val]))
 
-    # Passkey: training documents at random lengths and depths.
-    rng = random.Random(_derive_seed(seed, _PASSKEY_TRAIN))
-    docs = []
-    for _ in range(n_passkey_train):
-        n_filler = rng.randint(lo, hi)
-        depth = round(rng.random(), 4)
-        docs.append({"text": passkey_training_text(rng, n_filler, depth)})
-    put("passkey_train", "passkey_train.jsonl", _jsonl(docs))
-    # Passkey: evaluation items for every (n_filler, depth) setting.
-    rng = random.Random(_derive_seed(seed, _PASSKEY_VAL))
-    depths = tuple(passkey_val_depths)
-    val_items = []
-    for n_filler in passkey_val_fillers:
-        val_items += make_passkeys(n_passkey_val_per_setting * len(depths),
-                                   rng.randint(0, 2**31 - 1), n_filler, depths)
+    train_docs, val_items = _passkey_corpora(seed, n_passkey_train, (lo, hi), n_passkey_val_per_setting,
+                                             passkey_val_fillers, passkey_val_depths)
+    put("passkey_train", "passkey_train.jsonl", _jsonl(train_docs))
     put("passkey_val", "passkey_val.jsonl", _jsonl(val_items))
 
     # Instructions.

@@ -194,6 +194,41 @@ def train_adapter(model, tokenizer, facts, *, name: str, epochs: int, lr: float,
 
 
 # ---- the experiment -----------------------------------------------------------------------------
+def _stacking(model, tok, facts, evaluate, stack_rank: int, stack_epochs: int, lr: float, targets, tmp: Path,
+              seed: int) -> list:
+    """Ten one-fact adapters in one model, each trained alone on its own fact's text; returns the rows
+    (kind, training info, metrics, trainable parameters) of one adapter alone and of all ten stacked."""
+    names = [f"fact{i}" for i in range(len(facts))]
+    for nm in names:
+        apply_lora(model, r=stack_rank, alpha=2 * stack_rank, dropout=DROPOUT, targets=targets, name=nm)
+    infos = [train_adapter(model, tok, [f], name=nm, epochs=stack_epochs, lr=lr,
+                           work_dir=tmp / f"lr{lr}_{nm}", seed=seed)
+             for nm, f in zip(names, facts)]
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    info = {"steps": sum(i["steps"] for i in infos),
+            "first_loss": sum(i["first_loss"] for i in infos) / len(infos),
+            "final_loss": sum(i["final_loss"] for i in infos) / len(infos),
+            "train_s": sum(i["train_s"] for i in infos)}
+    # Each one-fact adapter alone, asked about its own fact only (recall), and (controls) the
+    # mean over adapters would cost ten evaluations: the first adapter stands for them.
+    own = {k: [] for k in ("trained", "rephrased", "qa")}
+    for i, nm in enumerate(names):
+        with use_adapter(model, nm):
+            for k, v in recall_items([facts[i]]).items():
+                own[k] += recall(model, tok, v)["hits"]
+    with use_adapter(model, names[0]):
+        alone = evaluate(model, facts[:1])
+    alone.update({f"recall_{k}": sum(v) / max(len(v), 1) for k, v in own.items()})
+    one_fact = ("one-fact", info, alone, n_params // len(names))
+    x, y = training_rows(tok, facts, seed=seed)  # the stacked model on the whole ten-fact text
+    with use_adapter(model, None):
+        base_loss = evaluate_loss(model, x, y, BATCH)
+    with use_adapter(model, {nm: 1.0 for nm in names}):
+        stacked = evaluate(model, facts)
+        info = dict(info, first_loss=base_loss, final_loss=evaluate_loss(model, x, y, BATCH))
+    return [one_fact, ("stacked", info, stacked, n_params)]
+
+
 def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
                    ranks: Sequence[int] = (8, 64), epochs: Sequence[int] = (10, 100),
                    lrs: Sequence[float] = (1e-4, 1e-3), stack: bool = True, stack_rank: int = 64,
@@ -219,7 +254,10 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
 
     t_start = time.perf_counter()
     base_model = fresh()
-    base = evaluate_all(base_model, tok, facts, controls, stories, passkey_trials)
+    def evaluate(model, some_facts):
+        return evaluate_all(model, tok, some_facts, controls, stories, passkey_trials)
+
+    base = evaluate(base_model, facts)
     log(f"base model: {_fmt_metrics(base)}")
     rows = []
 
@@ -243,41 +281,13 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
                     info = train_adapter(model, tok, facts, name="facts", epochs=ep, lr=lr,
                                          work_dir=Path(tmp) / f"lr{lr}_r{r}_e{ep}", seed=seed)
                     with use_adapter(model, "facts"):
-                        after = evaluate_all(model, tok, facts, controls, stories, passkey_trials)
+                        after = evaluate(model, facts)
                     row("single", r, ep, lr, info, after, params)
             if not stack:
                 continue
-            # Ten one-fact adapters in one model, each trained alone on its own fact's text.
-            model = fresh()
-            names = [f"fact{i}" for i in range(len(facts))]
-            for nm in names:
-                apply_lora(model, r=stack_rank, alpha=2 * stack_rank, dropout=DROPOUT, targets=targets, name=nm)
-            infos = [train_adapter(model, tok, [f], name=nm, epochs=stack_epochs, lr=lr,
-                                   work_dir=Path(tmp) / f"lr{lr}_{nm}", seed=seed)
-                     for nm, f in zip(names, facts)]
-            n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-            info = {"steps": sum(i["steps"] for i in infos),
-                    "first_loss": sum(i["first_loss"] for i in infos) / len(infos),
-                    "final_loss": sum(i["final_loss"] for i in infos) / len(infos),
-                    "train_s": sum(i["train_s"] for i in infos)}
-            # Each one-fact adapter alone, asked about its own fact only (recall), and (controls) the
-            # mean over adapters would cost ten evaluations: the first adapter stands for them.
-            own = {k: [] for k in ("trained", "rephrased", "qa")}
-            for i, nm in enumerate(names):
-                with use_adapter(model, nm):
-                    for k, v in recall_items([facts[i]]).items():
-                        own[k] += recall(model, tok, v)["hits"]
-            with use_adapter(model, names[0]):
-                alone = evaluate_all(model, tok, facts[:1], controls, stories, passkey_trials)
-            alone.update({f"recall_{k}": sum(v) / max(len(v), 1) for k, v in own.items()})
-            row("one-fact", stack_rank, stack_epochs, lr, info, alone, n_params // len(names))
-            x, y = training_rows(tok, facts, seed=seed)  # the stacked model on the whole ten-fact text
-            with use_adapter(model, None):
-                base_loss = evaluate_loss(model, x, y, BATCH)
-            with use_adapter(model, {nm: 1.0 for nm in names}):
-                stacked = evaluate_all(model, tok, facts, controls, stories, passkey_trials)
-                info = dict(info, first_loss=base_loss, final_loss=evaluate_loss(model, x, y, BATCH))
-            row("stacked", stack_rank, stack_epochs, lr, info, stacked, n_params)
+            for kind, info, after, params in _stacking(fresh(), tok, facts, evaluate, stack_rank, stack_epochs, lr,
+                                                       targets, Path(tmp), seed):
+                row(kind, stack_rank, stack_epochs, lr, info, after, params)
 
     meta = {"model": str(model_path), "facts": len(facts), "qa_prompts": len(recall_items(facts)["qa"]),
             "controls": len(controls), "stories": len(stories),

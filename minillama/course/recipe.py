@@ -63,14 +63,10 @@ def lm_datasets(corpora_dir, tok: Tokenizer, seq_len: int, seed: int = 0):
     return pack_documents(train_docs, seq_len, seed=seed), val
 
 
-def write_model_card(out_dir, info: dict) -> Path:
-    """MODEL_CARD.md from the recipe's measured figures."""
-    ppl_rows = "\n".join(f"| {r['context']} | {r['ppl']:.3f} | {r['tokens']} |" for r in info["ppl"])
-    pk = info["passkey"]
-    depth_rows = "\n".join(f"| {d} | {acc:.2f} |" for d, acc in pk["per_depth"].items())
-    samples = "\n\n".join(f"**Prompt:** `{p}`\n\n> " + s.replace("\n", "\n> ") for p, s in info["samples"])
+def _card_recipe(info: dict) -> str:
+    """The model card's first half: what the model is, its shape and how it was made."""
     a = info["args"]
-    text = f"""# The minillama tiny model
+    return f"""# The minillama tiny model
 
 A {info['n_params']:,}-parameter LLaMA-2 (Meta's architecture: RMSNorm, RoPE, grouped-query attention,
 SwiGLU) pre-trained from scratch by this repo on its own synthetic corpora, so that every notebook
@@ -115,7 +111,16 @@ Command (the whole recipe, from nothing): `{info['command']}`
 | validation loss, passkey documents | {info['val']['passkey']:.3f} (perplexity {info['val_ppl']['passkey']:.2f}) |
 | validation loss, almanac | {info['val']['almanac']:.3f} (perplexity {info['val_ppl']['almanac']:.2f}) |
 
-## What it shows (measured by the recipe)
+"""
+
+
+def _card_results(info: dict) -> str:
+    """The model card's second half: perplexity by context, passkey accuracy, samples."""
+    ppl_rows = "\n".join(f"| {r['context']} | {r['ppl']:.3f} | {r['tokens']} |" for r in info["ppl"])
+    pk = info["passkey"]
+    depth_rows = "\n".join(f"| {d} | {acc:.2f} |" for d, acc in pk["per_depth"].items())
+    samples = "\n\n".join(f"**Prompt:** `{p}`\n\n> " + s.replace("\n", "\n> ") for p, s in info["samples"])
+    return f"""## What it shows (measured by the recipe)
 
 ### Perplexity on held-out stories against context length
 
@@ -145,6 +150,11 @@ meets positions it never saw and perplexity degrades: the baseline that the long
 
 {samples}
 """
+
+
+def write_model_card(out_dir, info: dict) -> Path:
+    """MODEL_CARD.md from the recipe's measured figures."""
+    text = _card_recipe(info) + _card_results(info)
     path = Path(out_dir) / "MODEL_CARD.md"
     path.write_text(text)
     return path

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..config import dtype_name, parse_dtype
 from .measure import CATEGORIES, Measurement, measure
 from .memory import estimate_memory
 
@@ -180,7 +181,7 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
     m: Measurement = measure(step, model=model, optimizer=optimizer, tokens_per_step=batch * seq_len,
                              name=config_name(cfg), warmup=warmup, repeats=repeats, meta=meta)
     est = estimate_memory(args, batch=batch // ctx["accum"], seq_len=seq_len, mode=mode, device=device.type,
-                          param_dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+                          param_dtype=dtype_name(dtype),
                           **ctx["estimate"])
     row = m.to_row()
     row["predicted_peak_memory_bytes"] = est.peak_bytes
@@ -389,7 +390,6 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
 def model_factory(preset: str, *, model_path=None, random_weights: bool = False, device="cpu", dtype=None):
     """A function that builds a fresh model per row: the shipped/loaded weights, or random ones."""
     from .. import create_model, get_preset, load_model
-    from ..config import parse_dtype
 
     dtype = parse_dtype(dtype)
     if random_weights or model_path is None:
