@@ -44,7 +44,8 @@ def generate(model: Transformer, tokens: Prompt, max_new_tokens: int, temperatur
     temperature: 0 is greedy (argmax); > 0 divides the logits before sampling with top_p.
     eos_id: a row stops after producing it (the EOS itself is not returned).
     seed: seeds a private generator, so sampling is reproducible and the global RNG is untouched.
-    stream: called as stream(row, token_id) for every new token, e.g. to print as it is made.
+    stream: called as stream(row, token_id) for every new token, e.g. to print as it is made (turn the ids
+            into text with tokenizer.TextStream: a token decoded alone loses its leading space).
     Generation also stops when a row reaches the model's max_seq_len.
     Returns the new ids of every prompt, as a list of lists (also for a single prompt).
     """

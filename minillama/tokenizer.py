@@ -68,6 +68,35 @@ class Tokenizer:
         return ids
 
 
+class TextStream:
+    """The text of tokens that arrive one at a time, e.g. from `generate(..., stream=...)`.
+
+    Decoding each token alone goes wrong twice: sentencepiece drops the leading space of the first piece
+    it decodes (decode of "▁upon" alone is "upon", so "Once" + "upon" printed "Onceupon"), and a character
+    split into byte-fallback tokens (<0xE6><0x9D><0xB1> for "東") is no text until its last byte. So decode
+    the whole sequence each time, hand out only the new end, and hold it back while it ends in an unfinished
+    character (decoded as U+FFFD). The prompt must hold whole characters.
+    """
+
+    def __init__(self, tok: Tokenizer, prompt: Sequence[int] = ()):
+        self.tok, self.ids = tok, [int(i) for i in prompt]
+        self.text = tok.decode(self.ids)  # the text handed out so far (the prompt's)
+
+    def add(self, token: int) -> str:
+        """The new text once `token` is appended ("" while a character is unfinished)."""
+        self.ids.append(int(token))
+        text = self.tok.decode(self.ids)
+        return "" if text.endswith("\ufffd") else self._advance(text)
+
+    def flush(self) -> str:
+        """The text still held back (an unfinished character at the very end); call once at the end."""
+        return self._advance(self.tok.decode(self.ids))
+
+    def _advance(self, text: str) -> str:
+        new, self.text = text[len(self.text):], text
+        return new
+
+
 def load_tokenizer(path: Union[str, os.PathLike], *, vocab_size: Optional[int] = None) -> Tokenizer:
     """Load `path/tokenizer.model` (or `path` itself if it is a file).
 

@@ -5,8 +5,9 @@ import sys
 
 import torch
 
-from minillama import create_model, get_preset, load_tokenizer, save_model
+from minillama import create_model, generate, get_preset, load_model, load_tokenizer, save_model
 from minillama.cli import main
+from minillama.course.paths import tiny_model_dir
 
 
 def test_doctor_reports_the_environment(capsys):
@@ -31,6 +32,18 @@ def test_generate_streams_text(tmp_path, spm_path, capsys):
     assert out.startswith("Lily saw") and len(out) > len("Lily saw\n")
     assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--temperature", "-1"]) == 2
     assert "temperature=-1.0 is invalid" in capsys.readouterr().err
+
+
+def test_generate_prints_the_decoded_sequence(capsys):
+    """The streamed text is the decoding of all the ids: a new word keeps its space ("Once upon", which
+    printing each token's own decoding made "Onceupon")."""
+    tiny = tiny_model_dir()
+    model, tok = load_model(tiny), load_tokenizer(tiny)
+    prompt = tok.encode("Once", bos=True)
+    new = generate(model, prompt, 12, eos_id=tok.eos_id)[0]
+    assert tok.sp.id_to_piece(new[0]).startswith("\u2581")  # the first new token starts a word
+    assert main(["generate", "--model", str(tiny), "--prompt", "Once", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == tok.decode(prompt + new) + "\n"
 
 
 def test_generate_bad_inputs_give_one_line_errors(tmp_path, spm_path, capsys):

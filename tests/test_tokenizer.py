@@ -7,6 +7,7 @@ import re
 import pytest
 
 from minillama import Tokenizer, load_tokenizer
+from minillama.tokenizer import TextStream
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -69,6 +70,43 @@ def test_ids_equal_raw_sentencepiece(tok, sp, text):
     assert tok.encode(text, bos=True, eos=True) == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
     ids = sp.encode(text)
     assert tok.decode(ids) == sp.decode(ids)
+
+
+# ---- streaming: tokens arrive one at a time ------------------------------------------------------------
+@pytest.mark.parametrize("text", SENTENCES + UNSEEN)
+def test_text_stream_gives_the_decoded_whole(tok, text):
+    """Fed one token at a time after the BOS, the pieces join to sentencepiece's decoding of all the ids,
+    and no piece holds half a character (U+FFFD)."""
+    ids = tok.encode(text, bos=True)
+    stream = TextStream(tok, ids[:1])
+    parts = [stream.add(i) for i in ids[1:]] + [stream.flush()]
+    assert "".join(parts) == text == tok.decode(ids)
+    assert not any("\ufffd" in p for p in parts)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped tokenizer (vocab 2048): whole words such as '▁upon' are pieces."""
+    from minillama.course.paths import tiny_model_dir
+
+    return load_tokenizer(tiny_model_dir())
+
+
+def test_text_stream_keeps_the_space_of_a_new_word(shipped):
+    """sentencepiece decodes the piece '▁upon' alone as 'upon'; after the prompt 'Once' it is ' upon'."""
+    prompt, whole = shipped.encode("Once", bos=True), shipped.encode("Once upon", bos=True)
+    assert whole[:-1] == prompt and shipped.sp.id_to_piece(whole[-1]) == "\u2581upon"
+    assert shipped.decode(whole[-1:]) == "upon"  # what printing each token's own decoding showed
+    assert TextStream(shipped, prompt).add(whole[-1]) == " upon"
+
+
+def test_text_stream_holds_back_half_a_character(shipped):
+    ids = shipped.encode("a\u6771", bos=False)  # "東" is not in the vocabulary: three byte tokens
+    assert [shipped.sp.id_to_piece(i) for i in ids] == ["\u2581a", "<0xE6>", "<0x9D>", "<0xB1>"]
+    stream = TextStream(shipped, [shipped.bos_id])
+    assert [stream.add(i) for i in ids] == ["a", "", "", "\u6771"]
+    stream.add(ids[1])  # a dangling first byte is handed out by flush(), as sentencepiece decodes it
+    assert stream.flush() == "\ufffd"
 
 
 # ---- chat template: Meta's Llama-2 format, written out literally --------------------------------------

@@ -3,7 +3,8 @@
 - native: `config.json` (ModelArgs, with `"format": "minillama"`) + `model.safetensors` (Meta names);
 - HF:     `config.json` (`model_type: llama`) + `model.safetensors` or sharded `model-0000N-of-0000M.safetensors`
           with `model.safetensors.index.json`; names mapped and q/k rows permuted (see below);
-- Meta:   `params.json` + `consolidated.NN.pth` shards (one per model-parallel rank).
+- Meta:   `params.json` + `consolidated.NN.pth` shards (one per model-parallel rank), plus our `minillama.json`
+          for what Meta's params.json cannot hold (max_seq_len, rope_scaling, an explicit FFN width).
 
 The model is built on the `meta` device (shapes, no memory) and the loaded tensors are
 assigned into it, so a bf16 checkpoint is never turned into a full fp32 copy on the way.
@@ -22,6 +23,7 @@ import pickle
 import re
 import secrets
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -34,9 +36,23 @@ from ..config import ModelArgs, parse_dtype
 from ..files import PathLike, atomic_directory, read_json
 from ..layout import hf_to_meta_name, meta_to_hf_name, permute_hf_to_meta, permute_meta_to_hf, qk_heads
 from ..model import Transformer
+from .hf_tokenizer import write_hf_tokenizer
 
 FORMATS = ("native", "hf", "meta")
 HF_SAFE_INDEX = "model.safetensors.index.json"
+
+# Meta's loaders build their config as `ModelArgs(max_seq_len=..., max_batch_size=..., **params)`, so a
+# params.json may hold only fields of Meta's dataclass for that family, and never max_seq_len:
+#   Llama 2 (meta-llama/llama, llama/model.py): dim n_layers n_heads n_kv_heads vocab_size multiple_of
+#           ffn_dim_multiplier norm_eps;
+#   Code Llama and Llama 3 (meta-llama/codellama and meta-llama/llama3, llama/model.py) add rope_theta.
+META_PARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps")
+# Our settings that params.json cannot hold (or holds differently) go to this side file; only minillama
+# reads it, and its values replace those of params.json.
+META_SIDE_FILE = "minillama.json"
+META_SIDE_KEYS = ("max_seq_len", "rope_scaling", "hidden_dim", "multiple_of", "ffn_dim_multiplier")
+
 
 # ---------------------------------------------------------------------------------------------
 # Configs
@@ -212,6 +228,13 @@ def _load_meta(path: Path) -> tuple[ModelArgs, dict]:
                 raise ValueError(f"Meta shards disagree: {key!r} has shapes {[list(p.shape) for p in parts]} "
                                  f"across shards, which cannot be joined on dim {dim}.")
             sd[key] = torch.cat(parts, dim=dim)
+    if (path / META_SIDE_FILE).exists():  # minillama's own settings, written beside params.json by save_model
+        side = read_json(path / META_SIDE_FILE)
+        unknown = sorted(set(side) - set(META_SIDE_KEYS))
+        if unknown:
+            raise ValueError(f"{path / META_SIDE_FILE} holds the unknown key {unknown[0]!r}: expected only "
+                             f"{', '.join(META_SIDE_KEYS)}.")
+        params.update(side)
     if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in sd:
         params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]  # -1 means "from the tokenizer"
     return ModelArgs.from_dict(params, source=str(path / "params.json")), sd
@@ -300,12 +323,39 @@ def _write_hf(sd: dict, args: ModelArgs, out: Path, max_shard_bytes: Optional[in
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+def meta_params(args: ModelArgs) -> tuple[dict, dict]:
+    """(params.json, minillama.json) for these ModelArgs; warns about what Meta's code cannot reproduce."""
+    params = {k: getattr(args, k) for k in META_PARAMS}
+    side: dict = {"max_seq_len": args.max_seq_len}
+    if args.hidden_dim is not None:
+        side["hidden_dim"] = args.hidden_dim
+    if args.ffn_hidden_dim != args.replace(hidden_dim=None).ffn_hidden_dim:
+        # Meta's code has no explicit FFN width: it rounds h = int(8 * dim / 3) (times ffn_dim_multiplier) up
+        # to a multiple of multiple_of. Any width w comes out with multiple_of = w and, if h > w, a multiplier
+        # w / h (int(w / h * h) is w or w - 1, rounded up to w).
+        h = int(2 * (4 * args.dim) / 3)
+        w = args.ffn_hidden_dim
+        params.update(multiple_of=w, ffn_dim_multiplier=w / h if h > w else None)
+        side.update(multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier)
+    if args.rope_theta != 10000.0:  # Meta's Llama-2 value, the default of Llama-2's and Code Llama's code
+        params["rope_theta"] = args.rope_theta
+        warnings.warn(f"Meta export: params.json holds rope_theta={args.rope_theta:g}, which Code Llama's and "
+                      f"Llama 3's loaders read but Llama-2's refuses (it has no such field).", stacklevel=4)
+    if args.rope_scaling is not None:
+        side["rope_scaling"] = args.rope_scaling
+        warnings.warn(f"Meta export: rope_scaling={args.rope_scaling} cannot be expressed for Meta's code, which "
+                      f"would run the model without it; it is kept in {META_SIDE_FILE}, which only minillama "
+                      f"reads.", stacklevel=4)
+    return params, side
+
+
 def _write_meta(sd: dict, args: ModelArgs, out: Path, num_shards: int) -> None:
     for name, t in sd.items():
         dim = _meta_split_dim(name)
         if dim is not None and t.shape[dim] % num_shards:
             raise ValueError(f"Cannot split {name!r} of shape {list(t.shape)} into {num_shards} Meta shards "
                              f"on dim {dim}.")
+    params, side = meta_params(args)
     for rank in range(num_shards):
         shard = {}
         for name, t in sd.items():
@@ -313,22 +363,21 @@ def _write_meta(sd: dict, args: ModelArgs, out: Path, num_shards: int) -> None:
             # a view would make torch.save write the whole storage: copy the slice (one shard at a time)
             shard[name] = t if dim is None or num_shards == 1 else t.chunk(num_shards, dim=dim)[rank].clone()
         torch.save(shard, out / f"consolidated.{rank:02d}.pth")
-    params = {k: v for k, v in args.to_dict().items()
-              if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                       "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")}
-    if args.hidden_dim is not None:
-        params["hidden_dim"] = args.hidden_dim  # not Meta's, but needed when the width breaks Meta's rule
-    if args.rope_scaling is not None:
-        params["rope_scaling"] = args.rope_scaling  # not Meta's either; dropping it would change the model
     with open(out / "params.json", "w") as f:
         json.dump(params, f, indent=2)
+    with open(out / META_SIDE_FILE, "w") as f:
+        json.dump(side, f, indent=2)
 
 
 def save_model(model: Transformer, path: PathLike, format: str = "native", *, tokenizer=None,
                max_shard_bytes: Optional[int] = None, num_shards: int = 1) -> Path:
     """Write `model` to directory `path` as 'native', 'hf' (optionally sharded by max_shard_bytes) or
     'meta' (num_shards model-parallel shards). Atomic: an existing directory is replaced only once
-    the new one is complete. A `minillama.Tokenizer` given as `tokenizer` is saved as tokenizer.model."""
+    the new one is complete. A `minillama.Tokenizer` given as `tokenizer` is saved as tokenizer.model, plus
+    for 'hf' the files transformers' AutoTokenizer reads (see hf_tokenizer.py).
+
+    A Meta export holds in params.json only what Meta's own loaders accept (see META_PARAMS) and warns about
+    settings their code cannot reproduce; minillama's other settings (max_seq_len, ...) go to minillama.json."""
     if format not in FORMATS:
         raise ValueError(f"Checkpoint format {format!r} is unknown: expected one of {FORMATS}.")
     if num_shards < 1:
@@ -347,6 +396,8 @@ def save_model(model: Transformer, path: PathLike, format: str = "native", *, to
             _write_hf(sd, args, tmp, max_shard_bytes)
         else:
             _write_meta(sd, args, tmp, num_shards)
-        if tokenizer is not None:
+        if tokenizer is not None and format == "hf":
+            write_hf_tokenizer(tokenizer, tmp, model_max_length=args.max_seq_len)
+        elif tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.model")
     return path

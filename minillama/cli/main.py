@@ -27,21 +27,16 @@ def cmd_doctor(args) -> int:
 
 def cmd_generate(args) -> int:
     from .. import generate, load_model, load_tokenizer
+    from ..tokenizer import TextStream
 
     model = load_model(args.model, device=_device(args.device), dtype=args.dtype)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
     prompt = tok.encode(args.prompt, bos=True)
+    text = TextStream(tok, prompt)  # decodes the growing sequence: each token alone would lose its space
     print(args.prompt, end="", flush=True)
-    pieces: list[int] = []
-
-    def stream(row: int, token: int) -> None:  # print the text as it grows (decode the whole for spacing)
-        before = tok.decode(pieces)
-        pieces.append(token)
-        print(tok.decode(pieces)[len(before):], end="", flush=True)
-
     generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-             eos_id=tok.eos_id, seed=args.seed, stream=stream)
-    print()
+             eos_id=tok.eos_id, seed=args.seed, stream=lambda row, token: print(text.add(token), end="", flush=True))
+    print(text.flush())  # an unfinished character held back at the very end, then the newline
     return 0
 
 
