@@ -96,16 +96,23 @@ def _dtype_bytes(dtype, what: str) -> int:
     return torch_dtype.itemsize
 
 
+def _check_positive_int(value, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"estimate_memory: {what}={value!r} is invalid: expected a positive integer.")
+
+
+def _check_dict_or_none(value, what: str, example: str) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"estimate_memory: {what}={value!r} is invalid: expected None or a dict like {example}.")
+
+
 def _check_lora(lora) -> Optional[dict]:
     """None, or {"r", "targets" (normalised by minillama.lora.normalise_targets), "dtype", "dropout"}."""
+    _check_dict_or_none(lora, "lora", "{'r': 8, 'targets': ('wq', 'wv')}")
     if lora is None:
         return None
-    if not isinstance(lora, dict):
-        raise ValueError(f"estimate_memory: lora={lora!r} is invalid: expected None or a dict like "
-                         f"{{'r': 8, 'targets': ('wq', 'wv')}}.")
     r = lora.get("r", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"estimate_memory: lora r={r!r} is invalid: expected a positive integer.")
+    _check_positive_int(r, "lora r")
     dropout = float(lora.get("dropout", 0.0))
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"estimate_memory: lora dropout={dropout!r} is invalid: expected 0 <= dropout < 1.")
@@ -735,8 +742,7 @@ def _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accu
     if not isinstance(args, ModelArgs):
         raise ValueError(f"estimate_memory: args must be a minillama ModelArgs, got {type(args).__name__}.")
     for key, v in (("batch", batch), ("seq_len", seq_len), ("grad_accum", grad_accum)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"estimate_memory: {key}={v!r} is invalid: expected a positive integer.")
+        _check_positive_int(v, key)
     if seq_len > args.max_seq_len:
         raise ValueError(f"estimate_memory: seq_len={seq_len} is longer than max_seq_len={args.max_seq_len}.")
     if mode not in MODES:
@@ -759,14 +765,11 @@ def _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accu
 
 def _check_quant4(quant4, mode: str, lora) -> Optional[dict]:
     """None, or the 4-bit settings with their defaults filled in (blocksize 64, double_quant, nf4)."""
+    _check_dict_or_none(quant4, "quant4", "{'blocksize': 64, 'double_quant': True, 'quant_type': 'nf4'}")
     if quant4 is None:
         return None
-    if not isinstance(quant4, dict):
-        raise ValueError(f"estimate_memory: quant4={quant4!r} is invalid: expected None or a dict like "
-                         f"{{'blocksize': 64, 'double_quant': True, 'quant_type': 'nf4'}}.")
     bs = quant4.get("blocksize", 64)
-    if not isinstance(bs, int) or bs <= 0:
-        raise ValueError(f"estimate_memory: quant4 blocksize={bs!r} is invalid: expected a positive integer.")
+    _check_positive_int(bs, "quant4 blocksize")
     if quant4.get("quant_type", "nf4") not in QUANT_TYPES:
         raise ValueError(f"estimate_memory: quant4 quant_type={quant4.get('quant_type')!r} is unknown: "
                          f"expected one of {QUANT_TYPES}.")
