@@ -77,13 +77,18 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of the seven linears of one block, in registration order:
+        attention wq wk wv wo, then feed-forward w1 w2 w3 (the weight of each is [out, in])."""
+        d, hq, hkv, hid = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.ffn_hidden_dim
+        return {"wq": (d, hq), "wk": (d, hkv), "wv": (d, hkv), "wo": (hq, d), "w1": (d, hid), "w2": (hid, d),
+                "w3": (d, hid)}
+
     def num_params(self) -> int:
         """Exact parameter count (embeddings and output head counted separately, as in Llama-2)."""
-        d, h, hd = self.dim, self.ffn_hidden_dim, self.head_dim
-        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # wq, wo, wk, wv
-        ffn = 3 * d * h
-        per_layer = attn + ffn + 2 * d  # + two RMSNorm weights
-        return 2 * self.vocab_size * d + self.n_layers * per_layer + d
+        linears = sum(i * o for i, o in self.linear_shapes().values())
+        per_layer = linears + 2 * self.dim  # + two RMSNorm weights
+        return 2 * self.vocab_size * self.dim + self.n_layers * per_layer + self.dim
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

@@ -188,7 +188,8 @@ def _check_hparams(r, alpha, dropout) -> None:
         raise ValueError(f"LoRA dropout={dropout!r} is invalid: expected a probability in [0, 1).")
 
 
-def _normalise_targets(targets) -> tuple[str, ...]:
+def normalise_targets(targets) -> tuple[str, ...]:
+    """Target names as a tuple in TARGETS order: "all", one name, or a sequence of names (Meta names)."""
     if isinstance(targets, str):
         targets = TARGETS if targets == "all" else (targets,)
     targets = tuple(targets)
@@ -256,7 +257,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     The first adapter of a model is active at weight 1.0; adding another leaves the active set as it is
     (switch with set_adapter / use_adapter, or call_with_adapter(model, name, x)).
     """
-    targets = _normalise_targets(targets)
+    targets = normalise_targets(targets)
     sites = [(i, t) for i in range(len(model.layers)) for t in targets]
     _attach(model, sites, r, alpha, dropout, use_rslora, name)
     return model
@@ -273,11 +274,8 @@ def lora_parameter_count(args, r: int, targets=("wq", "wv")) -> int:
     """Trainable LoRA parameters for a model of these ModelArgs: r * (in + out) per targeted linear.
     Llama-2-7B: q/v at r=8 -> 4,194,304; all seven at r=8 -> 19,988,480."""
     _check_hparams(r, 1, 0.0)
-    shapes = {"wq": (args.dim, args.n_heads * args.head_dim), "wk": (args.dim, args.n_kv_heads * args.head_dim),
-              "wv": (args.dim, args.n_kv_heads * args.head_dim), "wo": (args.n_heads * args.head_dim, args.dim),
-              "w1": (args.dim, args.ffn_hidden_dim), "w2": (args.ffn_hidden_dim, args.dim),
-              "w3": (args.dim, args.ffn_hidden_dim)}
-    return args.n_layers * sum(r * sum(shapes[t]) for t in _normalise_targets(targets))
+    shapes = args.linear_shapes()
+    return args.n_layers * sum(r * sum(shapes[t]) for t in normalise_targets(targets))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,6 +124,33 @@ def test_eval_context_beyond_memory_is_refused_before_allocating(tiny, tok, monk
         perplexity(tiny, docs, 256, scored_tokens=256)
 
 
+def test_eval_memory_check_predicts_what_perplexity_allocates(tiny):
+    # forward_bytes (the memory model's eval peak less the weights) against MemoryTracker's exact count of
+    # perplexity's own forward: logits, their fp32 view, cross-entropy; tolerance 10% as in test_memory.py
+    from minillama.evaluation.evaluate import forward_bytes
+    from minillama.measuring.measure import MemoryTracker
+
+    t = torch.randint(0, tiny.args.vocab_size, (4, 129), generator=torch.Generator().manual_seed(0))
+    tracker = MemoryTracker(tiny)
+    with torch.no_grad(), tracker:
+        logits = tiny(t[:, :-1]).float()
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
+    measured = tracker.peak_bytes - tracker.by_category()["parameters"]
+    assert abs(forward_bytes(tiny, 4, 128, "eval") / measured - 1) < 0.10, (forward_bytes(tiny, 4, 128), measured)
+
+
+def test_passkey_memory_check_counts_the_kv_cache(tiny):
+    # kv_cache_bytes against the buffers Transformer.setup_cache really allocates
+    from minillama.evaluation.evaluate import forward_bytes
+    from minillama.measuring.memory import kv_cache_bytes
+
+    model = minillama.create_model(tiny.args.replace(n_kv_heads=2), seed=0)
+    model.setup_cache(3, 100)
+    cache = sum(b.nbytes for name, b in model.named_buffers() if ".cache." in name)
+    assert cache == kv_cache_bytes(model.args, batch=3, length=100) > 0
+    assert forward_bytes(model, 3, 64, "inference", kv_cache=100) == forward_bytes(model, 3, 64, "inference") + cache
+
+
 def test_unknown_corpus_name(capsys):
     assert main(["eval", "ppl", "--model", str(TINY), "--data", "novels", "--device", "cpu"]) == 2
     assert "Unknown corpus 'novels'" in capsys.readouterr().err

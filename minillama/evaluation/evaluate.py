@@ -19,6 +19,7 @@ import torch
 
 from ..course.corpora import make_passkey
 from ..generate import generate
+from ..measuring.memory import estimate_memory, kv_cache_bytes
 from ..model import Transformer
 
 GiB = 1024**3
@@ -38,21 +39,24 @@ def available_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def forward_bytes_estimate(model: Transformer, batch: int, seqlen: int) -> int:
-    """A generous upper estimate of the memory of one no-grad forward: a few hidden-size activations,
-    the attention scores (materialised by the explicit path and by CPU kernels) and fp32 logits."""
-    a = model.args
-    elt = next(model.parameters()).element_size()
-    hidden = batch * seqlen * (6 * a.dim + 3 * a.ffn_hidden_dim) * elt
-    scores = 2 * batch * a.n_heads * seqlen * seqlen * 4
-    logits = 2 * batch * seqlen * a.vocab_size * 4
-    return hidden + scores + logits
+def forward_bytes(model: Transformer, batch: int, seqlen: int, mode: str = "eval", kv_cache: int = 0) -> int:
+    """Bytes that one no-grad forward of batch x seqlen tokens allocates beyond the weights already in
+    memory: the peak of the memory model (minillama.measuring.memory.estimate_memory; mode "eval": the
+    forward and its loss, "inference": the logits) less the parameters, plus a KV cache of `kv_cache`
+    positions (generation sets it up before its first forward)."""
+    dtype = model.tok_embeddings.weight.dtype  # never quantised: the dtype the activations run in
+    est = estimate_memory(model.args, batch=batch, seq_len=seqlen, mode=mode, param_dtype=dtype)
+    need = est.peak_bytes - est.at_peak["parameters"]
+    if kv_cache:
+        need += kv_cache_bytes(model.args, batch=batch, length=kv_cache, param_dtype=dtype)
+    return need
 
 
-def check_fits(model: Transformer, batch: int, seqlen: int, what: str) -> None:
-    """Refuse, before allocating anything, a forward pass that cannot fit in memory."""
+def check_fits(model: Transformer, batch: int, seqlen: int, what: str, *, mode: str = "eval",
+               kv_cache: int = 0) -> None:
+    """Refuse, before allocating anything, a forward pass that cannot fit in memory (see forward_bytes)."""
     device = next(model.parameters()).device
-    need, have = forward_bytes_estimate(model, batch, seqlen), available_memory_bytes(device)
+    need, have = forward_bytes(model, batch, seqlen, mode, kv_cache), available_memory_bytes(device)
     if need > 0.8 * have:
         raise ValueError(f"{what}: a forward pass of batch {batch} x {seqlen} tokens needs about "
                          f"{need / GiB:.1f} GiB, more than the {have / GiB:.1f} GiB available on {device}; "
@@ -75,7 +79,7 @@ def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, 
     if batch_size is None:  # about 8k tokens per forward pass: few calls, modest memory
         batch_size = max(1, 8192 // context)
     batch_size = max(1, min(batch_size, len(docs) * math.ceil(scored_tokens / context)))
-    while batch_size > 1 and forward_bytes_estimate(model, batch_size, context) > 0.5 * available_memory_bytes(
+    while batch_size > 1 and forward_bytes(model, batch_size, context) > 0.5 * available_memory_bytes(
             next(model.parameters()).device):
         batch_size //= 2
     check_fits(model, batch_size, context, f"perplexity at context {context}")
@@ -119,7 +123,8 @@ def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, s
     if context > model.args.max_seq_len:
         raise ValueError(f"context={context} is longer than the model's max_seq_len={model.args.max_seq_len}.")
     n_filler = passkey_prompt_filler(tokenizer, context)
-    check_fits(model, batch_size, context, f"passkey at context {context}")
+    check_fits(model, min(batch_size, trials), context, f"passkey at context {context}", mode="inference",
+               kv_cache=context)  # generate() sets up a KV cache of about `context` positions
     items = [make_passkey(seed * 1_000_003 + i, n_filler, depths[i % len(depths)]) for i in range(trials)]
     prompts = [tokenizer.encode(it["prompt"], bos=True) for it in items]
     correct = []

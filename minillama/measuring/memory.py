@@ -11,10 +11,11 @@ counts the same thing (live tensor storages), so the two can be compared row by 
 (`minillama.measuring.bench` puts both in every benchmark row).
 
 Notation: N = batch * seq_len tokens; d = dim; Hq = n_heads * head_dim (= d); Hkv = n_kv_heads * head_dim;
-hid = FFN width; V = vocab_size; r = bytes of the residual stream (4 with amp: fp32 master weights make
-the stream fp32); c = bytes of what linears and attention produce (2 under amp, else the param dtype).
+hid = FFN width; V = vocab_size; L = n_layers; r = bytes of the residual stream (4 with amp: fp32 master
+weights make the stream fp32); c = bytes of what linears and attention produce (2 under amp, else the
+param dtype).
 
-Categories (the same as MemoryTracker's):
+Categories (`minillama.measuring.measure.CATEGORIES`, the same as MemoryTracker's):
   parameters       the model's weights (4-bit packed weights and their constants included), LoRA weights
   gradients        .grad of every trainable parameter (dtype of the parameter)
   optimizer_state  AdamW moments (+ the per-tensor `step` counters on CPU), 8-bit states and absmax
@@ -31,7 +32,17 @@ each with its own live set (`MemoryEstimate.moments`):
              train.py zeroes them after the forward, so there last step's gradients live during the
              forward (grads_in_forward=True); with grad_accum > 1 they live throughout.
   inference: parameters + the largest live set inside the forward: the FFN's product (3 [N, hid]),
-             the attention output projection, or the logits.
+             the attention output projection, or the logits. Generation adds its KV cache
+             (`kv_cache_bytes`), allocated before the forward.
+
+Reading order (each function's docstring states its formula):
+  1. static bytes        parameter_bytes, gradient_bytes, optimizer_bytes
+  2. training peak       saved_for_backward (activations, block by block), train_moments
+  3. inference peak      inference_moments (FFN, attention, logits), kv_cache_bytes
+  4. technique terms     LoRA (_lora_parameter_bytes, _linear_inputs), 4-bit (_quant4_parameter_bytes),
+                         AMP weight copies (_amp_weight_copies, _autocast_cache), checkpointing
+                         (_checkpointed_inputs), gradient accumulation (_gradients_in_backward)
+  5. estimate_memory     checks the arguments and adds the parts up; the peak is the largest moment.
 
 Units: bytes everywhere; `format_bytes` prints MiB / GiB (1024**2, 1024**3 bytes), labelled as such.
 
@@ -42,19 +53,17 @@ shortcuts that the exact counts here do not share (see the notes of each row).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import ModelArgs, get_preset
+from ..config import DTYPES, ModelArgs, get_preset, parse_dtype
+from ..lora import TARGETS, lora_parameter_count, normalise_targets
+from ..training.train import AMP_MODES, OPTIMIZERS
+from .measure import CATEGORIES
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporary")
 MODES = ("train", "inference", "eval")  # eval: a no-grad forward that also computes the loss
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
-AMP_DTYPES = (None, "fp16", "bf16")
-LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # module registration order inside a block
+LINEARS = TARGETS  # the seven linears of a block (owner: minillama.lora.TARGETS); the old name, kept
 QUANT_TYPES = ("nf4", "fp4")
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
 BNB_OPT_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer states: one fp32 absmax per 256 values
@@ -75,67 +84,63 @@ def format_bytes(n) -> str:
     raise AssertionError("unreachable")
 
 
-def _dtype_bytes(name, what: str) -> int:
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"estimate_memory: {what}={name!r} is unknown: expected one of {sorted(DTYPE_BYTES)}.")
-    return DTYPE_BYTES[name]
+
+def _dtype_bytes(dtype, what: str) -> int:
+    """Bytes per element of a dtype named as in minillama.config.DTYPES (or given as one of its torch dtypes)."""
+    try:
+        torch_dtype = parse_dtype(dtype)
+    except ValueError:
+        torch_dtype = None
+    if torch_dtype not in DTYPES.values():
+        raise ValueError(f"estimate_memory: {what}={dtype!r} is unknown: expected one of {sorted(DTYPES)}.")
+    return torch_dtype.itemsize
 
 
-def _linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of the seven linears of one block."""
-    d, hq, hkv, hid = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
-    return {"wq": (d, hq), "wk": (d, hkv), "wv": (d, hkv), "wo": (hq, d), "w1": (d, hid), "w2": (hid, d),
-            "w3": (d, hid)}
+def _check_positive_int(value, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"estimate_memory: {what}={value!r} is invalid: expected a positive integer.")
 
 
-def _lora_targets(lora) -> tuple[str, ...]:
-    targets = lora.get("targets", ("wq", "wv"))
-    if targets == "all":
-        return LINEARS
-    if isinstance(targets, str):
-        targets = (targets,)
-    bad = [t for t in targets if t not in LINEARS]
-    if bad or not targets:
-        raise ValueError(f"estimate_memory: lora targets {targets!r} are invalid: expected \"all\" or names "
-                         f"from {LINEARS}.")
-    return tuple(t for t in LINEARS if t in targets)  # registration order
+def _check_dict_or_none(value, what: str, example: str) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"estimate_memory: {what}={value!r} is invalid: expected None or a dict like {example}.")
 
 
 def _check_lora(lora) -> Optional[dict]:
+    """None, or {"r", "targets" (normalised by minillama.lora.normalise_targets), "dtype", "dropout"}."""
+    _check_dict_or_none(lora, "lora", "{'r': 8, 'targets': ('wq', 'wv')}")
     if lora is None:
         return None
-    if not isinstance(lora, dict):
-        raise ValueError(f"estimate_memory: lora={lora!r} is invalid: expected None or a dict like "
-                         f"{{'r': 8, 'targets': ('wq', 'wv')}}.")
     r = lora.get("r", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"estimate_memory: lora r={r!r} is invalid: expected a positive integer.")
+    _check_positive_int(r, "lora r")
     dropout = float(lora.get("dropout", 0.0))
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"estimate_memory: lora dropout={dropout!r} is invalid: expected 0 <= dropout < 1.")
-    return {"r": r, "targets": _lora_targets(lora), "dtype": lora.get("dtype"), "dropout": dropout}
+    try:
+        targets = normalise_targets(lora.get("targets", ("wq", "wv")))
+    except ValueError as e:
+        raise ValueError(f"estimate_memory: lora targets are invalid: {e}") from None
+    return {"r": r, "targets": targets, "dtype": lora.get("dtype"), "dropout": dropout}
 
 
 # ---- parameter counts ---------------------------------------------------------------------------
 def parameter_count(args: ModelArgs, lora=None) -> dict:
     """{"total", "trainable", "lora", "base"}: the model's parameters (args.num_params(), the same as
     summing numel over minillama.Transformer(args)) plus LoRA's r*(in+out) per targeted linear per layer
-    (A is [r, in], B is [out, r]). With LoRA only the adapters are trainable.
+    (A is [r, in], B is [out, r]; counted by minillama.lora.lora_parameter_count). With LoRA only the
+    adapters are trainable.
 
     Llama-2-7B: 6,738,415,616; q/v r=8 adds 4,194,304; all seven linears r=8 add 19,988,480."""
     lora = _check_lora(lora)
     base = args.num_params()
-    n_lora = 0
-    if lora is not None:
-        shapes = _linear_shapes(args)
-        n_lora = args.n_layers * sum(lora["r"] * (shapes[t][0] + shapes[t][1]) for t in lora["targets"])
+    n_lora = 0 if lora is None else lora_parameter_count(args, lora["r"], lora["targets"])
     return {"total": base + n_lora, "trainable": n_lora if lora is not None else base, "lora": n_lora,
             "base": base}
 
 
 def _param_tensors(args: ModelArgs) -> list[tuple[str, int]]:
     """(name, numel) of every parameter in model.parameters() order."""
-    shapes = _linear_shapes(args)
+    shapes = args.linear_shapes()
     out = [("tok_embeddings.weight", args.vocab_size * args.dim)]
     for i in range(args.n_layers):
         out.append((f"layers.{i}.attention_norm.weight", args.dim))
@@ -154,7 +159,7 @@ def _trainable_groups(args: ModelArgs, lora) -> list[list[int]]:
         decay = [n for name, n in tensors if not name.endswith("norm.weight")]
         no_decay = [n for name, n in tensors if name.endswith("norm.weight")]
         return [decay, no_decay]
-    shapes = _linear_shapes(args)
+    shapes = args.linear_shapes()
     r = lora["r"]
     order = [x for _ in range(args.n_layers) for t in lora["targets"]
              for x in (r * shapes[t][0], shapes[t][1] * r)]  # lora_A [r, in], then lora_B [out, r]
@@ -174,7 +179,8 @@ def _quant4_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
     return packed + consts + 16 * 4
 
 
-# ---- the estimate -------------------------------------------------------------------------------
+
+
 @dataclass
 class MemoryEstimate:
     by_category: dict[str, int]  # bytes, keys = CATEGORIES; each category's full size (see at_peak)
@@ -194,24 +200,153 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-class _Settings:
-    """Resolved options, so that the per-op rules read like the model code."""
 
-    def __init__(self, args, batch, seq_len, pb, amp, lora, quant4, attn_impl):
+
+class _Notes(list):
+    """The estimate's notes: one line per term, "name: formula = size"."""
+
+    def add(self, name: str, nbytes: int, formula: str) -> None:
+        self.append(f"{name}: {formula} = {format_bytes(nbytes)}")
+
+
+class _Settings:
+    """The resolved options of one estimate, so that the per-op rules read like the model code."""
+
+    def __init__(self, args: ModelArgs, *, batch, seq_len, mode, param_dtype, amp, lora, quant4, optimizer,
+                 checkpointing, grad_accum, optimizer_state_dtype, device, foreach, grads_in_forward):
         self.args, self.B, self.T, self.N = args, batch, seq_len, batch * seq_len
-        self.pb = pb  # bytes of a parameter
+        self.mode, self.train = mode, mode == "train"
+        self.pb = _dtype_bytes(param_dtype, "param_dtype")  # bytes of a parameter
         self.amp = amp is not None
-        self.r = 4 if self.amp else pb  # residual stream
-        self.c = 2 if self.amp else pb  # linear / attention outputs
+        self.r = 4 if self.amp else self.pb  # residual stream
+        self.c = 2 if self.amp else self.pb  # linear / attention outputs
         self.lora = lora
         self.targets = set(lora["targets"]) if lora else set()
-        self.lb = _dtype_bytes(lora["dtype"], "lora dtype") if lora and lora["dtype"] else pb
+        self.lb = _dtype_bytes(lora["dtype"], "lora dtype") if lora and lora["dtype"] else self.pb
+        self.gb = self.lb if lora else self.pb  # bytes of a gradient: the trainable parameters' dtype
         self.quant4 = quant4
         self.full = lora is None and quant4 is None  # base weights trainable
-        self.attn_impl = attn_impl
-        self.shapes = _linear_shapes(args)
+        self.attn_impl = args.attn_impl
+        self.shapes = args.linear_shapes()
+        self.per_layer_linear = sum(i * o for i, o in self.shapes.values())  # weights of a block's linears
+        self.counts = parameter_count(args, lora)
+        self.optimizer, self.optimizer_state_dtype = optimizer, optimizer_state_dtype
+        self.on_cuda = str(device).startswith("cuda")
+        self.foreach = foreach if foreach is not None else self.on_cuda  # torch's default: foreach on CUDA
+        self.checkpointing, self.grad_accum, self.grads_in_forward = checkpointing, grad_accum, grads_in_forward
+        self.cos_sin = 2 * seq_len * (args.head_dim // 2) * 4  # rope_cos_sin: fp32 [T, head_dim/2] each
+        self.positions = 8 * seq_len  # torch.arange positions, int64
 
 
+# ---- 1. static bytes: parameters, gradients, optimizer state -------------------------------------
+def parameter_bytes(s: _Settings, notes: _Notes) -> int:
+    """parameters = base weights + LoRA weights.
+    Base: num_params * pb; with 4-bit, the blocks' linears packed + everything else * pb (see
+    _quant4_parameter_bytes). LoRA: r*(in+out) per targeted linear per layer * lb (see _lora_parameter_bytes)."""
+    if s.quant4:
+        params = _quant4_parameter_bytes(s, notes)
+    else:
+        params = s.counts["base"] * s.pb
+        notes.add("parameters: model", params, f"{s.counts['base']:,} * {s.pb}")
+    if s.lora:
+        params += _lora_parameter_bytes(s, notes)
+    return params
+
+
+def _quant4_parameter_bytes(s: _Settings, notes: _Notes) -> int:
+    """4-bit term: L * (sum over the 7 linears of _quant4_bytes(in*out)) + (embeddings, norms, output head) * pb."""
+    q, L = s.quant4, s.args.n_layers
+    q_bytes = L * sum(_quant4_bytes(i * o, q["blocksize"], q["double_quant"]) for i, o in s.shapes.values())
+    rest = s.counts["base"] - L * s.per_layer_linear
+    bits = 8 * q_bytes / (L * s.per_layer_linear)
+    notes.add("parameters: 4-bit linears", q_bytes, f"{L * s.per_layer_linear:,} weights at {bits:.3f} bits "
+              f"({q['quant_type']}, blocksize {q['blocksize']}, double_quant={q['double_quant']})")
+    notes.add("parameters: embeddings, norms, output head", rest * s.pb, f"{rest:,} * {s.pb}")
+    return q_bytes + rest * s.pb
+
+
+def _lora_parameter_bytes(s: _Settings, notes: _Notes) -> int:
+    """LoRA term: lora_parameter_count (r*(in+out) per targeted linear per layer) * lb, the adapters' dtype."""
+    n = s.counts["lora"]
+    notes.add("parameters: LoRA A and B", n * s.lb, f"{n:,} * {s.lb} "
+              f"(r={s.lora['r']} on {'/'.join(s.lora['targets'])}: r*(in+out) per linear per layer)")
+    return n * s.lb
+
+
+def gradient_bytes(s: _Settings, notes: _Notes) -> int:
+    """gradients = trainable parameters * gb (the adapters' dtype with LoRA, else the param dtype); 0 without
+    training."""
+    if not s.train:
+        return 0
+    grads = s.counts["trainable"] * s.gb
+    notes.add("gradients", grads, f"{s.counts['trainable']:,} trainable * {s.gb}")
+    return grads
+
+
+def optimizer_bytes(s: _Settings, notes: _Notes) -> tuple[int, int]:
+    """(optimizer state, temporary of optimizer.step()) for the chosen optimizer; (0, 0) without training.
+    The tensors come per param group, in the order make_optimizer builds them (_trainable_groups)."""
+    if not s.train:
+        return 0, 0
+    groups = _trainable_groups(s.args, s.lora)
+    if s.optimizer == "adamw":
+        return _adamw_bytes(s, groups, notes)
+    if s.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        return _adamw8bit_bytes(s, groups, notes), 0
+    return _sgd_bytes(s, groups, notes)
+
+
+def _adamw_bytes(s: _Settings, groups: list[list[int]], notes: _Notes) -> tuple[int, int]:
+    """torch.optim.AdamW. state = 2 * trainable * sb (exp_avg, exp_avg_sq; sb = optimizer_state_dtype, default
+    the gradients' dtype) + 4 bytes of `step` per tensor on CPU (on CUDA the counters stay on the host).
+    Temporary: foreach = largest group's numel * sb (torch._foreach_sqrt of the group); single-tensor =
+    max_i(2*numel_i + numel_(i-1)) * sb."""
+    n, osd = s.counts["trainable"], s.optimizer_state_dtype
+    sb = _dtype_bytes(osd, "optimizer_state_dtype") if osd else s.gb
+    opt = 2 * n * sb
+    notes.add("optimizer_state: AdamW exp_avg, exp_avg_sq", opt, f"2 * {n:,} * {sb}")
+    if not s.on_cuda:
+        n_tensors = sum(len(g) for g in groups)
+        opt += 4 * n_tensors
+        notes.add("optimizer_state: AdamW step counters", 4 * n_tensors, f"{n_tensors} tensors * 4 (fp32 scalars)")
+    if s.foreach:  # _multi_tensor_adam: exp_avg_sq_sqrt = torch._foreach_sqrt(all of the group)
+        temp = max(sum(g) for g in groups) * sb
+        notes.add("temporary: AdamW foreach sqrt(exp_avg_sq)", temp, "largest param group's numel * "
+                  f"{sb} (torch._foreach_sqrt of the whole group)")
+    else:  # _single_tensor_adam, per tensor: denom = (exp_avg_sq.sqrt() / bc).add_(eps): sqrt and
+        # div results live together, and the previous tensor's `denom` is still referenced
+        temp = sb * max((2 * n + (g[i - 1] if i else 0) for g in groups for i, n in enumerate(g)), default=0)
+        notes.add("temporary: AdamW single-tensor sqrt/div", temp, f"max(2*numel_i + numel_(i-1)) * {sb} "
+                  "(sqrt and div of tensor i, denom of tensor i-1)")
+    return opt, temp
+
+
+def _adamw8bit_bytes(s: _Settings, groups: list[list[int]], notes: _Notes) -> int:
+    """bitsandbytes' 8-bit AdamW, per tensor of n values: 2*n uint8 states + 2 fp32 absmax per 256 values
+    (tensors under 4096 values: 2*n*4, fp32 states); + the two shared 256-entry fp32 maps."""
+    opt = BNB_QMAP_BYTES
+    for g in groups:
+        for n in g:
+            opt += (2 * n + 2 * 4 * -(-n // BNB_OPT_BLOCK)) if n >= BNB_MIN_8BIT_SIZE else 2 * 4 * n
+    notes.add(f"optimizer_state: {s.optimizer}", opt, "per tensor: 2 uint8 states + 2 fp32 absmax per 256 values "
+              f"(tensors < {BNB_MIN_8BIT_SIZE} values: 2 fp32 states) + 2 shared 256-entry maps"
+              + ("; paged: unified memory, evicted to the CPU only under memory pressure (MemoryTracker "
+                 "does not see paged buffers)" if s.optimizer.startswith("paged") else ""))
+    return opt
+
+
+def _sgd_bytes(s: _Settings, groups: list[list[int]], notes: _Notes) -> tuple[int, int]:
+    """SGD without momentum: no state. Temporary: weight decay on the matrices (as make_optimizer sets it),
+    grad.add(param, alpha=wd), a new tensor per parameter (single-tensor: largest decayed tensor * gb) or
+    one for the whole group (foreach: numel of the decay group * gb)."""
+    notes.add("optimizer_state: SGD without momentum", 0, "0")
+    temp = (sum(groups[0]) if s.foreach else max(groups[0], default=0)) * s.gb
+    notes.add("temporary: SGD weight decay (grad + wd * param)", temp,
+              f"{'numel of the decay group' if s.foreach else 'largest decayed tensor'} * {s.gb}")
+    return 0, temp
+
+
+# ---- 2. the training step: activations saved for backward, block by block ---------------------
 def _rmsnorm(s: _Settings, name: str, x_rg: bool, save) -> bool:
     """RMSNorm.forward: xf = x.float(); xf * rsqrt(xf.pow(2).mean(-1) + eps); .type_as(x); weight * (.)"""
     N, d = s.N, s.args.dim
@@ -255,21 +390,14 @@ def _linear_inputs(s: _Settings, src: str, x_bytes: int, x_rg: bool, names, save
     return out_rg
 
 
-def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
-    """Saved-for-backward terms of one TransformerBlock in forward order, whether its output requires
-    grad, and the bytes of p = silu(w1 x) * w3 x if it is saved (freed first in the block's backward)."""
+def _attention_saved(s: _Settings, x_rg: bool, save) -> bool:
+    """What Attention.forward keeps of attention_norm(x) (x_rg: it requires grad); returns whether the
+    output of wo requires grad. SDPA keeps q, k, v (c*N*Hq, 2*c*N*Hkv), its output c*N*Hq and the fp32
+    logsumexp 4*B*H*T; the math path keeps q, k and v at n_heads, the fp32 softmax 4*B*H*T*T and the mask."""
     a = s.args
-    N, B, T, d, c, r = s.N, s.B, s.T, a.dim, s.c, s.r
-    H, hd = a.n_heads, a.head_dim
-    hq, hkv, hid = H * hd, a.n_kv_heads * hd, a.ffn_hidden_dim
-    terms = []
-
-    def save(name, n, formula):
-        terms.append((name, int(n), formula))
-
-    # h = x + attention(attention_norm(x))
-    n1_rg = _rmsnorm(s, "attention_norm", x_rg, save)
-    qkv_rg = _linear_inputs(s, "attention_norm(x)", s.r, n1_rg, ("wq", "wk", "wv"), save)
+    N, B, T, c = s.N, s.B, s.T, s.c
+    H, hq, hkv = a.n_heads, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    qkv_rg = _linear_inputs(s, "attention_norm(x)", s.r, x_rg, ("wq", "wk", "wv"), save)
     # RoPE keeps only cos/sin (its multiplications by cos/sin need no q, k: cos/sin need no grad);
     # the rotated q, k are new tensors (torch.stack of the fp32 halves, cast back with type_as)
     any_rg = any(qkv_rg.values())
@@ -283,22 +411,37 @@ def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
             save("SDPA: v", c * N * hkv, f"N*{hkv}*{c}")
             save("SDPA: output (also wo's input: transpose+reshape is a view)", c * N * hq, f"N*{hq}*{c}")
             save("SDPA: logsumexp", 4 * B * H * T, "B*n_heads*T*4 (fp32)")
-        wo_rg = _linear_inputs(s, "attention output", c, any_rg, ("wo",), save, already_saved=any_rg)
-    else:  # Attention.math_attention, written out
-        if any_rg:
-            probs = B * H * T * T
-            save("math attention: q (reshaped copy for the batched matmul)", c * N * hq, f"N*{hq}*{c}")
-            save("math attention: k repeated to n_heads, or a contiguous copy (kept by q @ k^T)", c * N * hq,
-                 f"N*{hq}*{c}")
-            save("math attention: softmax output (fp32)", 4 * probs, "B*n_heads*T*T*4 (kept by softmax)")
-            if c < 4:
-                save("math attention: probabilities cast back", c * probs, f"B*n_heads*T*T*{c} (kept by probs @ v)")
-            save("math attention: v repeated to n_heads, or a contiguous copy (kept by probs @ v)", c * N * hq,
-                 f"N*{hq}*{c}")
-            save("math attention: ~mask", T * T, "T*T*1 (bool, kept by masked_fill)")
-        # the output [B,H,T,hd] -> transpose(1,2).reshape is a copy, kept by wo if wo needs its input
-        wo_rg = _linear_inputs(s, "attention output (reshaped copy)", c, any_rg, ("wo",), save)
-    h_rg = x_rg or wo_rg["wo"]
+        return _linear_inputs(s, "attention output", c, any_rg, ("wo",), save, already_saved=any_rg)["wo"]
+    # Attention.math_attention, written out
+    if any_rg:
+        probs = B * H * T * T
+        save("math attention: q (reshaped copy for the batched matmul)", c * N * hq, f"N*{hq}*{c}")
+        save("math attention: k repeated to n_heads, or a contiguous copy (kept by q @ k^T)", c * N * hq,
+             f"N*{hq}*{c}")
+        save("math attention: softmax output (fp32)", 4 * probs, "B*n_heads*T*T*4 (kept by softmax)")
+        if c < 4:
+            save("math attention: probabilities cast back", c * probs, f"B*n_heads*T*T*{c} (kept by probs @ v)")
+        save("math attention: v repeated to n_heads, or a contiguous copy (kept by probs @ v)", c * N * hq,
+             f"N*{hq}*{c}")
+        save("math attention: ~mask", T * T, "T*T*1 (bool, kept by masked_fill)")
+    # the output [B,H,T,hd] -> transpose(1,2).reshape is a copy, kept by wo if wo needs its input
+    return _linear_inputs(s, "attention output (reshaped copy)", c, any_rg, ("wo",), save)["wo"]
+
+
+def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
+    """Saved-for-backward terms of one TransformerBlock in forward order, whether its output requires
+    grad, and the bytes of p = silu(w1 x) * w3 x if it is saved (freed first in the block's backward).
+    FFN: silu keeps w1 x, the product keeps w3 x and silu(w1 x) (c*N*hid each), w2 keeps p."""
+    N, c, hid = s.N, s.c, s.args.ffn_hidden_dim
+    terms = []
+
+    def save(name, n, formula):
+        terms.append((name, int(n), formula))
+
+    # h = x + attention(attention_norm(x))
+    n1_rg = _rmsnorm(s, "attention_norm", x_rg, save)
+    wo_rg = _attention_saved(s, n1_rg, save)
+    h_rg = x_rg or wo_rg
     # out = h + feed_forward(ffn_norm(h)); FeedForward: w2(silu(w1 x) * w3 x)
     n2_rg = _rmsnorm(s, "ffn_norm", h_rg, save)
     f_rg = _linear_inputs(s, "ffn_norm(h)", s.r, n2_rg, ("w1", "w3"), save)
@@ -311,6 +454,28 @@ def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
     w2_rg = _linear_inputs(s, "FFN product p", c, f_rg["w1"] or f_rg["w3"], ("w2",), save)
     p_bytes = sum(t[1] for t in terms[n_before:])  # all released once w2 (and its LoRA) ran backward
     return terms, h_rg or w2_rg["w2"], p_bytes
+
+
+def _head_saved(s: _Settings, x_rg: bool) -> list[tuple[str, int, str]]:
+    """Saved-for-backward terms of the final norm, the output head and the loss (x_rg: the last block's
+    output requires grad): the head's input N*d (to train the head) and cross-entropy's fp32
+    log_softmax output 4*N*V with the int64 targets 8*N."""
+    N, d, V, r = s.N, s.args.dim, s.args.vocab_size, s.r
+    head: list[tuple[str, int, str]] = []
+
+    def hsave(name, n, formula):
+        head.append((name, int(n), formula))
+
+    nf_rg = _rmsnorm(s, "norm (final)", x_rg, hsave)
+    if s.full:
+        if s.amp:
+            hsave("output: autocast copy of norm(h)", 2 * N * d, f"N*{d}*2 (kept by F.linear)")
+        else:
+            hsave("output: norm(h)", r * N * d, f"N*{d}*{r} (kept by F.linear for the weight's grad)")
+    if nf_rg or s.full:
+        hsave("cross_entropy: log_softmax output (fp32)", 4 * N * V, f"N*{V}*4 (kept by log_softmax)")
+        hsave("cross_entropy: targets", 8 * N, "N*8 (int64, kept by nll_loss)")
+    return head
 
 
 def _amp_weight_copies(s: _Settings, block_in_rg: list[bool]) -> tuple[list[int], int]:
@@ -337,21 +502,255 @@ def _amp_weight_copies(s: _Settings, block_in_rg: list[bool]) -> tuple[list[int]
     return out, head
 
 
-def _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accum, checkpointing, quant4,
-              optimizer_state_dtype, device):
+@dataclass
+class _Saved:
+    """What a training forward leaves for the backward."""
+    blocks: list  # per block: (its terms, bytes freed with the FFN product p, whether its input requires grad)
+    amp_blocks: list[int]  # autocast weight copies kept per block
+    amp_head: int  # autocast copy of the output head
+    terms: list  # the activations category, term by term: (name, bytes, formula)
+
+    @property
+    def total(self) -> int:
+        return sum(t[1] for t in self.terms)
+
+    @property
+    def per_block(self) -> list[int]:
+        return [sum(t[1] for t in terms) for terms, _, _ in self.blocks]
+
+
+def saved_for_backward(s: _Settings, notes: _Notes) -> _Saved:
+    """activations = the blocks' saved tensors (or, with checkpointing, only their inputs) + the AMP weight
+    copies + the head's and the loss's saved tensors + RoPE's cos and sin (2 * T*head_dim/2*4, fp32)."""
+    a = s.args
+    blocks, x_rg = [], s.full  # the embedding's output requires grad iff the embedding trains
+    for _ in range(a.n_layers):
+        terms, out_rg, p_bytes = _block_saved(s, x_rg)
+        blocks.append((terms, p_bytes, x_rg))
+        x_rg = out_rg
+    head = _head_saved(s, x_rg)
+    amp_blocks, amp_head = _amp_weight_copies(s, [b[2] for b in blocks])
+    act_terms = _checkpointed_inputs(s) if s.checkpointing else _merged_block_terms(blocks, amp_blocks)
+    act_terms += head
+    act_terms.append(("RoPE cos, sin", s.cos_sin, f"2 * T*{a.head_dim // 2}*4 (fp32, kept by the RoPE products)"))
+    if amp_head:
+        act_terms.append(("autocast copy of the output head", amp_head, f"{a.vocab_size}*{a.dim}*2 (kept by F.linear)"))
+    for name, n, formula in act_terms:
+        notes.add(f"activations: {name}", n, formula)
+    return _Saved(blocks, amp_blocks, amp_head, act_terms)
+
+
+def _checkpointed_inputs(s: _Settings) -> list[tuple[str, int, str]]:
+    """Checkpointing term: non-reentrant torch.utils.checkpoint keeps each block's input (the stream x;
+    cos and sin are shared) for the recomputation, and nothing that the block's ops would save: L * r*N*d."""
+    L, d, r = s.args.n_layers, s.args.dim, s.r
+    return [("checkpointed block inputs", L * r * s.N * d, f"{L} * N*{d}*{r} (held for recomputation)")]
+
+
+def _merged_block_terms(blocks: list, amp_blocks: list[int]) -> list[tuple[str, int, str]]:
+    """Without checkpointing: every block's terms, the same term of all blocks summed into one line
+    ("k * formula"), then the autocast weight copies of all blocks."""
+    merged: dict[str, list] = {}
+    for terms, _, _ in blocks:
+        for name, n, formula in terms:
+            m = merged.setdefault(name, [0, formula, 0])
+            m[0] += n
+            m[2] += 1
+    out = [(f"blocks: {name}", n, f"{k} * {formula}") for name, (n, formula, k) in merged.items()]
+    if sum(amp_blocks):
+        out.append(("autocast copies of the blocks' weights", sum(amp_blocks),
+                    "2 * weights of each linear whose copy is kept (autocast cache / F.linear)"))
+    return out
+
+
+# ---- 2. the training step: the moments of its peak ------------------------------------------------
+def train_moments(s: _Settings, params: int, grads: int, opt: int, opt_temp: int, saved: _Saved,
+                  notes: _Notes) -> dict[str, dict[str, int]]:
+    """Live bytes by category at five moments of a training step:
+      end of forward:     activations + logits (c*N*V, + their fp32 copy 4*N*V when c < 4) + positions
+      start of backward:  activations + 2 * 4*N*V (nll_loss_backward's and log_softmax_backward's grads)
+      backward of the last / first block (_block_backward), and the optimizer step: parameters + gradients
+      + state + the optimizer's temporary. Gradients are None in forward and backward (set_to_none),
+      except last step's in the forward with grads_in_forward, and all of them with grad_accum > 1."""
+    N, V, c, L = s.N, s.args.vocab_size, s.c, s.args.n_layers
+    grads_fwd = grads if s.grad_accum > 1 else 0  # set_to_none zeroing: no .grad during forward/backward
+    base = {"parameters": params, "gradients": grads_fwd, "optimizer_state": opt}
+    activations = saved.total
+    # the end of the forward: log_softmax's output is allocated while the logits (and, in bf16/fp16,
+    # their fp32 .float() copy) still live
+    logits_tmp = c * N * V + (4 * N * V if c < 4 else 0) + s.positions
+    if s.checkpointing:  # autocast's cache still holds the blocks' weight copies until autocast exits
+        logits_tmp += sum(saved.amp_blocks) if s.full else 0
+    moments = {
+        "cross-entropy forward (end of forward)": {**base, "gradients": grads if s.grads_in_forward else grads_fwd,
+                                                   "activations": activations, "temporary": logits_tmp},
+        # the first ops of the backward: nll_loss_backward's fp32 [N, V] grad and log_softmax_backward's
+        # fp32 [N, V] grad, beside every saved tensor (the log_softmax output included)
+        "cross-entropy backward (start of backward)": {**base, "activations": activations,
+                                                       "temporary": 2 * 4 * N * V}}
+    for i, label in ((L - 1, "backward of the last block"), (0, "backward of the first block")):
+        moments[label] = {**base, **_block_backward(s, i, saved, grads)}
+    moments["optimizer step"] = {"parameters": params, "gradients": grads, "optimizer_state": opt,
+                                 "activations": 0, "temporary": opt_temp}
+    d, hid, r = s.args.dim, s.args.ffn_hidden_dim, s.r
+    notes.add("temporary at the end of the forward", logits_tmp, f"N*{V}*{c} (logits)"
+              + (f" + N*{V}*4 (their fp32 .float() copy)" if c < 4 else "") + " + positions")
+    notes.add("temporary at the start of the backward", 2 * 4 * N * V,
+              f"2 * N*{V}*4 (nll_loss_backward's and log_softmax_backward's fp32 gradients)")
+    notes.add("temporary in a block's backward", moments["backward of the first block"]["temporary"],
+              f"N*{d}*{r} (incoming grad) + 3*N*{hid}*{c} (grad_p, grad of silu(w1 x), grad of w3 x)"
+              + (" + the largest new gradient (accumulated in place)" if s.grad_accum > 1 else ""))
+    return moments
+
+
+def _block_backward(s: _Settings, i: int, saved: _Saved, grads: int) -> dict[str, int]:
+    """Gradients, activations and temporary in the backward of block i (memory is linear in i, so the
+    last and the first block bound every block). The head's saved tensors are gone; activations of blocks
+    <= i remain (with checkpointing: their inputs, plus block i recomputed), less p and w2's autocast copy,
+    freed by then. Temporary, at the FFN product's backward: the incoming grad r*N*d and grad_p,
+    grad_silu, grad_w3x (3*c*N*hid); on CUDA a 4-bit w2 runs on a dequantised copy c*d*hid beside grad_p."""
+    N, d, hid, r, c = s.N, s.args.dim, s.args.ffn_hidden_dim, s.r, s.c
+    terms, p_i, _ = saved.blocks[i]
+    if s.checkpointing:
+        shared_x = sum(t[1] for t in terms if t[0] == "attention_norm: fp32 input x") if r == 4 else 0
+        act = (i + 1) * r * N * d + saved.per_block[i] - shared_x + saved.amp_blocks[i]
+    else:
+        act = sum(saved.per_block[: i + 1]) + sum(saved.amp_blocks[: i + 1])
+    amp_w2 = 2 * d * hid if (s.amp and saved.amp_blocks[0]) else 0
+    act += s.cos_sin - p_i - amp_w2
+    tmp = r * N * d + 3 * c * N * hid
+    if s.quant4 and s.on_cuda:  # w2's backward runs on a dequantised copy of its weight beside grad_p
+        tmp = max(tmp, r * N * d + c * N * hid + c * d * hid)
+    g, g_tmp = _gradients_in_backward(s, i, grads)
+    return {"gradients": g, "activations": act, "temporary": tmp + g_tmp}
+
+
+def _gradients_in_backward(s: _Settings, i: int, grads: int) -> tuple[int, int]:
+    """(gradients alive in the backward of block i, their extra temporary).
+    One micro-step: the head's, blocks i+1..L-1's and w2's of block i: g_head + (L-1-i)*g_block + g_w2.
+    Gradient accumulation (grad_accum > 1): every .grad exists from the earlier micro-steps and each new
+    gradient is a transient added in place: all gradients, + the largest trainable tensor * gb."""
+    if s.grad_accum > 1:
+        largest = max((n for grp in _trainable_groups(s.args, s.lora) for n in grp), default=0)
+        return grads, largest * s.gb
+    a, pb = s.args, s.pb
+    d, hid, V, L = a.dim, a.ffn_hidden_dim, a.vocab_size, a.n_layers
+    if s.full:
+        g_block, g_w2, g_head = (s.per_layer_linear + 2 * d) * pb, d * hid * pb, (V * d + d) * pb
+    else:
+        g_block, g_head = (s.counts["lora"] // L) * s.lb, 0
+        g_w2 = s.lora["r"] * (d + hid) * s.lb if "w2" in s.targets else 0
+    return g_head + (L - 1 - i) * g_block + g_w2, 0
+
+
+# ---- 3. the inference peak: a no-grad forward --------------------------------------------------
+def inference_moments(s: _Settings, params: int, notes: _Notes) -> dict[str, dict[str, int]]:
+    """Live bytes at the candidate peaks inside a no-grad forward: parameters + cos/sin + positions + the
+    live set of the FFN (_ffn_live), of attention (_attention_live) or of the logits (_logits_live).
+    x is a block's input (the caller still holds it), h the stream after attention, n2 = ffn_norm(h)."""
+    base = {"parameters": params, "gradients": 0, "optimizer_state": 0, "activations": 0}
+    fixed = s.cos_sin + s.positions
+    live = {**_ffn_live(s, notes), **_attention_live(s, notes), "logits": _logits_live(s, notes)}
+    if s.amp and s.full:
+        a = s.args
+        notes.add("temporary: autocast weight cache", _autocast_cache(s, a.n_layers * s.per_layer_linear
+                                                                      + a.vocab_size * a.dim),
+                  "2 * the weights of the linears run so far (autocast caches casts of leaf weights that "
+                  "require grad, also under no_grad)")
+    return {name: {**base, "temporary": fixed + v} for name, v in live.items()}
+
+
+def _autocast_cache(s: _Settings, n_weights: int) -> int:
+    """AMP term: under autocast the bf16/fp16 casts of trainable leaf weights are cached until autocast
+    exits, also under no_grad: 2 bytes per weight of the linears run so far (0 without amp, or when the
+    base weights are frozen)."""
+    return 2 * n_weights if (s.amp and s.full) else 0
+
+
+def _ffn_live(s: _Settings, notes: _Notes) -> dict[str, int]:
+    """FFN product: 3*r*N*d (x, h, n2) + 3*c*N*hid (silu(w1 x), w3 x, their product); LoRA on w3 (PEFT's
+    out-of-place form) adds one c*N*hid. On CUDA a 4-bit w3 runs on a dequantised weight c*d*hid while
+    silu(w1 x) lives."""
+    a = s.args
+    N, d, hid, r, c, L = s.N, a.dim, a.ffn_hidden_dim, s.r, s.c, a.n_layers
+    ffn = 3 * r * N * d + 3 * c * N * hid  # x, h, n2 + silu(w1 x), w3 x, and their product
+    if "w3" in s.targets:  # LoRA w3 (PEFT's out-of-place form): silu(w1 x) beside base(x),
+        ffn += c * N * hid  # scaling * B(A x) and their sum: one [N, hid] more than the product
+    live = {"FFN product (inference)": ffn + _autocast_cache(s, L * s.per_layer_linear - d * hid)}
+    lora_w3 = "; LoRA on w3: base + scaled B(A x) + sum" if "w3" in s.targets else ""
+    notes.add("temporary: FFN product moment", ffn, f"3*N*{d}*{r} (x, h, ffn_norm(h)) + {3 + ('w3' in s.targets)}"
+              f"*N*{hid}*{c} (silu(w1 x), w3 x, product{lora_w3})")
+    if s.quant4 and s.on_cuda:  # (on CPU, bitsandbytes 0.50.2 makes no dequantised weight that the dispatcher sees)
+        name = "FFN w3 on a dequantised weight"
+        live[name] = 3 * r * N * d + 2 * c * N * hid + c * d * hid
+        notes.add(f"temporary: {name}", live[name],
+                  f"3*N*{d}*{r} + 2*N*{hid}*{c} + {d}*{hid}*{c} (the dequantised weight)")
+    return live
+
+
+def _attention_live(s: _Settings, notes: _Notes) -> dict[str, int]:
+    """SDPA, at wo: 2*r*N*d (x, attention_norm(x)) + c*N*(2*Hq + 2*Hkv) (q, k, v, output) + 4*B*H*T (lse)
+    + c*N*d (wo's output). Math path, at the softmax: q, k, v, k and v repeated to n_heads (copies unless
+    n_kv_heads == n_heads), the T*T mask, and the [B,H,T,T] scores with their softmax."""
+    a = s.args
+    N, B, T, d, r, c, L, sh = s.N, s.B, s.T, a.dim, s.r, s.c, a.n_layers, s.shapes
+    hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    attn = 2 * r * N * d + c * N * (2 * hq + 2 * hkv) + 4 * B * a.n_heads * T + c * N * d
+    attn_cache = (L - 1) * s.per_layer_linear + sum(sh[n][0] * sh[n][1] for n in ("wq", "wk", "wv", "wo"))
+    live = {"attention output projection": attn + _autocast_cache(s, attn_cache)}
+    notes.add("temporary: attention moment", attn, f"2*N*{d}*{r} (x, attention_norm(x)) + N*(2*{hq}+2*{hkv})*{c} "
+              f"(q, k, v after RoPE, SDPA output) + lse + N*{d}*{c} (wo output)")
+    if s.attn_impl == "math":
+        # fp32 scores -> `scores` (masked) and the softmax output live together, then probs @ v's output;
+        # in bf16/fp16 the softmax runs on an fp32 copy of the scores (scores c + fp32 copy + fp32 probs)
+        probs = B * a.n_heads * T * T
+        rep = 2 * c * N * hq if a.n_kv_heads != a.n_heads else 0
+        sm = 8 * probs + c * N * hq if c == 4 else (c + 8) * probs
+        m_attn = 2 * r * N * d + c * N * (hq + 2 * hkv) + rep + T * T + sm
+        live["math attention softmax"] = m_attn + _autocast_cache(s, attn_cache - sh["wo"][0] * sh["wo"][1])
+        notes.add("temporary: math attention moment", m_attn,
+                  f"2*N*{d}*{r} + N*({hq}+2*{hkv})*{c} (q,k,v) + repeated k,v + T*T mask + scores and softmax "
+                  f"({'8*B*H*T*T + output' if c == 4 else f'{c + 8}*B*H*T*T'})")
+    return live
+
+
+def _logits_live(s: _Settings, notes: _Notes) -> int:
+    """Logits: r*N*d (norm(h)) + c*N*V (+ 2*N*d, autocast's copy of norm(h)); eval adds the loss: the fp32
+    copy of the logits (4*N*V when c < 4), log_softmax 4*N*V and the int64 targets 8*N."""
+    a = s.args
+    N, d, V, r, c = s.N, a.dim, a.vocab_size, s.r, s.c
+    logits = r * N * d + c * N * V + (2 * N * d if s.amp else 0)  # + autocast's copy of norm(h)
+    if s.mode == "eval":
+        logits += (4 * N * V if c < 4 else 0) + 4 * N * V + 8 * N
+    notes.add("temporary: logits moment", logits, f"N*{d}*{r} (norm(h)) + N*{V}*{c} (logits)"
+              + (" + fp32 copy and log_softmax (eval)" if s.mode == "eval" else ""))
+    return logits + _autocast_cache(s, a.n_layers * s.per_layer_linear + V * d)
+
+
+def kv_cache_bytes(args: ModelArgs, *, batch: int, length: int, param_dtype="fp32") -> int:
+    """The KV cache that generation sets up before its first forward (Transformer.setup_cache, "prealloc"):
+    k and v of every layer, [batch, n_kv_heads, length, head_dim] in the weights' dtype:
+    2 * n_layers * batch * n_kv_heads * length * head_dim * bytes."""
+    b = _dtype_bytes(param_dtype, "param_dtype")
+    return 2 * args.n_layers * batch * args.n_kv_heads * length * args.head_dim * b
+
+
+# ---- 5. the estimate ----------------------------------------------------------------------------
+def _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accum, checkpointing,
+              optimizer_state_dtype, device) -> None:
+    """One clear sentence for the first bad argument (lora and quant4 are checked by their own functions)."""
     if not isinstance(args, ModelArgs):
         raise ValueError(f"estimate_memory: args must be a minillama ModelArgs, got {type(args).__name__}.")
     for key, v in (("batch", batch), ("seq_len", seq_len), ("grad_accum", grad_accum)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"estimate_memory: {key}={v!r} is invalid: expected a positive integer.")
+        _check_positive_int(v, key)
     if seq_len > args.max_seq_len:
         raise ValueError(f"estimate_memory: seq_len={seq_len} is longer than max_seq_len={args.max_seq_len}.")
     if mode not in MODES:
         raise ValueError(f"estimate_memory: mode={mode!r} is unknown: expected one of {MODES}.")
     _dtype_bytes(param_dtype, "param_dtype")
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"estimate_memory: amp={amp!r} is unknown: expected one of {AMP_DTYPES}.")
-    if amp is not None and DTYPE_BYTES[param_dtype] != 4:
+    if amp is not None and amp not in AMP_MODES:
+        raise ValueError(f"estimate_memory: amp={amp!r} is unknown: expected None or one of {AMP_MODES}.")
+    if amp not in (None, "off") and _dtype_bytes(param_dtype, "param_dtype") != 4:
         raise ValueError(f"estimate_memory: amp={amp!r} needs param_dtype='fp32' (autocast keeps fp32 master "
                          f"weights), got {param_dtype!r}.")
     if optimizer not in OPTIMIZERS:
@@ -362,16 +761,22 @@ def _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accu
         _dtype_bytes(optimizer_state_dtype, "optimizer_state_dtype")
     if not (device == "cpu" or str(device).startswith("cuda")):
         raise ValueError(f"estimate_memory: device={device!r} is unknown: expected 'cpu' or 'cuda'.")
-    if quant4 is not None:
-        if not isinstance(quant4, dict):
-            raise ValueError(f"estimate_memory: quant4={quant4!r} is invalid: expected None or a dict like "
-                             f"{{'blocksize': 64, 'double_quant': True, 'quant_type': 'nf4'}}.")
-        bs = quant4.get("blocksize", 64)
-        if not isinstance(bs, int) or bs <= 0:
-            raise ValueError(f"estimate_memory: quant4 blocksize={bs!r} is invalid: expected a positive integer.")
-        if quant4.get("quant_type", "nf4") not in QUANT_TYPES:
-            raise ValueError(f"estimate_memory: quant4 quant_type={quant4.get('quant_type')!r} is unknown: "
-                             f"expected one of {QUANT_TYPES}.")
+
+
+def _check_quant4(quant4, mode: str, lora) -> Optional[dict]:
+    """None, or the 4-bit settings with their defaults filled in (blocksize 64, double_quant, nf4)."""
+    _check_dict_or_none(quant4, "quant4", "{'blocksize': 64, 'double_quant': True, 'quant_type': 'nf4'}")
+    if quant4 is None:
+        return None
+    bs = quant4.get("blocksize", 64)
+    _check_positive_int(bs, "quant4 blocksize")
+    if quant4.get("quant_type", "nf4") not in QUANT_TYPES:
+        raise ValueError(f"estimate_memory: quant4 quant_type={quant4.get('quant_type')!r} is unknown: "
+                         f"expected one of {QUANT_TYPES}.")
+    if mode == "train" and lora is None:
+        raise ValueError("estimate_memory: training a 4-bit model needs lora (4-bit base weights are frozen).")
+    return {"blocksize": bs, "double_quant": bool(quant4.get("double_quant", True)),
+            "quant_type": quant4.get("quant_type", "nf4")}
 
 
 def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "train", param_dtype="fp32",
@@ -382,8 +787,8 @@ def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "t
 
     mode: "train" (forward with loss, backward, optimizer.step()), "inference" (a no-grad forward
       returning logits, as bench.py's inference rows), or "eval" (a no-grad forward with the loss).
-    param_dtype: dtype of the weights ("fp32", "bf16", "fp16"); amp: None or "bf16"/"fp16" autocast
-      (needs fp32 weights: linears then run on a bf16 copy of each weight).
+    param_dtype: dtype of the weights ("fp32", "bf16", "fp16"); amp: None (or "off") or "bf16"/"fp16"
+      autocast (needs fp32 weights: linears then run on a bf16 copy of each weight).
     lora: None or {"r": 8, "targets": ("wq", "wv") or "all", "dtype": None (= param dtype), "dropout": 0.0}:
       base weights, embeddings, norms and the output head frozen; only the adapters train.
     quant4: None or {"blocksize": 64, "double_quant": True, "quant_type": "nf4"}: the 7 linears of every
@@ -399,260 +804,43 @@ def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "t
     device: "cpu" or "cuda" (AdamW is single-tensor on CPU, foreach on CUDA unless `foreach` says;
       AdamW's `step` counters live on the CPU when the model is on CUDA).
     """
-    _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accum, checkpointing, quant4,
+    _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accum, checkpointing,
               optimizer_state_dtype, device)
     lora = _check_lora(lora)
-    if quant4 is not None:
-        quant4 = {"blocksize": quant4.get("blocksize", 64), "double_quant": bool(quant4.get("double_quant", True)),
-                  "quant_type": quant4.get("quant_type", "nf4")}
-        if mode == "train" and lora is None:
-            raise ValueError("estimate_memory: training a 4-bit model needs lora (4-bit base weights are frozen).")
-    on_cuda = str(device).startswith("cuda")
-    pb = DTYPE_BYTES[param_dtype]
-    s = _Settings(args, batch, seq_len, pb, amp, lora, quant4, args.attn_impl)
-    a = args
-    N, B, T, d, V, L = s.N, batch, seq_len, a.dim, a.vocab_size, a.n_layers
-    hq, hkv, hid = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.ffn_hidden_dim
-    r, c = s.r, s.c
-    notes: list[str] = [f"N = batch*seq_len = {batch}*{seq_len} = {N} tokens; r = {r} bytes (residual stream), "
-                        f"c = {c} bytes (linear/attention outputs); sizes in MiB = 1024**2 bytes."]
-
-    def note(name, nbytes, formula):
-        notes.append(f"{name}: {formula} = {format_bytes(nbytes)}")
-
-    # ---- parameters ----
-    counts = parameter_count(args, lora)
-    per_layer_linear = sum(i * o for i, o in s.shapes.values())
-    if quant4:
-        q_bytes = L * sum(_quant4_bytes(i * o, quant4["blocksize"], quant4["double_quant"])
-                          for i, o in s.shapes.values())
-        rest = counts["base"] - L * per_layer_linear
-        params = q_bytes + rest * pb
-        bits = 8 * q_bytes / (L * per_layer_linear)
-        note("parameters: 4-bit linears", q_bytes, f"{L * per_layer_linear:,} weights at {bits:.3f} bits "
-             f"({quant4['quant_type']}, blocksize {quant4['blocksize']}, double_quant={quant4['double_quant']})")
-        note("parameters: embeddings, norms, output head", rest * pb, f"{rest:,} * {pb}")
+    quant4 = _check_quant4(quant4, mode, lora)
+    s = _Settings(args, batch=batch, seq_len=seq_len, mode=mode, param_dtype=param_dtype,
+                  amp=None if amp == "off" else amp, lora=lora, quant4=quant4, optimizer=optimizer,
+                  checkpointing=checkpointing, grad_accum=grad_accum, optimizer_state_dtype=optimizer_state_dtype,
+                  device=device, foreach=foreach, grads_in_forward=grads_in_forward)
+    notes = _Notes([f"N = batch*seq_len = {batch}*{seq_len} = {s.N} tokens; r = {s.r} bytes (residual stream), "
+                    f"c = {s.c} bytes (linear/attention outputs); sizes in MiB = 1024**2 bytes."])
+    params = parameter_bytes(s, notes)
+    grads = gradient_bytes(s, notes)
+    opt, opt_temp = optimizer_bytes(s, notes)
+    if s.train:
+        saved = saved_for_backward(s, notes)
+        moments, activations = train_moments(s, params, grads, opt, opt_temp, saved, notes), saved.total
     else:
-        params = counts["base"] * pb
-        note("parameters: model", params, f"{counts['base']:,} * {pb}")
-    if lora:
-        params += counts["lora"] * s.lb
-        note("parameters: LoRA A and B", counts["lora"] * s.lb, f"{counts['lora']:,} * {s.lb} "
-             f"(r={lora['r']} on {'/'.join(lora['targets'])}: r*(in+out) per linear per layer)")
+        moments, activations = inference_moments(s, params, notes), 0
+    static = {"parameters": params, "gradients": grads, "optimizer_state": opt}
+    return _peak(moments, static, activations, notes)
 
-    train = mode == "train"
-    # ---- gradients and optimizer state ----
-    grads = opt = opt_temp = 0
-    if train:
-        gb = s.lb if lora else pb
-        grads = counts["trainable"] * gb
-        note("gradients", grads, f"{counts['trainable']:,} trainable * {gb}")
-        groups = _trainable_groups(args, lora)
-        n_tensors = sum(len(g) for g in groups)
-        if optimizer == "adamw":
-            sb = _dtype_bytes(optimizer_state_dtype, "optimizer_state_dtype") if optimizer_state_dtype else gb
-            opt = 2 * counts["trainable"] * sb
-            note("optimizer_state: AdamW exp_avg, exp_avg_sq", opt, f"2 * {counts['trainable']:,} * {sb}")
-            if not on_cuda:
-                opt += 4 * n_tensors
-                note("optimizer_state: AdamW step counters", 4 * n_tensors, f"{n_tensors} tensors * 4 (fp32 scalars)")
-            use_foreach = foreach if foreach is not None else on_cuda
-            if use_foreach:  # _multi_tensor_adam: exp_avg_sq_sqrt = torch._foreach_sqrt(all of the group)
-                opt_temp = max(sum(g) for g in groups) * sb
-                note("temporary: AdamW foreach sqrt(exp_avg_sq)", opt_temp, "largest param group's numel * "
-                     f"{sb} (torch._foreach_sqrt of the whole group)")
-            else:  # _single_tensor_adam, per tensor: denom = (exp_avg_sq.sqrt() / bc).add_(eps): sqrt and
-                # div results live together, and the previous tensor's `denom` is still referenced
-                opt_temp = sb * max((2 * n + (g[i - 1] if i else 0) for g in groups for i, n in enumerate(g)),
-                                    default=0)
-                note("temporary: AdamW single-tensor sqrt/div", opt_temp, f"max(2*numel_i + numel_(i-1)) * {sb} "
-                     "(sqrt and div of tensor i, denom of tensor i-1)")
-        elif optimizer in ("adamw8bit", "paged_adamw8bit"):
-            for g in groups:
-                for n in g:
-                    if n >= BNB_MIN_8BIT_SIZE:
-                        opt += 2 * n + 2 * 4 * -(-n // BNB_OPT_BLOCK)
-                    else:
-                        opt += 2 * 4 * n
-            opt += BNB_QMAP_BYTES
-            note(f"optimizer_state: {optimizer}", opt, "per tensor: 2 uint8 states + 2 fp32 absmax per 256 values "
-                 f"(tensors < {BNB_MIN_8BIT_SIZE} values: 2 fp32 states) + 2 shared 256-entry maps"
-                 + ("; paged: unified memory, evicted to the CPU only under memory pressure (MemoryTracker "
-                    "does not see paged buffers)" if optimizer.startswith("paged") else ""))
-        else:
-            note("optimizer_state: SGD without momentum", 0, "0")
-            # weight decay on the matrices (as make_optimizer sets it): grad.add(param, alpha=wd) is a new
-            # tensor per parameter (single-tensor), or one for the whole group (foreach)
-            use_foreach = foreach if foreach is not None else on_cuda
-            opt_temp = (sum(groups[0]) if use_foreach else max(groups[0], default=0)) * gb
-            note("temporary: SGD weight decay (grad + wd * param)", opt_temp,
-                 f"{'numel of the decay group' if use_foreach else 'largest decayed tensor'} * {gb}")
 
-    # ---- activations (train): what autograd saves, block by block ----
-    cos_sin = 2 * T * (a.head_dim // 2) * 4  # rope_cos_sin: fp32 [T, head_dim/2] each
-    positions = 8 * T  # torch.arange positions, int64
-    blocks = []  # per block: (terms, p_bytes, input requires grad)
-    x_rg = s.full  # the embedding's output requires grad iff the embedding trains
-    for _ in range(L):
-        terms, out_rg, p_bytes = _block_saved(s, x_rg)
-        blocks.append((terms, p_bytes, x_rg))
-        x_rg = out_rg
-    head: list[tuple[str, int, str]] = []
-
-    def hsave(name, n, formula):
-        head.append((name, int(n), formula))
-
-    nf_rg = _rmsnorm(s, "norm (final)", x_rg, hsave)
-    if s.full:
-        if s.amp:
-            hsave("output: autocast copy of norm(h)", 2 * N * d, f"N*{d}*2 (kept by F.linear)")
-        else:
-            hsave("output: norm(h)", r * N * d, f"N*{d}*{r} (kept by F.linear for the weight's grad)")
-    if nf_rg or s.full:
-        hsave("cross_entropy: log_softmax output (fp32)", 4 * N * V, f"N*{V}*4 (kept by log_softmax)")
-        hsave("cross_entropy: targets", 8 * N, "N*8 (int64, kept by nll_loss)")
-    amp_blocks, amp_head = _amp_weight_copies(s, [b[2] for b in blocks])
-    act_blocks = [sum(t[1] for t in terms) for terms, _, _ in blocks]
-    act_terms: list[tuple[str, int, str]] = []
-    if checkpointing:
-        # non-reentrant torch.utils.checkpoint keeps each block's inputs (the stream x; cos and sin are
-        # shared) for the recomputation, and nothing that the block's ops would save
-        act_terms.append(("checkpointed block inputs", L * r * N * d, f"{L} * N*{d}*{r} (held for recomputation)"))
-    else:
-        merged: dict[str, list] = {}
-        for terms, _, _ in blocks:
-            for name, n, formula in terms:
-                m = merged.setdefault(name, [0, formula, 0])
-                m[0] += n
-                m[2] += 1
-        act_terms += [(f"blocks: {name}", n, f"{k} * {formula}") for name, (n, formula, k) in merged.items()]
-        if sum(amp_blocks):
-            act_terms.append(("autocast copies of the blocks' weights", sum(amp_blocks),
-                              "2 * weights of each linear whose copy is kept (autocast cache / F.linear)"))
-    act_terms += head
-    act_terms.append(("RoPE cos, sin", cos_sin, f"2 * T*{a.head_dim // 2}*4 (fp32, kept by the RoPE products)"))
-    if amp_head:
-        act_terms.append(("autocast copy of the output head", amp_head, f"{V}*{d}*2 (kept by F.linear)"))
-    activations = sum(t[1] for t in act_terms) if train else 0
-    if train:
-        for name, n, formula in act_terms:
-            note(f"activations: {name}", n, formula)
-
-    moments: dict[str, dict[str, int]] = {}
-    grads_fwd = grads if grad_accum > 1 else 0  # set_to_none zeroing: no .grad during forward/backward
-    if train:
-        base = {"parameters": params, "gradients": grads_fwd, "optimizer_state": opt}
-        fwd_grads = grads if grads_in_forward else grads_fwd
-        # the end of the forward: log_softmax's output is allocated while the logits (and, in bf16/fp16,
-        # their fp32 .float() copy) still live
-        logits_tmp = c * N * V + (4 * N * V if c < 4 else 0) + positions
-        if checkpointing:  # autocast's cache still holds the blocks' weight copies until autocast exits
-            logits_tmp += sum(amp_blocks) if s.full else 0
-        moments["cross-entropy forward (end of forward)"] = {**base, "gradients": fwd_grads,
-                                                              "activations": activations, "temporary": logits_tmp}
-        # the first ops of the backward: nll_loss_backward's fp32 [N, V] grad and log_softmax_backward's
-        # fp32 [N, V] grad, beside every saved tensor (the log_softmax output included)
-        moments["cross-entropy backward (start of backward)"] = {**base, "activations": activations,
-                                                                 "temporary": 2 * 4 * N * V}
-        # the backward of block i: the head's saved tensors are gone; gradients of the head and of the
-        # blocks above exist, plus w2's of this block; activations of blocks <= i remain (with
-        # checkpointing: their inputs, plus block i recomputed). Transient at the FFN product's backward:
-        # the incoming grad [N, d] and grad_p, grad_silu, grad_w3x (3 [N, hid]); p and w2's autocast copy
-        # are freed by then. Memory is linear in i, so the two ends bound every block.
-        gl = (per_layer_linear + 2 * d) * pb if s.full else (counts["lora"] // L) * s.lb
-        g_w2 = d * hid * pb if s.full else (s.lora["r"] * (d + hid) * s.lb if "w2" in s.targets else 0)
-        g_head = (V * d + d) * pb if s.full else 0
-        amp_w2 = 2 * d * hid if (s.amp and amp_blocks[0]) else 0
-        for i, label in ((L - 1, "backward of the last block"), (0, "backward of the first block")):
-            terms, p_i, _ = blocks[i]
-            if checkpointing:
-                shared_x = sum(t[1] for t in terms if t[0] == "attention_norm: fp32 input x") if r == 4 else 0
-                act = (i + 1) * r * N * d + act_blocks[i] - shared_x + amp_blocks[i]
-            else:
-                act = sum(act_blocks[: i + 1]) + sum(amp_blocks[: i + 1])
-            act += cos_sin - p_i - amp_w2
-            tmp = r * N * d + 3 * c * N * hid
-            if quant4 and on_cuda:  # w2's backward runs on a dequantised copy of its weight beside grad_p
-                tmp = max(tmp, r * N * d + c * N * hid + c * d * hid)
-            g = g_head + (L - 1 - i) * gl + g_w2
-            if grad_accum > 1:  # .grad exists already: each new gradient is a transient added in place
-                g = grads
-                tmp += max((n for grp in _trainable_groups(args, lora) for n in grp), default=0) * gb
-            moments[label] = {**base, "gradients": g, "activations": act, "temporary": tmp}
-        moments["optimizer step"] = {"parameters": params, "gradients": grads, "optimizer_state": opt,
-                                     "activations": 0, "temporary": opt_temp}
-        note("temporary at the end of the forward", logits_tmp, f"N*{V}*{c} (logits)"
-             + (f" + N*{V}*4 (their fp32 .float() copy)" if c < 4 else "") + " + positions")
-        note("temporary at the start of the backward", 2 * 4 * N * V,
-             f"2 * N*{V}*4 (nll_loss_backward's and log_softmax_backward's fp32 gradients)")
-        note("temporary in a block's backward", tmp, f"N*{d}*{r} (incoming grad) + 3*N*{hid}*{c} (grad_p, "
-             "grad of silu(w1 x), grad of w3 x)" + (" + the largest new gradient (accumulated in place)"
-                                                     if grad_accum > 1 else ""))
-    else:
-        # no grad: the live set inside the forward. x is the block input (the caller still holds it),
-        # h the stream after attention, n2 = ffn_norm(h). Under autocast the casts of trainable leaf
-        # weights are cached until autocast exits: all blocks' linears so far, then the output head.
-        base = {"parameters": params, "gradients": 0, "optimizer_state": 0, "activations": 0}
-        fixed = cos_sin + positions
-        cache = (lambda n: 2 * n) if (s.amp and s.full) else (lambda n: 0)
-        sh = s.shapes
-        ffn = 3 * r * N * d + 3 * c * N * hid  # x, h, n2 + silu(w1 x), w3 x, and their product
-        if "w3" in s.targets:  # LoRA w3 (PEFT's out-of-place form): silu(w1 x) beside base(x),
-            ffn += c * N * hid  # scaling * B(A x) and their sum: one [N, hid] more than the product
-        cands = {"FFN product (inference)": ffn + cache(L * per_layer_linear - d * hid)}
-        lora_w3 = "; LoRA on w3: base + scaled B(A x) + sum" if "w3" in s.targets else ""
-        note("temporary: FFN product moment", ffn, f"3*N*{d}*{r} (x, h, ffn_norm(h)) + {3 + ('w3' in s.targets)}"
-             f"*N*{hid}*{c} (silu(w1 x), w3 x, product{lora_w3})")
-        if quant4 and on_cuda:  # w3 runs on a dequantised copy of its weight while silu(w1 x) lives
-            # (on CPU, bitsandbytes 0.50.2 makes no dequantised weight that the dispatcher sees)
-            deq = c * d * hid
-            cands["FFN w3 on a dequantised weight"] = 3 * r * N * d + 2 * c * N * hid + deq
-            note("temporary: FFN w3 on a dequantised weight", cands["FFN w3 on a dequantised weight"],
-                 f"3*N*{d}*{r} + 2*N*{hid}*{c} + {d}*{hid}*{c} (the dequantised weight)")
-        attn = 2 * r * N * d + c * N * (2 * hq + 2 * hkv) + 4 * B * a.n_heads * T + c * N * d
-        attn_cache = (L - 1) * per_layer_linear + sum(sh[n][0] * sh[n][1] for n in ("wq", "wk", "wv", "wo"))
-        cands["attention output projection"] = attn + cache(attn_cache)
-        note("temporary: attention moment", attn, f"2*N*{d}*{r} (x, attention_norm(x)) + N*(2*{hq}+2*{hkv})*{c} "
-             f"(q, k, v after RoPE, SDPA output) + lse + N*{d}*{c} (wo output)")
-        if s.attn_impl == "math":
-            # x, attention_norm(x), q/k/v after RoPE, k and v repeated to n_heads (repeat_interleave makes
-            # copies unless n_kv_heads == n_heads), and the [B,H,T,T] scores: fp32 -> `scores` (masked) and
-            # the softmax output live together, then probs @ v's output; in bf16/fp16 the softmax runs on
-            # an fp32 copy of the scores (scores c + fp32 copy + fp32 probs)
-            probs = B * a.n_heads * T * T
-            rep = 2 * c * N * hq if a.n_kv_heads != a.n_heads else 0
-            sm = 8 * probs + c * N * hq if c == 4 else (c + 8) * probs
-            m_attn = 2 * r * N * d + c * N * (hq + 2 * hkv) + rep + T * T + sm
-            cands["math attention softmax"] = m_attn + cache(attn_cache - sh["wo"][0] * sh["wo"][1])
-            note("temporary: math attention moment", m_attn,
-                 f"2*N*{d}*{r} + N*({hq}+2*{hkv})*{c} (q,k,v) + repeated k,v + T*T mask + scores and softmax "
-                 f"({'8*B*H*T*T + output' if c == 4 else f'{c + 8}*B*H*T*T'})")
-        logits = r * N * d + c * N * V + (2 * N * d if s.amp else 0)  # + autocast's copy of norm(h)
-        if mode == "eval":
-            logits += (4 * N * V if c < 4 else 0) + 4 * N * V + 8 * N
-        cands["logits"] = logits + cache(L * per_layer_linear + V * d)
-        note("temporary: logits moment", logits, f"N*{d}*{r} (norm(h)) + N*{V}*{c} (logits)"
-             + (" + fp32 copy and log_softmax (eval)" if mode == "eval" else ""))
-        if s.amp and s.full:
-            note("temporary: autocast weight cache", cache(L * per_layer_linear + V * d),
-                 "2 * the weights of the linears run so far (autocast caches casts of leaf weights that "
-                 "require grad, also under no_grad)")
-        for name, v in cands.items():
-            moments[name] = {**base, "temporary": fixed + v}
-
+def _peak(moments: dict[str, dict[str, int]], static: dict[str, int], activations: int,
+          notes: _Notes) -> MemoryEstimate:
+    """The peak is the moment with the most live bytes; by_category gives each category's full size
+    (temporary: the one alive at the peak)."""
     totals = {name: sum(m.values()) for name, m in moments.items()}
     peak_moment = max(totals, key=totals.get)
     at_peak = {cat: moments[peak_moment].get(cat, 0) for cat in CATEGORIES}
-    static = params + grads + opt
-    by_category = {"parameters": params, "gradients": grads, "optimizer_state": opt, "activations": activations,
-                   "temporary": at_peak["temporary"]}
+    by_category = {**static, "activations": activations, "temporary": at_peak["temporary"]}
     notes.append(f"peak: {peak_moment} = {format_bytes(totals[peak_moment])} "
                  f"({', '.join(f'{k} {format_bytes(v)}' for k, v in at_peak.items() if v)})")
     for name, v in totals.items():
         if name != peak_moment:
             notes.append(f"other moment: {name} = {format_bytes(v)}")
-    return MemoryEstimate(by_category=by_category, peak_bytes=totals[peak_moment], static_bytes=static,
-                          notes=notes, peak_moment=peak_moment, at_peak=at_peak, moments=totals)
+    return MemoryEstimate(by_category=by_category, peak_bytes=totals[peak_moment], static_bytes=sum(static.values()),
+                          notes=list(notes), peak_moment=peak_moment, at_peak=at_peak, moments=totals)
 
 
 # ---- the Llama-3-8B budget of the QLoRA report ----------------------------------------------------
@@ -675,12 +863,12 @@ def llama3_8b_budget() -> list[dict]:
     L, d, V = args.n_layers, args.dim, args.vocab_size
     n = parameter_count(args)["total"]
     n_lora = parameter_count(args, QLORA_8B["lora"])["lora"]
-    linear = L * sum(i * o for i, o in _linear_shapes(args).values())  # 6,979,321,856 weights in the blocks
+    linear = L * sum(i * o for i, o in args.linear_shapes().values())  # 6,979,321,856 weights in the blocks
     full = estimate_memory(args, batch=1, seq_len=1, param_dtype="bf16", optimizer_state_dtype="fp32", device="cuda")
     q = estimate_memory(args, batch=1, seq_len=8192, **QLORA_8B)
     lora_b = n_lora * 2
     base4 = q.by_category["parameters"] - lora_b
-    q4_linear = L * sum(_quant4_bytes(i * o, 64, True) for i, o in _linear_shapes(args).values())
+    q4_linear = L * sum(_quant4_bytes(i * o, 64, True) for i, o in args.linear_shapes().values())
     rule_lora = int(linear * 2 * 64 / d) * 2  # as if every matrix were dim x dim: r*(in+out) = in*out*2r/dim
     rule_base4 = q4_linear + V * d * 2
     inputs = L * 8192 * d * 2
