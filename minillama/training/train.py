@@ -321,7 +321,9 @@ def _read_train_state(ckpt: Path) -> dict:
     except pickle.UnpicklingError as e:
         raise ValueError(f"{f} is refused: it needs code to unpickle ({str(e).splitlines()[0][:200]}), and "
                          f"minillama only reads plain tensors and numbers (torch.load(weights_only=True)).") from None
-    except (RuntimeError, EOFError) as e:
+    except (RuntimeError, EOFError, OSError) as e:  # a broken zip archive comes as any of them
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
         raise ValueError(f"{f} is not a readable training state ({str(e).splitlines()[0][:200]}); is it "
                          f"truncated or corrupt?") from None
     keys = ("step", "optimizer", "scaler", "rng", "config")
