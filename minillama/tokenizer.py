@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Union
 
 import sentencepiece as spm
 
+from .files import atomic_write_bytes
+
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
@@ -41,7 +43,7 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        Path(path).write_bytes(self.sp.serialized_model_proto())
+        atomic_write_bytes(path, self.sp.serialized_model_proto())
 
     def encode_chat(self, dialog: Sequence[dict]) -> list[int]:
         """Token ids of a Llama-2 chat prompt, ending with the last user turn (Meta's format).

@@ -139,14 +139,30 @@ def _load_native(path: Path) -> tuple[ModelArgs, dict]:
     return args, _read_safetensors([path / "model.safetensors"])
 
 
+def _inside(path: Path, name: str, source: str) -> Path:
+    """path / name, refused unless it stays inside the checkpoint folder (no absolute name, no `..`, no
+    symlink leading out), checked before anything is opened. The one exception: the links of a Hugging Face
+    hub cache snapshot (`snapshots/REV/x` -> `../../blobs/HASH`) may lead to that repository's blobs/."""
+    f = path / name
+    roots = [path.resolve()]
+    if path.resolve().parent.name == "snapshots":
+        roots.append(path.resolve().parent.parent / "blobs")
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts or not any(
+            f.resolve().is_relative_to(root) for root in roots):
+        raise ValueError(f"{source}: the shard {name!r} leads outside the checkpoint folder {path} (refused "
+                         f"before opening it): expected a file inside that folder.")
+    return f
+
+
 def _load_hf(path: Path) -> tuple[ModelArgs, dict]:
     cfg = read_json(path / "config.json")
     args = hf_config_to_args(cfg, source=str(path / "config.json"))
     if (path / HF_SAFE_INDEX).exists():
         weight_map = read_json(path / HF_SAFE_INDEX).get("weight_map", {})
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        source = str(path / HF_SAFE_INDEX)
+        files = [_inside(path, name, source) for name in sorted(set(weight_map.values()), key=str)]
     else:
-        files = sorted(path.glob("*.safetensors"))
+        files = [_inside(path, f.name, str(path)) for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise ValueError(f"{path} has an HF config.json but no *.safetensors weights "
                          f"(PyTorch .bin files are not supported: convert them to safetensors).")

@@ -215,6 +215,7 @@ def cmd_train(args) -> int:
     import math
 
     from .. import load_model, load_tokenizer
+    from ..files import file_sha256
     from ..training.data import split_held_out
     from ..lora import trainable_parameters
     from ..training.train import TrainConfig, skipped_steps, train
@@ -243,7 +244,9 @@ def cmd_train(args) -> int:
                       grad_clip=args.grad_clip, optimizer=args.optimizer, amp=args.amp,
                       checkpointing=args.checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-                      eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed)
+                      eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
+                      data_sha256=file_sha256(args.data),  # a --resume on other data is refused, naming it
+                      val_data_sha256=file_sha256(args.val_data) if args.val_data else "")
     print(f"data: {what}; validation: {vwhat if val else 'none'}")
     print(f"{steps} optimizer steps of {per_step} examples/rows ({args.batch_size} x {args.grad_accum} accumulated), "
           f"amp={cfg.amp}, dtype={next(model.parameters()).dtype}, checkpointing={cfg.checkpointing}, "

@@ -34,8 +34,9 @@ import json
 import numbers
 import os
 import random
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from ..files import atomic_write_text
 
 __all__ = [
     "DEFAULT_STORY_LENGTHS",
@@ -901,24 +902,6 @@ def make_almanac(n_docs: int, seed: int, facts_dict: dict) -> List[str]:
 # 5. Writing everything to disk
 # --------------------------------------------------------------------------
 
-def _write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same dir + os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)               # mkstemp creates files as 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _jsonl(records: Sequence[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
@@ -999,7 +982,7 @@ def write_corpora(out_dir: str, seed: int = 0,
 
     def put(name: str, filename: str, text: str) -> None:
         path = os.path.join(out_dir, filename)
-        _write_atomic(path, text)
+        atomic_write_text(path, text)
         paths[name] = path
 
     # Stories.

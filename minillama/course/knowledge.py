@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import tempfile
 import time
@@ -45,6 +44,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..checkpoints import load_model
+from ..files import atomic_write_text
 from .corpora import REPHRASED_TEMPLATES, TRAINED_TEMPLATES, facts_training_text
 from ..training.data import pack_documents, read_jsonl_texts
 from ..evaluation.evaluate import passkey_accuracy
@@ -369,12 +369,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                              stack_rank=a.stack_rank, stack_epochs=a.stack_epochs, n_facts=a.n_facts,
                              passkey_trials=a.passkey_trials, targets=targets, seed=a.seed)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
     for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("table.md", table)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
     print(table)
     return results
 

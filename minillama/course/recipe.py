@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Optional
 import torch
 
 from ..config import get_preset
+from ..files import atomic_write_bytes, atomic_write_text
 from .corpora import passkey_training_text, write_corpora
 from ..training.data import pack_documents, read_jsonl_texts
 from ..tokenizer import Tokenizer
@@ -41,12 +41,7 @@ def train_tokenizer(texts: list[str], out_path, vocab_size: int = 4096) -> Token
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
                                    **SPM_SETTINGS)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out_path)
-    return Tokenizer(out_path)
+    return Tokenizer(atomic_write_bytes(out_path, buf.getvalue()))
 
 
 def lm_datasets(corpora_dir, tok: Tokenizer, seq_len: int, seed: int = 0):
@@ -154,10 +149,7 @@ meets positions it never saw and perplexity degrades: the baseline that the long
 
 def write_model_card(out_dir, info: dict) -> Path:
     """MODEL_CARD.md from the recipe's measured figures."""
-    text = _card_recipe(info) + _card_results(info)
-    path = Path(out_dir) / "MODEL_CARD.md"
-    path.write_text(text)
-    return path
+    return atomic_write_text(Path(out_dir) / "MODEL_CARD.md", _card_recipe(info) + _card_results(info))
 
 
 def build_tiny(out_dir="data/tiny", corpora_dir="data/corpora", *, steps: int = 3000, seed: int = 0,
@@ -219,6 +211,5 @@ def build_tiny(out_dir="data/tiny", corpora_dir="data/corpora", *, steps: int = 
     write_model_card(out_dir, info | {"total_bytes": 0})
     info["total_bytes"] = sum((out_dir / f).stat().st_size for f in files + ["MODEL_CARD.md"])
     write_model_card(out_dir, info)
-    with open(work_dir / "recipe.json", "w") as f:
-        json.dump(info, f, indent=2, default=str)
+    atomic_write_text(work_dir / "recipe.json", json.dumps(info, indent=2, default=str))
     return info

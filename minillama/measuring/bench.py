@@ -13,6 +13,7 @@ e.g. {full, LoRA} x {fp32, bf16} without a second copy of this code.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import dtype_name, parse_dtype
+from ..files import atomic_write_bytes, atomic_write_text
 from .measure import CATEGORIES, Measurement, measure
 from .memory import estimate_memory
 
@@ -256,6 +258,12 @@ def format_table(rows: list[dict], fmt: str = "md", header: bool = True) -> str:
     raise ValueError(f"Table format {fmt!r} is unknown: expected 'md', 'text' or 'html'.")
 
 
+def _save_figure(fig, path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_memory(rows: list[dict], path) -> None:
     """Stacked bars of peak memory by category per configuration, with the prediction as a marker."""
     import matplotlib
@@ -277,7 +285,7 @@ def plot_memory(rows: list[dict], path) -> None:
     ax.set_title(describe(rows), fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -295,7 +303,7 @@ def plot_bars(rows: list[dict], key: str, scale: float, ylabel: str, path) -> No
     ax.set_ylabel(ylabel)
     ax.set_title(describe(rows), fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -360,8 +368,7 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
     paths = {k: out / v for k, v in (("json", "results.json"), ("csv", "results.csv"), ("md", "table.md"),
                                        ("memory", "memory.png"), ("runtime", "runtime.png"),
                                        ("flops", "flops.png"))}
-    with open(paths["json"], "w") as f:
-        json.dump(rows, f, indent=2, default=str)
+    atomic_write_text(paths["json"], json.dumps(rows, indent=2, default=str))
     flat = []
     for r in rows:  # CSV: one column per category
         r = dict(r)
@@ -370,16 +377,17 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
                 r[f"{key.split('_')[0]}_{cat}_bytes"] = v
         flat.append(r)
     fields = list(dict.fromkeys(k for r in flat for k in r))
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(flat)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(flat)
+    atomic_write_text(paths["csv"], buf.getvalue())
     effects = technique_effects(rows)
     text = format_table(rows, "md") + "\n"
     if effects:
         text += ("\nWhat each technique does (median ratio technique-on / technique-off over the pairs of rows "
                  "that differ only in it; 'same' within 3%):\n\n" + format_effects(effects) + "\n")
-    paths["md"].write_text(text)
+    atomic_write_text(paths["md"], text)
     if any("memory_by_category" in r for r in rows):
         plot_memory(rows, paths["memory"])
         plot_bars(rows, "step_time_s", 1000, "step time (ms)", paths["runtime"])

@@ -25,8 +25,11 @@ import dataclasses
 import errno
 import json
 import math
+import pickle
 import random
+import re
 import resource
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -35,11 +38,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..checkpoints import load_model, save_model
-from ..files import atomic_directory
+from ..files import atomic_directory, atomic_write_text, open_nofollow, run_lock
 from .data import IGNORE_INDEX, as_dataset, batches
 from ..model import Transformer
 
@@ -70,6 +74,8 @@ class TrainConfig:
     eval_rows: int = 64           # held-out rows per evaluation set
     save_every: int = 500
     seed: int = 0
+    data_sha256: str = ""         # of the training data file(s) (the CLI records it): resuming on other data is refused
+    val_data_sha256: str = ""     # of the held-out data file, likewise
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
@@ -235,57 +241,123 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+TRAIN_STATE = "train_state.pt"
+# what an OSError's errno means for a checkpoint being written
+_WHY = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def _train_state(optimizer, scaler, step: int, cfg: TrainConfig) -> dict:
+    """Everything a resumed run needs besides the weights, as plain tensors, numbers, strings, lists,
+    tuples and dicts: what torch.load(weights_only=True) reads back without unpickling any code."""
+    return {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "rng": _rng_state(), "config": dataclasses.asdict(cfg)}
+
+
+def _checkpoint_parts(model, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer) -> list:
+    """[(name, write(dest))] of a checkpoint's entries, written in this order."""
+    from ..lora import save_adapter
+
+    def write_state(dest):
+        with open(dest, "wb") as f:  # a file object: a failing write raises OSError with its errno
+            torch.save(_train_state(optimizer, scaler, step, cfg), f)
+
+    if _base_trains(model):
+        parts = [("model", lambda dest: save_model(model, dest, tokenizer=tokenizer))]
+    else:
+        names = _trainable_adapters(model)
+        parts = [("adapter" if len(names) == 1 else f"adapter-{n}", lambda dest, n=n: save_adapter(model, dest, n))
+                 for n in names]
+        trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        parts.append(("trainable.safetensors", lambda dest: save_file(trained, str(dest))))
+    return parts + [(TRAIN_STATE, write_state)]
+
+
+def _write_error_errno(e: Exception) -> Optional[int]:
+    """The errno of a failed write: OSError's own, or the "(os error N)" inside safetensors' message."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
+
+
 def write_checkpoint(path, model: Transformer, optimizer, scaler, step: int, cfg: TrainConfig,
                      tokenizer=None) -> None:
     """path/ with train_state.pt and either model/ (full fine-tuning) or adapter[-NAME]/ (LoRA, PEFT's
     layout) plus trainable.safetensors (the trained tensors, for an exact resume).
 
     Written to a temporary directory renamed into place: a process killed at any moment, or a full or
-    read-only disk, leaves the previous checkpoint as it was.
+    read-only disk, leaves the previous checkpoint as it was (and an OSError names the file that failed).
     """
     path = Path(path)
+    current = None
     try:
         with atomic_directory(path) as tmp:
-            if _base_trains(model):
-                save_model(model, tmp / "model", tokenizer=tokenizer)
-            else:
-                from ..lora import save_adapter
-
-                names = _trainable_adapters(model)
-                for name in names:
-                    save_adapter(model, tmp / ("adapter" if len(names) == 1 else f"adapter-{name}"), name)
-                save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                          str(tmp / "trainable.safetensors"))
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                        "rng": _rng_state(), "config": dataclasses.asdict(cfg)}, tmp / "train_state.pt")
-    except OSError as e:
-        why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}.get(e.errno, str(e))
-        raise OSError(e.errno, f"Cannot write the checkpoint {path} at step {step}: {why}; the previous "
-                               f"checkpoint (if any) is untouched.") from e
+            for current, write in _checkpoint_parts(model, optimizer, scaler, step, cfg, tokenizer):
+                write(tmp / current)
+            current = None
+    except (OSError, SafetensorError) as e:
+        code = _write_error_errno(e)
+        why = _WHY.get(code, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        where = f" while writing {current}" if current else ""
+        raise OSError(code, f"Cannot write the checkpoint {path} at step {step}: {why}{where}; the previous "
+                            f"checkpoint (if any) is untouched.") from e
 
 
 def _find_checkpoint(out_dir: Path) -> Optional[Path]:
     """out_dir/checkpoint, or the previous one set aside by a save that was killed between its two renames."""
     ckpt = out_dir / "checkpoint"
-    if (ckpt / "train_state.pt").exists():
+    if (ckpt / TRAIN_STATE).exists():
         return ckpt
-    old = sorted(out_dir.glob(".checkpoint.old-*"), key=lambda p: p.stat().st_mtime)
-    return old[-1] if old and (old[-1] / "train_state.pt").exists() else None
+    old = sorted((p for p in out_dir.glob(".checkpoint.old-*") if not p.is_symlink()), key=lambda p: p.stat().st_mtime)
+    return old[-1] if old and (old[-1] / TRAIN_STATE).exists() else None
+
+
+def _read_train_state(ckpt: Path) -> dict:
+    """train_state.pt, read with torch.load(weights_only=True): a file that needs code to unpickle is refused."""
+    f = ckpt / TRAIN_STATE
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{f} is refused: it needs code to unpickle ({str(e).splitlines()[0][:200]}), and "
+                         f"minillama only reads plain tensors and numbers (torch.load(weights_only=True)).") from None
+    except (RuntimeError, EOFError, OSError) as e:  # a broken zip archive comes as any of them
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{f} is not a readable training state ({str(e).splitlines()[0][:200]}); is it "
+                         f"truncated or corrupt?") from None
+    keys = ("step", "optimizer", "scaler", "rng", "config")
+    if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["step"], int):
+        raise ValueError(f"{f} is not a minillama training state: expected a dict with the keys {keys}.")
+    return state
+
+
+# a hint after "differs from the checkpoint's" for the fields that name no flag
+_RESUME_HINTS = {"data_sha256": " (the training data's content changed)",
+                 "val_data_sha256": " (the held-out data's content changed)"}
+
+
+def _read_trainable(ckpt: Path, device) -> dict:
+    f = ckpt / "trainable.safetensors"
+    try:
+        return load_file(str(f), device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{f} is not a readable safetensors file ({e}); is it truncated or corrupt?") from None
 
 
 def _restore(ckpt: Path, model, optimizer, scaler, cfg: TrainConfig) -> int:
-    state = torch.load(ckpt / "train_state.pt", weights_only=False)  # our own file: RNG states are tuples
+    state = _read_train_state(ckpt)
     saved = state["config"]
     for f in dataclasses.fields(TrainConfig):
         if f.name in saved and saved[f.name] != getattr(cfg, f.name):
             raise ValueError(f"Cannot resume from {ckpt}: {f.name}={getattr(cfg, f.name)!r} differs from the "
-                             f"checkpoint's {saved[f.name]!r} (resume with the same settings, or start a new --out).")
+                             f"checkpoint's {saved[f.name]!r}{_RESUME_HINTS.get(f.name, '')} (resume with the "
+                             f"same settings, or start a new --out).")
     device = next(model.parameters()).device
     if (ckpt / "model").exists():
         model.load_state_dict(load_model(ckpt / "model", device=device).state_dict())
     else:
-        tensors = load_file(str(ckpt / "trainable.safetensors"), device=str(device))
+        tensors = _read_trainable(ckpt, device)
         params = dict(model.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
         if missing or set(tensors) - set(params):
@@ -304,11 +376,34 @@ def _check_writable(out_dir: Path) -> None:
     """Fail before any compute if out_dir cannot be created or written."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{time.time_ns()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out_dir):  # an unpredictable name, gone when closed
+            pass
     except OSError as e:
         raise OSError(e.errno, f"Cannot write to the output directory {out_dir}: {e.strerror}.") from e
+
+
+def _start_log(log_path: Path, resume: bool, start: int) -> list[dict]:
+    """Prepare log.jsonl and return the records kept: none for a new run; for a resumed run those up to the
+    checkpoint's step (later ones will be run again). A symlinked log.jsonl is refused, never written through."""
+    if not resume:
+        if log_path.exists() or log_path.is_symlink():
+            log_path.unlink()  # a link is removed itself, not followed
+        return []
+    if not (log_path.exists() or log_path.is_symlink()):
+        return []
+    with open_nofollow(log_path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the unfinished last line of a killed run
+                break
+            raise ValueError(f"{log_path} line {i + 1} is not valid JSON: expected one record per line.") from None
+    kept = [r for r in records if r["step"] <= start]
+    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def _memory_mib(device: torch.device) -> float:
@@ -331,6 +426,13 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
     """
     out_dir = Path(out_dir)
     _check_writable(out_dir)
+    with run_lock(out_dir):  # one writer per run folder
+        return _train_locked(model, train_data, val_data, cfg, out_dir, tokenizer=tokenizer, resume=resume,
+                             progress=progress, strict_amp=strict_amp)
+
+
+def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_dir: Path, *,
+                  tokenizer, resume: bool, progress: bool, strict_amp: bool) -> list[dict]:
     device = next(model.parameters()).device
     amp = resolve_amp(cfg.amp, device, strict=strict_amp)
     torch.manual_seed(cfg.seed)  # LoRA's A and dropout draw from it; a resumed run restores it
@@ -348,12 +450,7 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
             raise FileNotFoundError(f"Cannot resume: {out_dir / 'checkpoint' / 'train_state.pt'} does not exist.")
         start = _restore(ckpt, model, optimizer, scaler, cfg)
     log_path = out_dir / "log.jsonl"
-    kept: list[dict] = []
-    if resume and log_path.exists():  # drop records of steps after the checkpoint (they will be run again)
-        kept = [r for r in map(json.loads, filter(None, log_path.read_text().splitlines())) if r["step"] <= start]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    elif log_path.exists():
-        log_path.unlink()
+    kept = _start_log(log_path, resume, start)
     train_data = as_dataset(train_data)
     val_data = {k: as_dataset(v) for k, v in val_data.items()}
     val_data = {k: v.subset(list(range(min(cfg.eval_rows, len(v))))) for k, v in val_data.items()}
@@ -390,7 +487,7 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
                 rec[f"val_{name}"] = round(evaluate_loss(model, vd, batch_size=cfg.batch_size, amp=amp), 6)
             model.train()
         records.append(rec)
-        with open(log_path, "a") as f:
+        with open_nofollow(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['mem_mib']:.0f}M",
                         **{k: f"{v:.3f}" for k, v in rec.items() if k.startswith("val_")})
