@@ -120,8 +120,9 @@ class LoRALinear(nn.Module):
     def _base_weight(self) -> torch.Tensor:
         w = getattr(self.base, "weight", None)
         if w is None or not w.is_floating_point():
-            raise ValueError(f"Cannot merge into a {type(self.base).__name__}: its weight is not a floating-point "
-                             f"tensor (dequantise it first).")
+            hint = " (merge_lora(model) merges into a dequantised copy)" if hasattr(self.base, "dequantized_weight") else ""
+            raise ValueError(f"Cannot merge into a {type(self.base).__name__} in place: its weight is not a "
+                             f"floating-point tensor{hint}.")
         return w
 
     @torch.no_grad()
@@ -343,7 +344,8 @@ def call_with_adapter(model: nn.Module, adapter: AdapterSpec, *args, **kwargs):
 
 def merge_lora(model: nn.Module, name: Optional[str] = None) -> nn.Module:
     """Fold the active adapters (with their weights), or adapter `name` alone (weight 1.0), into the base
-    weights and put the plain linear layers back; every other adapter is dropped. Returns the model."""
+    weights and put the plain linear layers back; every other adapter is dropped. Returns the model.
+    A 4-bit base is dequantised first and becomes an nn.Linear (see _dequantized)."""
     if name is not None and name not in adapter_names(model):
         raise ValueError(f"Adapter {name!r} is unknown: the model holds {adapter_names(model)}.")
     replace = []
@@ -353,6 +355,7 @@ def merge_lora(model: nn.Module, name: Optional[str] = None) -> nn.Module:
                 replace.append((parent, cname, child))
     for parent, cname, lin in replace:
         lin.unmerge()
+        lin.base = _dequantized(lin.base)
         weights = dict(lin.active) if name is None else {name: 1.0}
         with torch.no_grad():
             w = lin._base_weight()
@@ -365,6 +368,21 @@ def merge_lora(model: nn.Module, name: Optional[str] = None) -> nn.Module:
                 w.add_(delta.to(w.dtype))
         setattr(parent, cname, lin.base)
     return model
+
+
+def _dequantized(base: nn.Module) -> nn.Module:
+    """A quantised base (one with a dequantized_weight() method, as minillama.quant's 4-bit layers have) as a
+    plain nn.Linear in the dtype it was quantised from; any other base unchanged. Merging does not go back to
+    4 bits: re-quantising W + scaling * B A would round most of the update away (its entries are far smaller
+    than the gaps between 4-bit levels times the block's absmax) and add a second quantisation error."""
+    if not hasattr(base, "dequantized_weight"):
+        return base
+    w = base.dequantized_weight()
+    lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=w.device, dtype=w.dtype)
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    if base.bias is not None:
+        lin.bias = nn.Parameter(base.bias.detach().to(w.dtype).clone(), requires_grad=False)
+    return lin
 
 
 # ---------------------------------------------------------------------------------------------

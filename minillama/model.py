@@ -233,7 +233,7 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache mode {mode!r} is unknown: expected one of {CACHE_MODES}.")
         cache_cls = KVCache if mode == "prealloc" else ConcatKVCache
         length = max_seq_len or self.args.max_seq_len
-        w = self.layers[0].attention.wk.weight
+        w = self.tok_embeddings.weight  # the activations' dtype (a 4-bit wk's weight is packed uint8)
         for layer in self.layers:
             layer.attention.cache = cache_cls(batch_size, self.args.n_kv_heads, length, self.args.head_dim,
                                               dtype=w.dtype, device=w.device)
