@@ -118,8 +118,8 @@ def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, s
         raise ValueError(f"trials={trials} is invalid: expected a positive integer.")
     if context > model.args.max_seq_len:
         raise ValueError(f"context={context} is longer than the model's max_seq_len={model.args.max_seq_len}.")
+    check_fits(model, batch_size, context, f"passkey at context {context}")  # cheap, before building any filler
     n_filler = passkey_prompt_filler(tokenizer, context)
-    check_fits(model, batch_size, context, f"passkey at context {context}")
     items = [make_passkey(seed * 1_000_003 + i, n_filler, depths[i % len(depths)]) for i in range(trials)]
     prompts = [tokenizer.encode(it["prompt"], bos=True) for it in items]
     correct = []
