@@ -17,7 +17,7 @@ import torch
 ATTN_IMPLS = ("sdpa", "math")
 # The value types of ModelArgs' fields, by their annotation (a bool is not accepted as a number).
 _FIELD_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a finite number"),
-                "str": ((str,), "a string"), "dict": ((dict,), "an object")}
+                "bool": ((bool,), "true or false"), "str": ((str,), "a string"), "dict": ((dict,), "an object")}
 
 
 @dataclass
@@ -75,7 +75,7 @@ class ModelArgs:
             types, expected = _FIELD_TYPES[f.type.removeprefix("Optional[").removesuffix("]")]
             if value is None and optional:
                 continue
-            if (not isinstance(value, types) or isinstance(value, bool)
+            if (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
                     or (isinstance(value, float) and not math.isfinite(value))):
                 raise ValueError(f"ModelArgs.{f.name}={value!r} is invalid: expected {expected}"
                                  f"{' or null' if optional else ''}.")
