@@ -8,12 +8,16 @@ the models the course talks about (no weights: shapes only).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 ATTN_IMPLS = ("sdpa", "math")
+# The value types of ModelArgs' fields, by their annotation (a bool is not accepted as a number).
+_FIELD_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a finite number"),
+                "bool": ((bool,), "true or false"), "str": ((str,), "a string"), "dict": ((dict,), "an object")}
 
 
 @dataclass
@@ -36,6 +40,7 @@ class ModelArgs:
     extra: dict = field(default_factory=dict, repr=False)  # unknown params.json keys, kept verbatim
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         checks = [
@@ -62,6 +67,18 @@ class ModelArgs:
                 rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
             except ValueError as e:
                 raise ValueError(f"ModelArgs.rope_scaling={self.rope_scaling!r} is invalid: {e}") from None
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong type (a config.json with `"dim": 256.0`, `"256"` or `null`)."""
+        for f in dataclasses.fields(self):
+            value, optional = getattr(self, f.name), f.type.startswith("Optional[")
+            types, expected = _FIELD_TYPES[f.type.removeprefix("Optional[").removesuffix("]")]
+            if value is None and optional:
+                continue
+            if (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+                    or (isinstance(value, float) and not math.isfinite(value))):
+                raise ValueError(f"ModelArgs.{f.name}={value!r} is invalid: expected {expected}"
+                                 f"{' or null' if optional else ''}.")
 
     @property
     def head_dim(self) -> int:
@@ -103,7 +120,9 @@ class ModelArgs:
         extra = {k: v for k, v in d.items() if k not in names}
         try:
             return cls(**known, extra=extra)
-        except TypeError as e:  # wrong value types
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        except TypeError as e:  # e.g. a rope_scaling of the wrong shape
             raise ValueError(f"{source}: cannot build ModelArgs ({e}).") from None
 
     def replace(self, **changes: Any) -> "ModelArgs":

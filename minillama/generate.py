@@ -9,6 +9,8 @@ what it would get alone.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -34,6 +36,32 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: Optional[torch.Ge
     # END SOLUTION
 
 
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Refuse settings generate() cannot honour (the CLI checks them before it loads a model)."""
+    if not isinstance(temperature, numbers.Real) or not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature} is invalid: expected a finite value >= 0 (0 is greedy).")
+    if not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} is invalid: expected a value in (0, 1].")
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: expected an integer >= 0.")
+
+
+def _prompts(tokens: Prompt) -> list[list[int]]:
+    """One prompt (ids) or a batch (lists of ids; a tensor or array too) as lists of ints; a clear error otherwise."""
+    if hasattr(tokens, "tolist"):  # a torch tensor or numpy array, [T] or [B, T]
+        tokens = tokens.tolist()
+    if not isinstance(tokens, (list, tuple)):
+        raise ValueError(f"tokens={tokens!r} is invalid: expected a list of token ids or a list of such lists.")
+    prompts = [tokens] if tokens and not isinstance(tokens[0], (list, tuple)) else tokens
+    if not prompts or any(not isinstance(p, (list, tuple)) or len(p) == 0 for p in prompts):
+        raise ValueError("Every prompt needs at least one token (e.g. BOS).")
+    for i, p in enumerate(prompts):
+        wrong = [t for t in p if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if wrong:
+            raise ValueError(f"Prompt {i} holds {wrong[0]!r}: token ids must be integers.")
+    return [[int(t) for t in p] for p in prompts]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, tokens: Prompt, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: Optional[int] = None, seed: Optional[int] = None, *,
@@ -49,17 +77,8 @@ def generate(model: Transformer, tokens: Prompt, max_new_tokens: int, temperatur
     Generation also stops when a row reaches the model's max_seq_len.
     Returns the new ids of every prompt, as a list of lists (also for a single prompt).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} is invalid: expected a value >= 0 (0 is greedy).")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} is invalid: expected a value in (0, 1].")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: expected a value >= 0.")
-    if isinstance(tokens, torch.Tensor):
-        tokens = tokens.tolist()  # [T] or [B, T]
-    prompts = [list(tokens)] if tokens and isinstance(tokens[0], int) else [list(p) for p in tokens]
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("Every prompt needs at least one token (e.g. BOS).")
+    check_sampling(temperature, top_p, max_new_tokens)
+    prompts = _prompts(tokens)
     max_len = model.args.max_seq_len
     for i, p in enumerate(prompts):
         if len(p) > max_len:

@@ -64,6 +64,11 @@ def hf_config_to_args(cfg: dict, source: str = "config.json") -> ModelArgs:
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
             raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported: expected {ok!r} (LLaMA-2 architecture).")
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                "intermediate_size", "vocab_size", "max_position_embeddings"):  # before any division by them
+        value = cfg.get(key, 1)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{source}: {key}={value!r} is invalid: expected a positive integer.")
     try:
         n_heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
         params = cfg.get("rope_parameters") or {}  # transformers 5.x keeps theta and scaling here
@@ -74,13 +79,14 @@ def hf_config_to_args(cfg: dict, source: str = "config.json") -> ModelArgs:
         if cfg.get("head_dim") not in (None, dim // n_heads):
             raise ValueError(f"{source}: head_dim={cfg['head_dim']} is not supported: expected hidden_size / "
                              f"num_attention_heads = {dim // n_heads}.")
-        return ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                         n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
-                         hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                         rope_theta=float(theta), rope_scaling=scaling,
-                         max_seq_len=cfg.get("max_position_embeddings", 4096))
+        settings = dict(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                        n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+                        hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                        rope_theta=float(theta) if isinstance(theta, (int, float)) else theta, rope_scaling=scaling,
+                        max_seq_len=cfg.get("max_position_embeddings", 4096))
     except KeyError as e:
         raise ValueError(f"{source} lacks the key {e.args[0]!r} that a LlamaConfig must have.") from None
+    return ModelArgs.from_dict(settings, source=source)
 
 
 def args_to_hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
@@ -158,7 +164,10 @@ def _load_hf(path: Path) -> tuple[ModelArgs, dict]:
     cfg = read_json(path / "config.json")
     args = hf_config_to_args(cfg, source=str(path / "config.json"))
     if (path / HF_SAFE_INDEX).exists():
-        weight_map = read_json(path / HF_SAFE_INDEX).get("weight_map", {})
+        weight_map = read_json(path / HF_SAFE_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{path / HF_SAFE_INDEX}: 'weight_map' must be an object mapping each weight name to "
+                             f"its shard's file name, not {json.dumps(weight_map)[:60]}.")
         source = str(path / HF_SAFE_INDEX)
         files = [_inside(path, name, source) for name in sorted(set(weight_map.values()), key=str)]
     else:
@@ -193,12 +202,19 @@ def _meta_split_dim(name: str) -> Optional[int]:
 
 def _torch_load(f: Path) -> dict:
     try:
-        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        shard = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{f} needs arbitrary code to unpickle, which torch.load(weights_only=True) refuses: "
                          f"minillama only loads plain tensors ({str(e).splitlines()[0]}).") from None
     except RuntimeError as e:
         raise ValueError(f"{f} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from None
+    if not isinstance(shard, dict):
+        raise ValueError(f"{f} holds a {type(shard).__name__}: expected a dict of weight names to tensors.")
+    for key, value in shard.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{f}: entry {key!r} is a {type(value).__name__}: expected a dict of weight names "
+                             f"to tensors.")
+    return shard
 
 
 def _load_meta(path: Path) -> tuple[ModelArgs, dict]:
@@ -256,6 +272,41 @@ def _load_meta(path: Path) -> tuple[ModelArgs, dict]:
     return ModelArgs.from_dict(params, source=str(path / "params.json")), sd
 
 
+def _check_layer_count(path: Path, args: ModelArgs, sd: dict, cfg_name: str) -> None:
+    """Compare the config's n_layers with the checkpoint's tensors before building the model (a config
+    claiming a million layers would otherwise build them all first)."""
+    layers = {int(m.group(1)) for m in (re.match(r"layers\.(\d+)\.", k) for k in sd) if m}
+    found = max(layers) + 1 if layers else 0
+    if found != args.n_layers:
+        raise ValueError(f"{path}: {cfg_name} says n_layers={args.n_layers} but the checkpoint holds weights "
+                         f"for {found} layers.")
+
+
+def _check_weights(path: Path, expected: dict, sd: dict, cfg_name: str) -> None:
+    """Every weight the model needs is there, with the shape the config implies and a floating-point dtype."""
+    for key, t in expected.items():
+        if key not in sd:
+            raise ValueError(f"{path}: weight {key!r} is missing from the checkpoint.")
+        if tuple(sd[key].shape) != tuple(t.shape):
+            raise ValueError(f"{path}: weight {key!r} has shape {list(sd[key].shape)} but {cfg_name} implies "
+                             f"{list(t.shape)}.")
+        if not sd[key].is_floating_point():
+            raise ValueError(f"{path}: weight {key!r} is {sd[key].dtype}: expected floating-point weights "
+                             f"(fp32, fp16 or bf16).")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise ValueError(f"{path}: weight {extra[0]!r} is not part of a model with this {cfg_name}.")
+
+
+def _check_finite(path: Path, key: str, t: torch.Tensor) -> None:
+    """Refuse NaN or inf weights (generation would print garbage). One sum per tensor: the sum of finite
+    values is finite unless it overflows, and only then is the exact (slower) element-wise test run."""
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{path}: weight {key!r} holds NaN or inf values ({bad:,} of {t.numel():,}): the "
+                         f"checkpoint is broken (a diverged training run, or a failed conversion).")
+
+
 def load_model(path: PathLike, *, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
                rope_scaling: Optional[dict] = None) -> Transformer:
     """Load a native, HF or Meta checkpoint directory into a minillama Transformer (eval mode).
@@ -263,7 +314,10 @@ def load_model(path: PathLike, *, device="cpu", dtype=None, max_seq_len: Optiona
     dtype: None keeps the checkpoint's dtype; otherwise each tensor is cast as it is loaded.
     max_seq_len / rope_scaling override the checkpoint's config (e.g. to extend the context).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"load_model({path!r}): expected the path of a checkpoint directory (a str or a Path).")
     path = Path(path)
+    dtype = parse_dtype(dtype)
     fmt = detect_format(path)
     args, sd = {"native": _load_native, "hf": _load_hf, "meta": _load_meta}[fmt](path)
     overrides = {}
@@ -274,21 +328,14 @@ def load_model(path: PathLike, *, device="cpu", dtype=None, max_seq_len: Optiona
     if overrides:
         args = args.replace(**overrides)
     cfg_name = "params.json" if fmt == "meta" else "config.json"
+    _check_layer_count(path, args, sd, cfg_name)
     with torch.device("meta"):
         model = Transformer(args)
     expected = model.state_dict()
-    for key, t in expected.items():
-        if key not in sd:
-            raise ValueError(f"{path}: weight {key!r} is missing from the checkpoint.")
-        if tuple(sd[key].shape) != tuple(t.shape):
-            raise ValueError(f"{path}: weight {key!r} has shape {list(sd[key].shape)} but {cfg_name} implies "
-                             f"{list(t.shape)}.")
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        raise ValueError(f"{path}: weight {extra[0]!r} is not part of a model with this {cfg_name}.")
-    dtype = parse_dtype(dtype)
+    _check_weights(path, expected, sd, cfg_name)
     for key in expected:  # cast and move one tensor at a time
         sd[key] = sd[key].to(device=device, dtype=dtype or sd[key].dtype)
+        _check_finite(path, key, sd[key])
     model.load_state_dict(sd, assign=True, strict=True)
     model.args = args
     return model.eval()

@@ -14,9 +14,31 @@ from ..course.paths import corpora_dir, tiny_model_dir
 
 
 def _device(name: str) -> str:
+    """--device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps; refused if this machine lacks it."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    available = {"cpu": lambda: True, "cuda": lambda: torch.cuda.is_available(),
+                 "mps": lambda: torch.backends.mps.is_available()}
+    if kind not in available:
+        raise ValueError(f"--device {name!r} is not a device: expected auto, cpu, cuda, cuda:N or mps.")
+    if not available[kind]():
+        raise ValueError(f"--device {name!r} needs {kind.upper()}, which this machine lacks: use --device cpu or auto.")
+    if kind == "cuda" and (torch.device(name).index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0.")
     return name
+
+
+def _check_positive(args, *keys: str) -> None:
+    """Refuse a given flag that is not a positive integer (None means "not given": the default)."""
+    for key in keys:
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{key.replace('_', '-')} {value} is invalid: expected a positive integer.")
 
 
 def cmd_doctor(args) -> int:
@@ -27,9 +49,17 @@ def cmd_doctor(args) -> int:
 
 def cmd_generate(args) -> int:
     from .. import generate, load_model, load_tokenizer
+    from ..generate import check_sampling
     from ..tokenizer import TextStream
 
-    model = load_model(args.model, device=_device(args.device), dtype=args.dtype)
+    device = _device(args.device)
+    check_sampling(args.temperature, args.top_p, args.max_new_tokens)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # sys.argv keeps undecodable bytes as surrogates
+        raise ValueError(f"--prompt holds bytes that are not valid UTF-8 (character {e.start + 1}): pass the "
+                         f"prompt as UTF-8 text.") from None
+    model = load_model(args.model, device=device, dtype=args.dtype)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
     prompt = tok.encode(args.prompt, bos=True)
     text = TextStream(tok, prompt)  # decodes the growing sequence: each token alone would lose its space
@@ -124,9 +154,11 @@ def cmd_eval(args) -> int:
     from ..training.data import read_jsonl_texts
     from ..evaluation.evaluate import passkey_accuracy, perplexity
 
+    device = _device(args.device)
     contexts = _contexts(args.context)
+    _check_positive(args, "scored_tokens", "max_docs", "trials")
     args.model = args.model or str(tiny_model_dir())
-    model = load_model(args.model, device=_device(args.device))
+    model = load_model(args.model, device=device)
     trained = model.args.max_seq_len
     model.set_max_seq_len(max(trained, *contexts))
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
@@ -185,7 +217,7 @@ def _data_format(path: Path) -> str:
     """'alpaca' (instruction data) or 'text' (a JSONL of {"text"}), from the file's first row."""
     if not path.exists():
         raise FileNotFoundError(f"Data file {path} does not exist.")
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a sniff: the reader names undecodable bytes
         head = f.read(4096).lstrip()
     if head.startswith("["):
         return "alpaca"
@@ -211,6 +243,16 @@ def _load_data(path, fmt: str, tok, max_len: int, on_long: str, seed: int):
     return data, f"{len(data)} packed rows of {max_len - 1} tokens"
 
 
+def _check_train_flags(args) -> None:
+    """Refuse bad flags before anything is loaded or written, naming the flag."""
+    from ..training.train import SETTINGS, check_settings
+
+    if (args.steps is None) == (args.epochs is None):
+        raise ValueError("Give exactly one of --steps N or --epochs E.")
+    flags = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
+    check_settings(flags, name=lambda key, value: f"--{key.replace('_', '-')} {value}")
+
+
 def cmd_train(args) -> int:
     import math
 
@@ -218,9 +260,11 @@ def cmd_train(args) -> int:
     from ..files import file_sha256
     from ..training.data import split_held_out
     from ..lora import trainable_parameters
-    from ..training.train import TrainConfig, skipped_steps, train
+    from ..training.train import TrainConfig, _check_writable, skipped_steps, train
 
     device = _device(args.device)
+    _check_train_flags(args)
+    _check_writable(Path(args.out))  # a full disk or a read-only --out is refused before the model loads
     model = load_model(args.model, device=device, dtype=args.dtype)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
     max_len = args.max_len or min(512, model.args.max_seq_len + 1)
@@ -235,8 +279,6 @@ def cmd_train(args) -> int:
         data, val["val"] = split_held_out(data, args.val_fraction, seed=args.seed)
         vwhat = f"{len(val['val'])} held out from the training data"
     per_step = args.batch_size * args.grad_accum
-    if (args.steps is None) == (args.epochs is None):
-        raise ValueError("Give exactly one of --steps N or --epochs E.")
     steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * len(data) / per_step))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.03 * steps))
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -412,12 +454,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _missing_folders(path: Optional[str]) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    p = Path(path).absolute() if path else None
+    while p is not None and not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    new_folders = _missing_folders(getattr(args, "out", None))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError, ImportError, OSError) as e:
         print(f"minillama {args.command}: error: {e}", file=sys.stderr)
+        for folder in new_folders:  # leave no empty --out behind (rmdir removes empty folders only)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         return 2
 
 

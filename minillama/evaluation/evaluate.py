@@ -122,9 +122,10 @@ def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, s
         raise ValueError(f"trials={trials} is invalid: expected a positive integer.")
     if context > model.args.max_seq_len:
         raise ValueError(f"context={context} is longer than the model's max_seq_len={model.args.max_seq_len}.")
-    n_filler = passkey_prompt_filler(tokenizer, context)
+    # Cheap, before building any filler: generate() sets up a KV cache of about `context` positions.
     check_fits(model, min(batch_size, trials), context, f"passkey at context {context}", mode="inference",
-               kv_cache=context)  # generate() sets up a KV cache of about `context` positions
+               kv_cache=context)
+    n_filler = passkey_prompt_filler(tokenizer, context)
     items = [make_passkey(seed * 1_000_003 + i, n_filler, depths[i % len(depths)]) for i in range(trials)]
     prompts = [tokenizer.encode(it["prompt"], bos=True) for it in items]
     correct = []

@@ -23,23 +23,32 @@ import torch
 IGNORE_INDEX = -100
 
 
-def read_jsonl_texts(path) -> list[str]:
-    """The "text" field of every line of a JSONL file."""
+def read_text(path) -> str:
+    """A data file's whole text, decoded as UTF-8; a clear error naming the file otherwise."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Data file {path} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): save it "
+                         f"as UTF-8.") from None
+
+
+def read_jsonl_texts(path) -> list[str]:
+    """The "text" field of every line of a JSONL file."""
     texts = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}).") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}, line {i}: expected an object with a string field 'text'.")
-            texts.append(row["text"])
+    for i, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg}).") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}, line {i}: expected an object with a string field 'text'.")
+        texts.append(row["text"])
     return texts
 
 
@@ -131,10 +140,7 @@ def read_alpaca(path) -> list[dict]:
 
     Every row is checked: a clear error names the file, the row (1-based) and the field.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Data file {path} does not exist.")
-    text = path.read_text()
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

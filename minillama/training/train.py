@@ -26,13 +26,14 @@ import errno
 import json
 import math
 import pickle
+import os
 import random
 import re
 import resource
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -78,17 +79,53 @@ class TrainConfig:
     val_data_sha256: str = ""     # of the held-out data file, likewise
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "grad_accum", "eval_every", "save_every"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r} is invalid: expected a positive integer.")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr={self.lr} is invalid: expected a positive number.")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"TrainConfig.amp={self.amp!r} is invalid: expected one of {AMP_MODES}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r} is invalid: expected one of {OPTIMIZERS}.")
-        if self.checkpointing < 0 or self.lora_r < 0:
-            raise ValueError("TrainConfig.checkpointing and lora_r must be >= 0.")
+        check_settings(dataclasses.asdict(self))
+
+
+def _integer(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(low: float, high: float = math.inf, *, above_low: bool = False, below_high: bool = False):
+    """A finite number (not a bool) in [low, high]; above_low / below_high make that end open."""
+    def ok(v) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > low if above_low else v >= low) and (v < high if below_high else v <= high))
+    return ok
+
+
+# What each training setting accepts: TrainConfig checks its fields, and `minillama train` checks its flags
+# with the same rules before it loads anything.
+SETTINGS = {
+    **{key: (_integer(1), "a positive integer")
+       for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_rows", "save_every")},
+    **{key: (_integer(0), "an integer >= 0") for key in ("warmup_steps", "checkpointing", "lora_r")},
+    "seed": (_integer(-2**63), "an integer"),
+    "lr": (_number(0, above_low=True), "a positive number"),
+    "min_lr_ratio": (_number(0, 1), "a number in [0, 1] (the cosine ends at lr * min_lr_ratio)"),
+    "weight_decay": (_number(0), "a number >= 0"),
+    "grad_clip": (_number(0), "a number >= 0 (0: no clipping)"),
+    "beta1": (_number(0, 1, below_high=True), "a number in [0, 1)"),
+    "beta2": (_number(0, 1, below_high=True), "a number in [0, 1)"),
+    "lora_alpha": (_number(0, above_low=True), "a positive number"),
+    "lora_dropout": (_number(0, 1, below_high=True), "a number in [0, 1)"),
+    "amp": (lambda v: v in AMP_MODES, f"one of {AMP_MODES}"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+    "lora_targets": (lambda v: isinstance(v, str) and v.strip(",") != "", 'comma-separated Meta names, or "all"'),
+    # settings of a run that `minillama train` turns into the fields above
+    "epochs": (_number(0, above_low=True), "a positive number"),
+    "max_len": (_integer(2), "an integer >= 2 (a row's inputs and targets)"),
+    "val_fraction": (_number(0, 1, below_high=True), "a number in [0, 1)"),
+}
+
+
+def check_settings(values: dict, name=lambda key, value: f"TrainConfig.{key}={value!r}") -> None:
+    """Refuse the first value in `values` that its rule in SETTINGS rejects, in one sentence: `name(key, value)`
+    says how the user wrote it (a TrainConfig field by default, a command-line flag for the CLI)."""
+    for key, value in values.items():
+        ok, expected = SETTINGS[key]
+        if not ok(value):
+            raise ValueError(f"{name(key, value)} is invalid: expected {expected}.")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -373,13 +410,21 @@ def _restore(ckpt: Path, model, optimizer, scaler, cfg: TrainConfig) -> int:
 
 
 def _check_writable(out_dir: Path) -> None:
-    """Fail before any compute if out_dir cannot be created or written."""
+    """Fail before any compute if out_dir cannot be created or written: write a few KiB to a probe with an
+    unpredictable name (a full disk still lets an empty file be created), then remove it."""
+    probe = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):  # an unpredictable name, gone when closed
-            pass
+        fd, name = tempfile.mkstemp(dir=out_dir, prefix=".write-test-")
+        os.close(fd)
+        probe = Path(name)
+        probe.write_bytes(b"\0" * 4096)
     except OSError as e:
         raise OSError(e.errno, f"Cannot write to the output directory {out_dir}: {e.strerror}.") from e
+    finally:
+        if probe is not None:
+            with suppress(OSError):
+                probe.unlink(missing_ok=True)
 
 
 def _start_log(log_path: Path, resume: bool, start: int) -> list[dict]:
