@@ -185,7 +185,7 @@ ROWS = [
      "--scored-tokens 0 is invalid"),
     ("eval-max-docs-negative", "eval ppl --model {model} --data {data} --context 8 --max-docs -1", 2,
      "--max-docs -1 is invalid"),
-    ("eval-passkey-context-100000", "eval passkey --model {model} --context 100000", 2, "passkey at context 100000"),
+    ("eval-passkey-context-10M", "eval passkey --model {model} --context 10000000", 2, "passkey at context 10000000"),
 ]
 
 

@@ -106,12 +106,15 @@ def passkey_prompt_filler(tokenizer, context: int, answer_tokens: int = 8) -> in
     """The largest number of filler sentences whose passkey prompt (plus the answer) fits in `context`."""
     def length(n):
         return len(tokenizer.encode(make_passkey(0, n, 0.5)["prompt"], bos=True))
-    n = 1
-    if length(n) + answer_tokens > context:
+    if length(1) + answer_tokens > context:
         raise ValueError(f"context={context} is too short for even one filler sentence of a passkey prompt.")
-    while length(n + 1) + answer_tokens <= context:
-        n += 1
-    return n
+    lo, hi = 1, 2  # length grows with n: double hi until it no longer fits, then bisect (O(log n) encodings)
+    while length(hi) + answer_tokens <= context:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if length(mid) + answer_tokens <= context else (lo, mid)
+    return lo
 
 
 @torch.no_grad()
