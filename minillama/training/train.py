@@ -112,6 +112,8 @@ SETTINGS = {
     "amp": (lambda v: v in AMP_MODES, f"one of {AMP_MODES}"),
     "optimizer": (lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
     "lora_targets": (lambda v: isinstance(v, str) and v.strip(",") != "", 'comma-separated Meta names, or "all"'),
+    **{key: (lambda v: isinstance(v, str), "a string (a SHA-256 in hex, or empty)")
+       for key in ("data_sha256", "val_data_sha256")},
     # settings of a run that `minillama train` turns into the fields above
     "epochs": (_number(0, above_low=True), "a positive number"),
     "max_len": (_integer(2), "an integer >= 2 (a row's inputs and targets)"),
