@@ -11,17 +11,21 @@ from minillama.checkpoints import load_model, save_model
 from minillama.measuring.measure import MemoryTracker
 from minillama.quant import quantize_model
 
-ARGS = minillama.get_preset("tiny")
+ARGS = minillama.ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
+                            max_seq_len=64)  # the tiny preset, smaller: fast tests
 X = torch.randint(0, ARGS.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
 
 
-def fresh(dtype=torch.float32):
-    return minillama.create_model(ARGS, dtype=dtype, seed=0)
+def fresh(dtype=torch.float32, args=ARGS):
+    return minillama.create_model(args, dtype=dtype, seed=0)
 
 
 def logits(model):
     with torch.no_grad():
         return model(X)
+
+
+TINY = minillama.get_preset("tiny")  # every width a multiple of 64 (see the transformers test)
 
 
 @pytest.mark.parametrize("fmt", ["native", "hf", "meta"])
@@ -69,7 +73,9 @@ def test_saved_layout_is_transformers_bnb_4bit(tmp_path):
 def test_transformers_bitsandbytes_load_our_4bit_checkpoint(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
-    save_model(quantize_model(fresh(), "nf4", double_quant=True), tmp_path / "q", format="hf")
+    # the tiny preset: bitsandbytes 0.50.2's CPU dequantize_4bit is wrong when the block size does not divide
+    # a row (quant.py), as with this file's smaller model (FFN width 352); every tiny width is a multiple of 64
+    save_model(quantize_model(fresh(args=TINY), "nf4", double_quant=True), tmp_path / "q", format="hf")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert type(hf.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # bitsandbytes' own layer
     with torch.no_grad():
@@ -80,7 +86,7 @@ def test_transformers_bitsandbytes_load_our_4bit_checkpoint(tmp_path):
 
 
 def test_streamed_load_peak_below_16bit_model(tmp_path):
-    model = fresh(torch.bfloat16)
+    model = fresh(torch.bfloat16, args=TINY)  # embeddings and head (16-bit) are 1/4 of it, not most of it
     size16 = sum(p.numel() * p.element_size() for p in model.parameters())
     save_model(model, tmp_path / "hf", format="hf")
     with MemoryTracker(torch.nn.Module(), device="cpu") as tracker:
