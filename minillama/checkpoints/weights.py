@@ -160,9 +160,8 @@ def _inside(path: Path, name: str, source: str) -> Path:
     return f
 
 
-def _load_hf(path: Path) -> tuple[ModelArgs, dict]:
-    cfg = read_json(path / "config.json")
-    args = hf_config_to_args(cfg, source=str(path / "config.json"))
+def hf_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF checkpoint (from its index if sharded), each checked to be inside it."""
     if (path / HF_SAFE_INDEX).exists():
         weight_map = read_json(path / HF_SAFE_INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -175,6 +174,13 @@ def _load_hf(path: Path) -> tuple[ModelArgs, dict]:
     if not files:
         raise ValueError(f"{path} has an HF config.json but no *.safetensors weights "
                          f"(PyTorch .bin files are not supported: convert them to safetensors).")
+    return files
+
+
+def _load_hf(path: Path) -> tuple[ModelArgs, dict]:
+    cfg = read_json(path / "config.json")
+    args = hf_config_to_args(cfg, source=str(path / "config.json"))
+    files = hf_weight_files(path)
     hf = _read_safetensors(files)
     if "lm_head.weight" not in hf and cfg.get("tie_word_embeddings") and "model.embed_tokens.weight" in hf:
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"]  # tied head (shared, not copied)
@@ -218,6 +224,13 @@ def _torch_load(f: Path) -> dict:
 
 
 def _load_meta(path: Path) -> tuple[ModelArgs, dict]:
+    args, files, shards, keys = open_meta(path)
+    return args, {key: join_meta_weight(key, files, shards) for key in keys}
+
+
+def open_meta(path: Path) -> tuple[ModelArgs, list[Path], list[dict], list[str]]:
+    """(args, shard files in rank order, their memory-mapped dicts, weight names) of a Meta checkpoint; the
+    weights are read only when join_meta_weight asks for them (one at a time when streaming)."""
     params = read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
@@ -244,22 +257,6 @@ def _load_meta(path: Path) -> tuple[ModelArgs, dict]:
         if set(shard) != set(shards[0]):
             diff = sorted(set(shard) ^ set(shards[0]))[0]
             raise ValueError(f"Meta shards disagree: key {diff!r} is in only one of {files[0].name} and {f.name}.")
-    sd = {}
-    for key in keys:
-        parts = [s[key] for s in shards]
-        dim = _meta_split_dim(key) if len(parts) > 1 else None
-        if dim is None:
-            for f, p in zip(files[1:], parts[1:]):
-                if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
-                    raise ValueError(f"Meta shards disagree: replicated weight {key!r} differs between "
-                                     f"{files[0].name} and {f.name}.")
-            sd[key] = parts[0]
-        else:
-            other = [tuple(s for i, s in enumerate(p.shape) if i != dim) for p in parts]
-            if len(set(other)) != 1:
-                raise ValueError(f"Meta shards disagree: {key!r} has shapes {[list(p.shape) for p in parts]} "
-                                 f"across shards, which cannot be joined on dim {dim}.")
-            sd[key] = torch.cat(parts, dim=dim)
     if (path / META_SIDE_FILE).exists():  # minillama's own settings, written beside params.json by save_model
         side = read_json(path / META_SIDE_FILE)
         unknown = sorted(set(side) - set(META_SIDE_KEYS))
@@ -267,9 +264,26 @@ def _load_meta(path: Path) -> tuple[ModelArgs, dict]:
             raise ValueError(f"{path / META_SIDE_FILE} holds the unknown key {unknown[0]!r}: expected only "
                              f"{', '.join(META_SIDE_KEYS)}.")
         params.update(side)
-    if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in sd:
-        params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]  # -1 means "from the tokenizer"
-    return ModelArgs.from_dict(params, source=str(path / "params.json")), sd
+    if params.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in shards[0]:
+        params["vocab_size"] = shards[0]["tok_embeddings.weight"].shape[0]  # -1 means "from the tokenizer"
+    return ModelArgs.from_dict(params, source=str(path / "params.json")), files, shards, keys
+
+
+def join_meta_weight(key: str, files: list[Path], shards: list[dict]) -> torch.Tensor:
+    """One weight of a Meta checkpoint, its model-parallel parts joined (replicated ones checked equal)."""
+    parts = [s[key] for s in shards]
+    dim = _meta_split_dim(key) if len(parts) > 1 else None
+    if dim is None:
+        for f, p in zip(files[1:], parts[1:]):
+            if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
+                raise ValueError(f"Meta shards disagree: replicated weight {key!r} differs between "
+                                 f"{files[0].name} and {f.name}.")
+        return parts[0]
+    other = [tuple(s for i, s in enumerate(p.shape) if i != dim) for p in parts]
+    if len(set(other)) != 1:
+        raise ValueError(f"Meta shards disagree: {key!r} has shapes {[list(p.shape) for p in parts]} "
+                         f"across shards, which cannot be joined on dim {dim}.")
+    return torch.cat(parts, dim=dim)
 
 
 def _check_layer_count(path: Path, args: ModelArgs, sd: dict, cfg_name: str) -> None:
@@ -364,6 +378,11 @@ def _write_hf(sd: dict, args: ModelArgs, out: Path, max_shard_bytes: Optional[in
     dtype = next(iter(sd.values())).dtype
     with open(out / "config.json", "w") as f:
         json.dump(args_to_hf_config(args, dtype), f, indent=2)
+    write_safetensors_shards(hf, out, max_shard_bytes)
+
+
+def write_safetensors_shards(hf: dict, out: Path, max_shard_bytes: Optional[int]) -> None:
+    """HF-named tensors to out/model.safetensors, or to shards of at most max_shard_bytes plus their index."""
     total = sum(t.numel() * t.element_size() for t in hf.values())
     if not max_shard_bytes or total <= max_shard_bytes:
         save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
