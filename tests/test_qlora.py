@@ -84,3 +84,19 @@ def test_qlora_resume_is_exact_and_other_quant_settings_are_refused(tmp_path, ki
         assert f"{field} differs from the checkpoint's" in err and err.count("\n") == 1, err
     assert main(command(tmp_path / "full", *extra, "--double-quant", "--resume")) == 2
     assert "double_quant=True differs from the checkpoint's False" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch,seq_len", [(1, 16)])
+def test_qlora_grid_memory_is_predicted_within_10_percent(batch, seq_len):
+    """Every row of `minillama bench --grid qlora` (smaller batch and sequence, to stay fast; the full-size table
+    is in the README) on CPU: the memory model's peak within 10% of the tracker's measured peak. At these sizes the
+    per-layer dequantisation temporary of the 4-bit rows is the largest transient, so the term is exercised."""
+    from minillama.measuring.bench import grid_configs, model_factory, run_config
+
+    make = model_factory("tiny", model_path=str(TINY), device="cpu")
+    configs = grid_configs("qlora")
+    assert {c["quant"] for c in configs} == {"none", "nf4", "nf4+dq", "fp4"}
+    for cfg in configs:
+        row = run_config(make, {**cfg, "batch": batch, "seq_len": seq_len}, preset="tiny", warmup=1, repeats=1)
+        assert abs(row["prediction_error"]) < 0.10, (row["name"], row["peak_memory_bytes"],
+                                                     row["predicted_peak_memory_bytes"])
