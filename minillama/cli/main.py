@@ -245,12 +245,13 @@ def _load_data(path, fmt: str, tok, max_len: int, on_long: str, seed: int):
 
 def _check_train_flags(args) -> None:
     """Refuse bad flags before anything is loaded or written, naming the flag."""
-    from ..training.train import SETTINGS, check_settings
+    from ..training.train import SETTINGS, check_4bit_needs_lora, check_settings
 
     if (args.steps is None) == (args.epochs is None):
         raise ValueError("Give exactly one of --steps N or --epochs E.")
     flags = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
     check_settings(flags, name=lambda key, value: f"--{key.replace('_', '-')} {value}")
+    check_4bit_needs_lora(args.load_in_4bit, args.lora_r, flags=True)
 
 
 def cmd_train(args) -> int:
@@ -260,12 +261,16 @@ def cmd_train(args) -> int:
     from ..files import file_sha256
     from ..training.data import split_held_out
     from ..lora import trainable_parameters
+    from ..quant import quantize_model
     from ..training.train import TrainConfig, _check_writable, skipped_steps, train
 
     device = _device(args.device)
     _check_train_flags(args)
     _check_writable(Path(args.out))  # a full disk or a read-only --out is refused before the model loads
     model = load_model(args.model, device=device, dtype=args.dtype)
+    if args.load_in_4bit:  # QLoRA: the blocks' linears in 4 bits right after loading (frozen from now on)
+        quantize_model(model, quant_type=args.quant_type, double_quant=args.double_quant,
+                       blocksize=args.quant_blocksize)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
     max_len = args.max_len or min(512, model.args.max_seq_len + 1)
     if max_len - 1 > model.args.max_seq_len:
@@ -286,13 +291,16 @@ def cmd_train(args) -> int:
                       grad_clip=args.grad_clip, optimizer=args.optimizer, amp=args.amp,
                       checkpointing=args.checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-                      eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
+                      load_in_4bit=args.load_in_4bit, quant_type=args.quant_type, double_quant=args.double_quant,
+                      quant_blocksize=args.quant_blocksize, eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
                       data_sha256=file_sha256(args.data),  # a --resume on other data is refused, naming it
                       val_data_sha256=file_sha256(args.val_data) if args.val_data else "")
     print(f"data: {what}; validation: {vwhat if val else 'none'}")
     print(f"{steps} optimizer steps of {per_step} examples/rows ({args.batch_size} x {args.grad_accum} accumulated), "
           f"amp={cfg.amp}, dtype={next(model.parameters()).dtype}, checkpointing={cfg.checkpointing}, "
-          f"optimizer={cfg.optimizer}, lora_r={cfg.lora_r}, device={device}")
+          f"optimizer={cfg.optimizer}, lora_r={cfg.lora_r}, device={device}"
+          + (f", 4-bit base {cfg.quant_type}{'+dq' if cfg.double_quant else ''} (blocksize {cfg.quant_blocksize})"
+             if cfg.load_in_4bit else ""))
     log = train(model, data, val, cfg, args.out, tokenizer=tok, resume=args.resume, progress=not args.quiet,
                 strict_amp=args.strict_amp)
     t = trainable_parameters(model)
@@ -371,6 +379,7 @@ def _add_train_data(t) -> None:
 
 
 def _add_train_techniques(t) -> None:
+    from ..quant import QUANT_TYPES
     from ..training.train import AMP_MODES, OPTIMIZERS
 
     t.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
@@ -383,6 +392,11 @@ def _add_train_techniques(t) -> None:
     t.add_argument("--lora-alpha", type=float, default=16.0)
     t.add_argument("--lora-dropout", type=float, default=0.0)
     t.add_argument("--lora-targets", default="wq,wv", help='comma-separated Meta names, or "all"')
+    t.add_argument("--load-in-4bit", action="store_true",
+                   help="QLoRA: the blocks' linears in 4 bits, frozen (needs --lora-r)")
+    t.add_argument("--quant-type", default="nf4", choices=list(QUANT_TYPES), help="4-bit code book")
+    t.add_argument("--double-quant", action="store_true", help="the 4-bit constants in 8 bits too")
+    t.add_argument("--quant-blocksize", type=int, default=64, help="values per 4-bit block (power of two, 32-4096)")
 
 
 def _add_train(sub) -> None:
@@ -411,7 +425,7 @@ def _add_train(sub) -> None:
 def _add_bench(sub) -> None:
     m = sub.add_parser("bench", help="measure a grid of configurations (memory by category, time, FLOPs)")
     m.add_argument("--preset", default="tiny", help="tiny, llama2-7b, llama2-13b, llama3-8b")
-    m.add_argument("--grid", default="default", help="default, batch, seq, mode, lora, techniques")
+    m.add_argument("--grid", default="default", help="default, batch, seq, mode, lora, techniques, qlora")
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("--model", default=None, help="weights to load (default for tiny: the shipped tiny model)")
     m.add_argument("--random-weights", action="store_true", help="build the preset with random weights")

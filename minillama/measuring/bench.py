@@ -53,6 +53,32 @@ register_dimension("batch", (1, 2, 4, 8))
 register_dimension("seq_len", (64, 128, 256))
 
 
+QUANT_SETTINGS = {"none": None, "nf4": ("nf4", False), "nf4+dq": ("nf4", True), "fp4": ("fp4", False)}
+
+
+def _apply_quant(value, ctx):
+    """quant=none|nf4|nf4+dq|fp4: the blocks' linears in 4 bits (minillama.quant.quantize_model, blocksize 64,
+    applied before LoRA); the base is then frozen, so a 4-bit training row needs lora too."""
+    if value not in QUANT_SETTINGS:
+        raise ValueError(f"quant={value!r} is invalid: expected one of {tuple(QUANT_SETTINGS)}.")
+    if QUANT_SETTINGS[value] is None:
+        return
+    from ..quant import quantize_model
+
+    quant_type, double_quant = QUANT_SETTINGS[value]
+    quantize_model(ctx["model"], quant_type=quant_type, double_quant=double_quant, blocksize=64)
+    ctx["estimate"]["quant4"] = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": 64}
+
+
+def _apply_optimizer(name, ctx):
+    """optimizer=adamw|adamw8bit|paged_adamw8bit|sgd (minillama.training.train.make_optimizer)."""
+    ctx["optimizer"] = name
+    ctx["estimate"]["optimizer"] = name
+
+
+register_dimension("quant", tuple(QUANT_SETTINGS), _apply_quant)  # before lora: LoRA wraps the 4-bit base
+
+
 def _apply_lora(r, ctx):
     """lora=0: full fine-tuning; lora=r: LoRA of rank r (alpha 2r) on wq and wv, everything else frozen."""
     if r:
@@ -89,6 +115,7 @@ def _apply_checkpointing(every, ctx):
         ctx["estimate"]["checkpointing"] = True
 
 
+register_dimension("optimizer", ("adamw", "paged_adamw8bit"), _apply_optimizer)
 register_dimension("amp", ("off", "fp16", "bf16"), _apply_amp)
 register_dimension("accum", (1, 4), _apply_accum)
 register_dimension("checkpointing", (0, 1), _apply_checkpointing)
@@ -107,6 +134,12 @@ GRIDS: dict[str, dict] = {
     "techniques": {"base": {"mode": "train", "batch": 8, "seq_len": 128},
                    "sweep": {"lora": (0, 16), "amp": ("off", "fp16", "bf16"), "accum": (1, 4),
                              "checkpointing": (0, 1)}},
+    # QLoRA: LoRA r=16 (wq, wv) on a 4-bit base, {none, NF4, NF4 + double quantisation, FP4}, paged 8-bit AdamW;
+    # plus plain LoRA with torch's AdamW, the usual baseline.
+    "qlora": {"base": {"mode": "train", "batch": 8, "seq_len": 128, "lora": 16, "optimizer": "paged_adamw8bit"},
+              "sweep": {"quant": tuple(QUANT_SETTINGS)},
+              "extra": [{"mode": "train", "batch": 8, "seq_len": 128, "lora": 16, "optimizer": "adamw",
+                         "quant": "none"}]},
 }
 
 
@@ -139,13 +172,13 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
 
     model = make_model()
     args = model.args
-    ctx = {"model": model, "estimate": {}, "config": cfg, "amp": "off", "accum": 1}
-    for key, value in cfg.items():
-        dim = DIMENSIONS.get(key)
-        if dim is None:
+    ctx = {"model": model, "estimate": {}, "config": cfg, "amp": "off", "accum": 1, "optimizer": "adamw"}
+    for key in cfg:
+        if key not in DIMENSIONS:
             raise ValueError(f"Config key {key!r} is not a registered grid dimension: {sorted(DIMENSIONS)}.")
-        if dim.apply is not None:
-            dim.apply(value, ctx)
+    for key, dim in DIMENSIONS.items():  # in registration order: quant before lora, whatever the config's order
+        if key in cfg and dim.apply is not None:
+            dim.apply(cfg[key], ctx)
     model = ctx["model"]
     device = next(model.parameters()).device
     batch, seq_len, mode = cfg["batch"], cfg["seq_len"], cfg.get("mode", "train")
@@ -158,7 +191,7 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
     if mode == "train":
         model.train()
         # The trainer's own step (train.train_step): autocast, GradScaler, accumulation, clipping, AdamW.
-        tcfg = TrainConfig(amp=ctx["amp"], grad_accum=ctx["accum"])
+        tcfg = TrainConfig(amp=ctx["amp"], grad_accum=ctx["accum"], optimizer=ctx["optimizer"])
         optimizer = make_optimizer(model, tcfg)
         scaler = torch.amp.GradScaler(device.type, enabled=ctx["amp"] == "fp16")
         micro = list(zip(inputs.chunk(ctx["accum"]), targets.chunk(ctx["accum"])))
@@ -309,7 +342,7 @@ def plot_bars(rows: list[dict], key: str, scale: float, ylabel: str, path) -> No
 
 # ---- what each technique does, derived from the measured rows -----------------------------------------
 # technique: (grid dimension, value when off, value when on)
-TECHNIQUES = {"LoRA": ("lora", 0, None), "fp16 AMP": ("amp", "off", "fp16"), "bf16 AMP": ("amp", "off", "bf16"),
+TECHNIQUES = {"LoRA": ("lora", 0, None), "4-bit base": ("quant", "none", None), "fp16 AMP": ("amp", "off", "fp16"), "bf16 AMP": ("amp", "off", "bf16"),
               "gradient accumulation": ("accum", 1, None), "gradient checkpointing": ("checkpointing", 0, None)}
 EFFECT_KEYS = [("parameters", lambda r: r["memory_by_category"]["parameters"]),
                ("gradients", lambda r: r["memory_by_category"]["gradients"]),

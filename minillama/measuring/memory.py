@@ -39,7 +39,8 @@ Reading order (each function's docstring states its formula):
   1. static bytes        parameter_bytes, gradient_bytes, optimizer_bytes
   2. training peak       saved_for_backward (activations, block by block), train_moments
   3. inference peak      inference_moments (FFN, attention, logits), kv_cache_bytes
-  4. technique terms     LoRA (_lora_parameter_bytes, _linear_inputs), 4-bit (_quant4_parameter_bytes),
+  4. technique terms     LoRA (_lora_parameter_bytes, _linear_inputs), 4-bit (_quant4_parameter_bytes,
+                         _dequant_bytes, _dequant_forward_moment),
                          AMP weight copies (_amp_weight_copies, _autocast_cache), checkpointing
                          (_checkpointed_inputs), gradient accumulation (_gradients_in_backward)
   5. estimate_memory     checks the arguments and adds the parts up; the peak is the largest moment.
@@ -64,6 +65,7 @@ from .measure import CATEGORIES
 MODES = ("train", "inference", "eval")  # eval: a no-grad forward that also computes the loss
 LINEARS = TARGETS  # the seven linears of a block (owner: minillama.lora.TARGETS); the old name, kept
 QUANT_TYPES = ("nf4", "fp4")
+QUANT_BACKENDS = ("minillama", "bnb")  # minillama.quant.BACKENDS: who dequantises the 4-bit weights
 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
 BNB_OPT_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer states: one fp32 absmax per 256 values
@@ -179,6 +181,23 @@ def _quant4_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
     return packed + consts + 16 * 4
 
 
+
+
+def _dequant_bytes(s: "_Settings", numel: int) -> int:
+    """The transient of dequantising one 4-bit weight of `numel` values for a matmul (the per-layer temporary:
+    Linear4bit dequantises at every use, forward and backward, and frees the copy right after).
+    backend "minillama" (minillama.quant.dequantize_4bit, in PyTorch ops): the unpacked codes (uint8, 1 B per
+    value) are alive while `code[idx.long()]` makes an int64 index (8 B) and gathers the fp32 levels (4 B), and
+    again while the padded blocks are scaled by absmax (1 + 4 + 4 + 4 B): 13 B per value; a compute dtype
+    below fp32 adds the final cast (c B); double quantisation adds the fp32 absmax it rebuilds (4 B per block).
+    backend "bnb": bitsandbytes' CUDA kernel writes one dequantised weight (c B per value); its CPU kernel
+    (0.50.2) allocates outside the dispatcher, so nothing is counted."""
+    q = s.quant4
+    if q["backend"] == "bnb":
+        return s.c * numel if s.on_cuda else 0
+    cast = s.c * numel if s.c < 4 else 0
+    absmax = 4 * -(-numel // q["blocksize"]) if q["double_quant"] else 0
+    return 13 * numel + cast + absmax
 
 
 @dataclass
@@ -590,6 +609,8 @@ def train_moments(s: _Settings, params: int, grads: int, opt: int, opt_temp: int
                                                        "temporary": 2 * 4 * N * V}}
     for i, label in ((L - 1, "backward of the last block"), (0, "backward of the first block")):
         moments[label] = {**base, **_block_backward(s, i, saved, grads)}
+    if s.quant4:
+        moments["4-bit w2 of the last block (forward)"] = _dequant_forward_moment(s, base, saved, notes)
     moments["optimizer step"] = {"parameters": params, "gradients": grads, "optimizer_state": opt,
                                  "activations": 0, "temporary": opt_temp}
     d, hid, r = s.args.dim, s.args.ffn_hidden_dim, s.r
@@ -603,12 +624,27 @@ def train_moments(s: _Settings, params: int, grads: int, opt: int, opt_temp: int
     return moments
 
 
+def _dequant_forward_moment(s: _Settings, base: dict, saved: _Saved, notes: _Notes) -> dict[str, int]:
+    """4-bit term of the forward: the last block's w2 dequantises its d x hid weight (_dequant_bytes) while every
+    block's saved tensors live (the head's not yet), with its input, the FFN product p (c*N*hid), the stream h
+    that the block adds it to (r*N*d) and the positions."""
+    a = s.args
+    N, d, hid = s.N, a.dim, a.ffn_hidden_dim
+    deq = _dequant_bytes(s, d * hid)
+    tmp = s.c * N * hid + s.r * N * d + s.positions + deq
+    notes.add("temporary at the last block's 4-bit w2 (forward)", tmp, f"N*{hid}*{s.c} (p) + N*{d}*{s.r} (h) + "
+              f"positions + {format_bytes(deq)} (dequantising {d}x{hid}: _dequant_bytes)")
+    act = sum(saved.per_block) + sum(saved.amp_blocks) + s.cos_sin
+    return {**base, "gradients": base["gradients"], "activations": act, "temporary": tmp}
+
+
 def _block_backward(s: _Settings, i: int, saved: _Saved, grads: int) -> dict[str, int]:
     """Gradients, activations and temporary in the backward of block i (memory is linear in i, so the
     last and the first block bound every block). The head's saved tensors are gone; activations of blocks
     <= i remain (with checkpointing: their inputs, plus block i recomputed), less p and w2's autocast copy,
     freed by then. Temporary, at the FFN product's backward: the incoming grad r*N*d and grad_p,
-    grad_silu, grad_w3x (3*c*N*hid); on CUDA a 4-bit w2 runs on a dequantised copy c*d*hid beside grad_p."""
+    grad_silu, grad_w3x (3*c*N*hid); a 4-bit w2's backward dequantises it (_dequant_bytes) beside the incoming
+    grad and the grad of w2's output (c*N*d)."""
     N, d, hid, r, c = s.N, s.args.dim, s.args.ffn_hidden_dim, s.r, s.c
     terms, p_i, _ = saved.blocks[i]
     if s.checkpointing:
@@ -619,8 +655,8 @@ def _block_backward(s: _Settings, i: int, saved: _Saved, grads: int) -> dict[str
     amp_w2 = 2 * d * hid if (s.amp and saved.amp_blocks[0]) else 0
     act += s.cos_sin - p_i - amp_w2
     tmp = r * N * d + 3 * c * N * hid
-    if s.quant4 and s.on_cuda:  # w2's backward runs on a dequantised copy of its weight beside grad_p
-        tmp = max(tmp, r * N * d + c * N * hid + c * d * hid)
+    if s.quant4:  # w2's backward runs on a dequantised copy of its weight beside the incoming grad
+        tmp = max(tmp, r * N * d + c * N * d + _dequant_bytes(s, d * hid))
     g, g_tmp = _gradients_in_backward(s, i, grads)
     return {"gradients": g, "activations": act, "temporary": tmp + g_tmp}
 
@@ -680,11 +716,12 @@ def _ffn_live(s: _Settings, notes: _Notes) -> dict[str, int]:
     lora_w3 = "; LoRA on w3: base + scaled B(A x) + sum" if "w3" in s.targets else ""
     notes.add("temporary: FFN product moment", ffn, f"3*N*{d}*{r} (x, h, ffn_norm(h)) + {3 + ('w3' in s.targets)}"
               f"*N*{hid}*{c} (silu(w1 x), w3 x, product{lora_w3})")
-    if s.quant4 and s.on_cuda:  # (on CPU, bitsandbytes 0.50.2 makes no dequantised weight that the dispatcher sees)
+    deq = _dequant_bytes(s, d * hid) if s.quant4 else 0
+    if deq:  # w3 is dequantised while silu(w1 x) lives (and w2 while the product p lives)
         name = "FFN w3 on a dequantised weight"
-        live[name] = 3 * r * N * d + 2 * c * N * hid + c * d * hid
+        live[name] = 3 * r * N * d + 2 * c * N * hid + deq
         notes.add(f"temporary: {name}", live[name],
-                  f"3*N*{d}*{r} + 2*N*{hid}*{c} + {d}*{hid}*{c} (the dequantised weight)")
+                  f"3*N*{d}*{r} + 2*N*{hid}*{c} + {format_bytes(deq)} (dequantising {d}x{hid}: _dequant_bytes)")
     return live
 
 
@@ -775,8 +812,11 @@ def _check_quant4(quant4, mode: str, lora) -> Optional[dict]:
                          f"expected one of {QUANT_TYPES}.")
     if mode == "train" and lora is None:
         raise ValueError("estimate_memory: training a 4-bit model needs lora (4-bit base weights are frozen).")
+    backend = quant4.get("backend", "minillama")
+    if backend not in QUANT_BACKENDS:
+        raise ValueError(f"estimate_memory: quant4 backend={backend!r} is unknown: expected one of {QUANT_BACKENDS}.")
     return {"blocksize": bs, "double_quant": bool(quant4.get("double_quant", True)),
-            "quant_type": quant4.get("quant_type", "nf4")}
+            "quant_type": quant4.get("quant_type", "nf4"), "backend": backend}
 
 
 def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "train", param_dtype="fp32",
@@ -791,8 +831,10 @@ def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "t
       autocast (needs fp32 weights: linears then run on a bf16 copy of each weight).
     lora: None or {"r": 8, "targets": ("wq", "wv") or "all", "dtype": None (= param dtype), "dropout": 0.0}:
       base weights, embeddings, norms and the output head frozen; only the adapters train.
-    quant4: None or {"blocksize": 64, "double_quant": True, "quant_type": "nf4"}: the 7 linears of every
-      block in 4 bits (bitsandbytes layout); embeddings, norms, output head stay in param_dtype.
+    quant4: None or {"blocksize": 64, "double_quant": True, "quant_type": "nf4", "backend": "minillama"}: the 7
+      linears of every block in 4 bits (bitsandbytes layout); embeddings, norms, output head stay in
+      param_dtype. backend "minillama" (minillama.quant.Linear4bit, dequantised by PyTorch ops that the
+      tracker sees, see _dequant_bytes) or "bnb" (bitsandbytes.nn.Linear4bit).
     optimizer: "adamw" (torch.optim.AdamW; moments in optimizer_state_dtype, default the param dtype, as
       torch does), "adamw8bit" / "paged_adamw8bit" (bitsandbytes), "sgd" (no momentum: no state).
     checkpointing: torch.utils.checkpoint around every block (use_reentrant=False).
@@ -847,7 +889,8 @@ def _peak(moments: dict[str, dict[str, int]], static: dict[str, int], activation
 REPORT_PARAMS = 8.1e9  # the report's "8.1B" (the real count is 8,030,261,248)
 REPORT_GB = 1024**3  # the report's "GB" are GiB: 8.1e9 * 2 bytes / 1024**3 = 15.09 -> "15.1 GB"
 QLORA_8B = dict(param_dtype="bf16", lora={"r": 64, "targets": "all", "dtype": "bf16"},
-                quant4={"blocksize": 64, "double_quant": True, "quant_type": "nf4"}, optimizer="paged_adamw8bit",
+                quant4={"blocksize": 64, "double_quant": True, "quant_type": "nf4", "backend": "bnb"},
+                optimizer="paged_adamw8bit",
                 checkpointing=True, device="cuda")
 
 

@@ -13,6 +13,9 @@ Each technique of the course is switched by TrainConfig and lives in one place h
 * Gradient checkpointing (`checkpointing` = k): every k-th transformer block recomputes its
   activations in the backward pass (`Transformer.set_checkpointing`).
 * Optimizers: AdamW (torch), 8-bit AdamW and paged 8-bit AdamW (bitsandbytes), plain SGD.
+* QLoRA (`load_in_4bit` with `lora_r` > 0): the attention and feed-forward linears are quantised to 4 bits
+  (`minillama.quant.quantize_model`: `quant_type`, `double_quant`, `quant_blocksize`) before the adapters go
+  on; the 4-bit base is frozen, so a 4-bit run without LoRA is refused.
 
 Around them: warmup + cosine schedule, gradient clipping (after unscaling), a JSONL log, tqdm, periodic
 held-out evaluation, and atomic checkpoints holding everything a resumed run needs to continue exactly
@@ -47,6 +50,7 @@ from ..checkpoints import load_model, save_model
 from ..files import atomic_directory, atomic_write_text, open_nofollow, run_lock
 from .data import IGNORE_INDEX, as_dataset, batches
 from ..model import Transformer
+from ..quant import QUANT_TYPES, quantize_model
 
 AMP_MODES = ("off", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
@@ -71,6 +75,10 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "wq,wv"   # comma-separated Meta names, or "all"
+    load_in_4bit: bool = False    # QLoRA: the blocks' linears in 4 bits (needs lora_r > 0)
+    quant_type: str = "nf4"       # "nf4" | "fp4"
+    double_quant: bool = False    # the 4-bit constants themselves in 8 bits
+    quant_blocksize: int = 64     # values per absmax block: a power of two from 32 to 4096
     eval_every: int = 250
     eval_rows: int = 64           # held-out rows per evaluation set
     save_every: int = 500
@@ -80,6 +88,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_settings(dataclasses.asdict(self))
+        check_4bit_needs_lora(self.load_in_4bit, self.lora_r)
 
 
 def _integer(low: int):
@@ -114,6 +123,10 @@ SETTINGS = {
     "lora_targets": (lambda v: isinstance(v, str) and v.strip(",") != "", 'comma-separated Meta names, or "all"'),
     **{key: (lambda v: isinstance(v, str), "a string (a SHA-256 in hex, or empty)")
        for key in ("data_sha256", "val_data_sha256")},
+    "load_in_4bit": (lambda v: isinstance(v, bool), "True or False"),
+    "quant_type": (lambda v: v in QUANT_TYPES, f"one of {QUANT_TYPES}"),
+    "double_quant": (lambda v: isinstance(v, bool), "True or False"),
+    "quant_blocksize": (lambda v: _integer(32)(v) and v <= 4096 and not v & (v - 1), "a power of two from 32 to 4096"),
     # settings of a run that `minillama train` turns into the fields above
     "epochs": (_number(0, above_low=True), "a positive number"),
     "max_len": (_integer(2), "an integer >= 2 (a row's inputs and targets)"),
@@ -128,6 +141,15 @@ def check_settings(values: dict, name=lambda key, value: f"TrainConfig.{key}={va
         ok, expected = SETTINGS[key]
         if not ok(value):
             raise ValueError(f"{name(key, value)} is invalid: expected {expected}.")
+
+
+def check_4bit_needs_lora(load_in_4bit: bool, lora_r: int, flags: bool = False) -> None:
+    """Refuse a 4-bit base without LoRA adapters: its weights are frozen, so full fine-tuning is impossible."""
+    if load_in_4bit and not lora_r:
+        what = ("--load-in-4bit needs --lora-r R" if flags else
+                f"TrainConfig.load_in_4bit=True needs lora_r > 0 (it is {lora_r!r})")
+        raise ValueError(f"{what}: a 4-bit base is frozen (QLoRA trains adapters on top of it), so full "
+                         f"fine-tuning of a quantised model is refused.")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -180,8 +202,17 @@ def resolve_amp(amp: str, device: torch.device, *, strict: bool = False) -> str:
     return "off"
 
 
+def is_quantized(model) -> bool:
+    """Whether the model already holds 4-bit linears (layers with a dequantized_weight() method)."""
+    return any(hasattr(m, "dequantized_weight") for m in model.modules())
+
+
 def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
-    """Apply the model-side techniques of cfg: LoRA adapters and gradient checkpointing."""
+    """Apply the model-side techniques of cfg: 4-bit base weights (unless the model already has them), LoRA
+    adapters and gradient checkpointing."""
+    if cfg.load_in_4bit and not is_quantized(model):
+        quantize_model(model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                       blocksize=cfg.quant_blocksize)
     if cfg.lora_r:
         from ..lora import apply_lora
 
