@@ -40,15 +40,20 @@ def check_scaling(scaling: dict) -> None:
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope_scaling type {kind!r} is unknown: expected one of {ROPE_TYPES}.")
     factor = scaling.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1.0 <= factor < math.inf:
+    if not _is_number(factor) or not 1.0 <= factor < math.inf:
         raise ValueError(f"rope_scaling factor {factor!r} is invalid for {kind!r}: expected a number >= 1.")
     original = scaling.get("original_max_position_embeddings")
     if kind in NEEDS_ORIGINAL and (isinstance(original, bool) or not isinstance(original, int) or original <= 0):
         raise ValueError(f"rope_scaling {kind!r} needs original_max_position_embeddings (the context length the "
                          f"model was trained with) as a positive integer, got {original!r}.")
-    if kind == "llama3" and not 0 < scaling.get("low_freq_factor", 1) < scaling.get("high_freq_factor", 4):
-        raise ValueError(f"rope_scaling 'llama3' needs 0 < low_freq_factor < high_freq_factor, got "
-                         f"{scaling.get('low_freq_factor')!r} and {scaling.get('high_freq_factor')!r}.")
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    if kind == "llama3" and not (_is_number(low) and _is_number(high) and 0 < low < high):
+        raise ValueError(f"rope_scaling 'llama3' needs numbers 0 < low_freq_factor < high_freq_factor, got "
+                         f"{low!r} and {high!r}.")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # ---- one function per method --------------------------------------------------------------------------

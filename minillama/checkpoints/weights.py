@@ -132,6 +132,8 @@ def _hf_rope_settings(args: ModelArgs) -> dict:
             warnings.warn(f"HF export: with 'dynamic' scaling config.json holds max_position_embeddings={original} "
                           f"(the trained window), so max_seq_len={args.max_seq_len} reads back as "
                           f"{int(scaling['factor'] * original)} (factor x window).", stacklevel=4)
+    if kind == "llama3":  # transformers requires both; these are Meta's values, which rope.py defaults to
+        scaling = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, **scaling}
     out["rope_scaling"] = scaling
     return out
 
