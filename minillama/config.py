@@ -34,7 +34,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     # --- course additions ---
     max_seq_len: int = 4096  # longest sequence the model (and its KV cache) accepts
-    rope_scaling: Optional[dict] = None  # e.g. {"type": "linear", "factor": 2.0}
+    rope_scaling: Optional[dict] = None  # HF's format, e.g. {"rope_type": "linear", "factor": 2.0}; see rope.py
     hidden_dim: Optional[int] = None  # explicit FFN width (HF `intermediate_size`); None = Meta's rule
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit softmax, for teaching)
     extra: dict = field(default_factory=dict, repr=False)  # unknown params.json keys, kept verbatim
@@ -61,10 +61,10 @@ class ModelArgs:
             if not ok:
                 raise ValueError(f"ModelArgs.{key}={getattr(self, key)!r} is invalid: expected {expected}.")
         if self.rope_scaling is not None:  # fail when the config is read, not at the first forward pass
-            from .rope import rope_inv_freq
+            from .rope import check_scaling
 
             try:
-                rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+                check_scaling(self.rope_scaling)
             except ValueError as e:
                 raise ValueError(f"ModelArgs.rope_scaling={self.rope_scaling!r} is invalid: {e}") from None
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE), in Meta's interleaved-pair convention.
+"""Rotary position embedding (RoPE), in Meta's interleaved-pair convention, and its scalings.
 
 Meta's Llama-2 rotates the pairs (x0, x1), (x2, x3), ... of each head by the angle
 `pos * theta ** (-2i / head_dim)`. Hugging Face rotates the halves (x_i, x_{i+d/2}) instead
@@ -7,42 +7,165 @@ scores (`minillama.checkpoints.weights` does that permutation when loading HF ch
 
 The angles are recomputed for every forward pass (cheap: positions x head_dim/2) in
 fp32, which keeps them exact whatever dtype the model is cast to.
+
+Longer context: `ModelArgs.rope_scaling` is a dict in Hugging Face's format,
+`{"rope_type": "linear" | "ntk" | "dynamic" | "yarn" | "llama3", "factor": s, ...}` (the key `"type"` of
+transformers 4.x is read too). Each method is one function below that changes the frequencies; all of them
+give the same angles as transformers' `LlamaForCausalLM` (`ntk`, which HF has no type for, equals HF's plain
+RoPE with `rope_theta` set to the scaled base).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-SUPPORTED_SCALING = ("linear",)
+ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
+NEEDS_ORIGINAL = ("dynamic", "yarn", "llama3")  # methods that need the trained window length
 
 
+def scaling_type(scaling: dict) -> str:
+    """The method of a rope_scaling dict: its "rope_type" (transformers 5.x) or "type" (4.x)."""
+    return scaling.get("rope_type", scaling.get("type"))
+
+
+def check_scaling(scaling: dict) -> None:
+    """Refuse an unknown method, a factor below 1, or a missing original_max_position_embeddings."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling {scaling!r} is invalid: expected an object like "
+                         f"{{\"rope_type\": \"linear\", \"factor\": 2.0}}.")
+    kind = scaling_type(scaling)
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is unknown: expected one of {ROPE_TYPES}.")
+    factor = scaling.get("factor")
+    if not _is_number(factor) or not 1.0 <= factor < math.inf:
+        raise ValueError(f"rope_scaling factor {factor!r} is invalid for {kind!r}: expected a number >= 1.")
+    original = scaling.get("original_max_position_embeddings")
+    if kind in NEEDS_ORIGINAL and (isinstance(original, bool) or not isinstance(original, int) or original <= 0):
+        raise ValueError(f"rope_scaling {kind!r} needs original_max_position_embeddings (the context length the "
+                         f"model was trained with) as a positive integer, got {original!r}.")
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    if kind == "llama3" and not (_is_number(low) and _is_number(high) and 0 < low < high):
+        raise ValueError(f"rope_scaling 'llama3' needs numbers 0 < low_freq_factor < high_freq_factor, got "
+                         f"{low!r} and {high!r}.")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# ---- one function per method --------------------------------------------------------------------------
+def linear_inv_freq(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
+    """Position Interpolation (linear): positions are divided by s, i.e. every frequency: `w_i / s`."""
+    return inv_freq / factor
+
+
+def ntk_theta(theta: float, factor: float, head_dim: int) -> float:
+    """Static NTK-aware scaling: a larger base, `theta' = theta * s ** (d / (d - 2))`, so the lowest
+    frequency is divided by s while the highest (w_0 = 1) is unchanged."""
+    return theta * factor ** (head_dim / (head_dim - 2))
+
+
+def dynamic_theta(theta: float, factor: float, head_dim: int, seq_len: int, original: int) -> float:
+    """Dynamic NTK: the NTK base recomputed from the current length L (the largest position + 1),
+    `theta' = theta * (s * L / L0 - (s - 1)) ** (d / (d - 2))` when L > L0, else theta (unscaled)."""
+    if seq_len <= original:
+        return theta
+    return theta * (factor * seq_len / original - (factor - 1)) ** (head_dim / (head_dim - 2))
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, factor: float, head_dim: int, theta: float, original: int,
+                  beta_fast: float = 32, beta_slow: float = 1, truncate: bool = True) -> torch.Tensor:
+    """YaRN ("NTK-by-parts"): frequency i is interpolated by a ramp r_i between 0 and 1,
+    `w_i' = (1 - r_i) * w_i + r_i * w_i / s`. Pair i turns `L0 * w_i / 2pi` times over the trained window;
+    pairs turning more than beta_fast times keep their frequency (r = 0), fewer than beta_slow times are
+    divided by s (r = 1), and r is linear in i between the two (HF rounds the bounds outwards)."""
+    def pair_index(turns: float) -> float:  # the i at which L0 * w_i / 2pi == turns
+        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(beta_fast), pair_index(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as HF: avoid a division by zero
+    ramp = ((torch.arange(len(inv_freq), dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    return inv_freq * (1 - ramp) + inv_freq / factor * ramp
+
+
+def yarn_attention_factor(scaling: dict) -> float:
+    """YaRN's attention temperature, multiplied into cos and sin (so scores by its square):
+    `0.1 * ln(s) + 1`, or `attention_factor` when given (DeepSeek's mscale / mscale_all_dim ratio too)."""
+    factor = scaling["factor"]
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"])
+    return mscale()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, original: int, low_freq_factor: float = 1.0,
+                    high_freq_factor: float = 4.0) -> torch.Tensor:
+    """Llama 3.1: by wavelength `lambda_i = 2pi / w_i`, short waves (lambda < L0 / high_freq_factor) keep their
+    frequency, long waves (lambda > L0 / low_freq_factor) are divided by s, and those between are blended with
+    `g = (L0 / lambda - low) / (high - low)`: `w' = (1 - g) * w / s + g * w`."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > original / low_freq_factor, inv_freq / factor, blended)
+    return torch.where(wavelen < original / high_freq_factor, inv_freq, out)
+
+
+# ---- the angles the model uses ------------------------------------------------------------------------
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict] = None,
-                  device: Optional[torch.device] = None) -> torch.Tensor:
-    """Inverse frequencies `theta ** (-2i / head_dim)`, i = 0 .. head_dim/2 - 1, in fp32.
+                  device: Optional[torch.device] = None, seq_len: Optional[int] = None) -> torch.Tensor:
+    """Inverse frequencies `theta ** (-2i / head_dim)`, i = 0 .. head_dim/2 - 1, in fp32, after `scaling`.
 
-    `scaling={"type": "linear", "factor": s}` is Position Interpolation: positions are
-    divided by `s`, which is the same as dividing every frequency by `s`.
+    seq_len: the current length (largest position + 1), which only `dynamic` reads (None: unscaled).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     if scaling:
-        kind = scaling.get("type", scaling.get("rope_type"))
-        if kind not in SUPPORTED_SCALING:
-            raise ValueError(f"rope_scaling type {kind!r} is not supported: expected one of {SUPPORTED_SCALING}.")
-        factor = float(scaling.get("factor", 0))
-        if factor < 1.0:
-            raise ValueError(f"rope_scaling factor {factor} is invalid: expected a number >= 1.")
-        inv_freq = inv_freq / factor
+        check_scaling(scaling)
+        kind, factor = scaling_type(scaling), scaling["factor"]
+        if kind == "ntk":
+            theta = ntk_theta(theta, factor, head_dim)
+        elif kind == "dynamic" and seq_len is not None:
+            theta = dynamic_theta(theta, factor, head_dim, seq_len, scaling["original_max_position_embeddings"])
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    kind = scaling_type(scaling) if scaling else None
+    if kind == "linear":
+        inv_freq = linear_inv_freq(inv_freq, scaling["factor"])
+    elif kind == "yarn":
+        extra = {k: scaling[k] for k in ("beta_fast", "beta_slow", "truncate") if scaling.get(k) is not None}
+        inv_freq = yarn_inv_freq(inv_freq, scaling["factor"], head_dim, theta,
+                                 scaling["original_max_position_embeddings"], **extra)
+    elif kind == "llama3":
+        extra = {k: scaling[k] for k in ("low_freq_factor", "high_freq_factor") if k in scaling}
+        inv_freq = llama3_inv_freq(inv_freq, scaling["factor"], scaling["original_max_position_embeddings"], **extra)
     return inv_freq
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                  scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, shape [len(positions), head_dim // 2], fp32."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling, device=positions.device)
+    """cos and sin of the rotation angles, shape [len(positions), head_dim // 2], fp32.
+
+    `dynamic` takes its length from the positions (as HF does, also one token at a time with a KV cache:
+    keys already cached keep the angles they were given); `yarn` multiplies cos and sin by its attention factor.
+    """
+    dynamic = bool(scaling) and scaling_type(scaling) == "dynamic" and positions.numel() > 0
+    seq_len = int(positions.max()) + 1 if dynamic else None
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, device=positions.device, seq_len=seq_len)
     angles = torch.outer(positions.float(), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    if scaling and scaling_type(scaling) == "yarn":
+        m = yarn_attention_factor(scaling)
+        cos, sin = cos * m, sin * m
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

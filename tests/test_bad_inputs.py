@@ -74,6 +74,11 @@ def _hf_heads_zero(d, spm_path):
     return d
 
 
+def _hf_rope_longrope(d, spm_path):
+    _edit_json(_model(d, spm_path, "hf") / "config.json", rope_scaling={"rope_type": "longrope", "factor": 4.0})
+    return d
+
+
 def _text_data(d, spm_path):
     d = d.with_suffix(".jsonl")
     d.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
@@ -100,6 +105,8 @@ INPUTS = {
     "all_nan": lambda d, spm: _edit_weights(_model(d, spm), _nan_in("layers.1.feed_forward.w2.weight", math.nan)),
     "all_inf": lambda d, spm: _edit_weights(_model(d, spm), _nan_in("norm.weight", math.inf)),
     "hf_heads_zero": _hf_heads_zero,
+    "hf_rope_longrope": _hf_rope_longrope,
+    "llama3_no_original": _with_config(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
     "hf_index_list": _hf_index_not_an_object,
     "meta_bare_tensor": _meta_holding(torch.zeros(3, 4)),
     "meta_non_tensor": _meta_holding({"tok_embeddings.weight": [[0.0] * 32] * 300, "step": "ten"}),
@@ -157,6 +164,19 @@ ROWS = [
      "consolidated.00.pth holds a Tensor"),
     ("meta-pth-non-tensor", "generate --model {meta_non_tensor} --prompt x", 2, "'tok_embeddings.weight' is a list"),
     ("load-model-none", lambda p: load_model(None), ValueError, "load_model(None)"),
+    # rope scaling
+    ("rope-type-unknown", lambda p: load_model(p["model"], rope_scaling={"rope_type": "longrope", "factor": 4.0}),
+     ValueError, "type 'longrope' is unknown: expected one of ('linear', 'ntk', 'dynamic', 'yarn', 'llama3')"),
+    ("hf-rope-type-unknown", "generate --model {hf_rope_longrope} --prompt x", 2,
+     "is invalid: rope_scaling type 'longrope' is unknown: expected one of ('linear', 'ntk', 'dynamic', 'yarn', "),
+    ("rope-factor-below-1", lambda p: load_model(p["model"], rope_scaling={"type": "linear", "factor": 0.5}),
+     ValueError, "rope_scaling factor 0.5 is invalid for 'linear': expected a number >= 1"),
+    ("rope-factor-string", lambda p: load_model(p["model"], rope_scaling={"rope_type": "ntk", "factor": "4"}),
+     ValueError, "rope_scaling factor '4' is invalid for 'ntk'"),
+    ("rope-yarn-without-original", lambda p: load_model(p["model"], rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+     ValueError, "'yarn' needs original_max_position_embeddings"),
+    ("rope-llama3-without-original", "generate --model {llama3_no_original} --prompt x", 2,
+     "rope_scaling 'llama3' needs original_max_position_embeddings"),
     # generate
     ("prompt-invalid-utf8", "generate --model {model} --prompt " + shlex.quote(BAD_UTF8), 2, "--prompt"),
     ("device-tpu9", GEN + "--device tpu9", 2, "--device 'tpu9'"),

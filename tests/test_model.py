@@ -160,5 +160,5 @@ def test_create_model_builds_in_the_requested_dtype():
 
 
 def test_unsupported_rope_scaling_fails_when_the_config_is_read(tmp_path):
-    with pytest.raises(ValueError, match="rope_scaling.*'yarn' is not supported"):
-        ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, rope_scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope_scaling.*'longrope' is unknown"):
+        ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, rope_scaling={"type": "longrope", "factor": 4.0})

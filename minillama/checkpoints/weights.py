@@ -18,6 +18,7 @@ and HF -> Meta is the inverse (swap the same two axes back).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -36,6 +37,7 @@ from ..config import ModelArgs, parse_dtype
 from ..files import PathLike, atomic_directory, read_json
 from ..layout import hf_to_meta_name, meta_to_hf_name, permute_hf_to_meta, permute_meta_to_hf, qk_heads
 from ..model import Transformer
+from ..rope import ntk_theta, scaling_type
 from .hf_tokenizer import write_hf_tokenizer
 
 FORMATS = ("native", "hf", "meta")
@@ -73,9 +75,8 @@ def hf_config_to_args(cfg: dict, source: str = "config.json") -> ModelArgs:
         n_heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
         params = cfg.get("rope_parameters") or {}  # transformers 5.x keeps theta and scaling here
         theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
-        scaling = cfg.get("rope_scaling")
-        if scaling is None and params.get("rope_type", "default") != "default":
-            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        scaling, max_seq_len = _hf_rope_scaling(cfg.get("rope_scaling") or params,
+                                                cfg.get("max_position_embeddings", 4096))
         if cfg.get("head_dim") not in (None, dim // n_heads):
             raise ValueError(f"{source}: head_dim={cfg['head_dim']} is not supported: expected hidden_size / "
                              f"num_attention_heads = {dim // n_heads}.")
@@ -83,10 +84,58 @@ def hf_config_to_args(cfg: dict, source: str = "config.json") -> ModelArgs:
                         n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
                         hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
                         rope_theta=float(theta) if isinstance(theta, (int, float)) else theta, rope_scaling=scaling,
-                        max_seq_len=cfg.get("max_position_embeddings", 4096))
+                        max_seq_len=max_seq_len)
     except KeyError as e:
         raise ValueError(f"{source} lacks the key {e.args[0]!r} that a LlamaConfig must have.") from None
     return ModelArgs.from_dict(settings, source=source)
+
+
+def _hf_rope_scaling(scaling: dict, max_position_embeddings) -> tuple[Optional[dict], object]:
+    """(rope_scaling, max_seq_len) from an HF config's `rope_scaling` (4.x) or `rope_parameters` (5.x), read as
+    transformers reads them: yarn and llama3 without original_max_position_embeddings take
+    max_position_embeddings; dynamic always takes max_position_embeddings as its trained window (HF ignores
+    any other value), and the model then accepts factor x that window."""
+    if not isinstance(scaling, dict):
+        return scaling, max_position_embeddings  # ModelArgs refuses it with the value in the message
+    kind = scaling_type(scaling) or "default"
+    scaling = {"rope_type": kind, **{k: v for k, v in scaling.items() if k not in ("rope_theta", "type", "rope_type")}}
+    if kind == "default":
+        return None, max_position_embeddings
+    if kind in ("yarn", "llama3"):
+        scaling.setdefault("original_max_position_embeddings", max_position_embeddings)
+    if kind == "dynamic" and isinstance(max_position_embeddings, int):
+        scaling["original_max_position_embeddings"] = max_position_embeddings
+        factor = scaling.get("factor")
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and 1 <= factor < math.inf:
+            return scaling, int(factor * max_position_embeddings)
+    return scaling, max_position_embeddings
+
+
+def _hf_rope_settings(args: ModelArgs) -> dict:
+    """rope_theta, rope_scaling and max_position_embeddings of an HF config giving the same angles as `args`.
+    HF has no `ntk` type: its scaled base goes into rope_theta. HF's `dynamic` reads max_position_embeddings
+    as the trained window, so that is what it holds (read back, the model accepts factor x that window)."""
+    out = {"rope_theta": args.rope_theta, "rope_scaling": None, "max_position_embeddings": args.max_seq_len}
+    if args.rope_scaling is None:
+        return out
+    scaling = {k: v for k, v in args.rope_scaling.items() if k != "type"}
+    kind = scaling["rope_type"] = scaling_type(args.rope_scaling)
+    if kind == "ntk":
+        out["rope_theta"] = ntk_theta(args.rope_theta, scaling["factor"], args.head_dim)
+        warnings.warn(f"HF export: transformers has no 'ntk' rope type; config.json holds the scaled "
+                      f"rope_theta={out['rope_theta']:g}, which gives the same angles.", stacklevel=4)
+        return out
+    if kind == "dynamic":
+        original = scaling.pop("original_max_position_embeddings")
+        out["max_position_embeddings"] = original
+        if args.max_seq_len != int(scaling["factor"] * original):
+            warnings.warn(f"HF export: with 'dynamic' scaling config.json holds max_position_embeddings={original} "
+                          f"(the trained window), so max_seq_len={args.max_seq_len} reads back as "
+                          f"{int(scaling['factor'] * original)} (factor x window).", stacklevel=4)
+    if kind == "llama3":  # transformers requires both; these are Meta's values, which rope.py defaults to
+        scaling = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, **scaling}
+    out["rope_scaling"] = scaling
+    return out
 
 
 def args_to_hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
@@ -96,8 +145,7 @@ def args_to_hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
-        "max_position_embeddings": args.max_seq_len, "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps, **_hf_rope_settings(args), "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
         "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02,
         "torch_dtype": str(dtype).removeprefix("torch."),
