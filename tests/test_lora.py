@@ -290,7 +290,7 @@ def test_minillama_adapter_loads_in_peft(tmp_path, rslora):
     assert len(sd) == 3 * 7 * 2
     assert sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 96)
     assert sd["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"].shape == (32, 4)
-    # the q/k permutation is applied to B (written out here from REFERENCE.md), not to A
+    # the q/k permutation is applied to B (written out here from docs/references.md), not to A
     B = linear(model, 0, "wk").lora_B["default"].weight.detach()
     expect = B.view(2, 16 // 2, 2, 4).transpose(1, 2).reshape(32, 4)
     assert torch.equal(sd["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"], expect)

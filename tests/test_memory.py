@@ -33,7 +33,7 @@ def lora_numel_of_real_modules(model, r, targets):
 
 
 @pytest.mark.parametrize("targets, r, expected", [
-    (("wq", "wv"), 8, 4_194_304),  # REFERENCE.md: PEFT's default on Llama-2-7B
+    (("wq", "wv"), 8, 4_194_304),  # docs/references.md: PEFT's default on Llama-2-7B
     ("all", 8, 19_988_480),  # all seven linears of every block
 ])
 def test_parameter_counts_equal_real_modules(targets, r, expected):

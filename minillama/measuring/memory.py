@@ -47,7 +47,7 @@ Reading order (each function's docstring states its formula):
 
 Units: bytes everywhere; `format_bytes` prints MiB / GiB (1024**2, 1024**3 bytes), labelled as such.
 
-The Llama-3-8B budget of the QLoRA report (REFERENCE.md) is rebuilt by `llama3_8b_budget()`; the report
+The Llama-3-8B budget of the QLoRA report (docs/references.md) is rebuilt by `llama3_8b_budget()`; the report
 prints GiB and calls them GB, rounds the parameter count to 8.1e9 (it is 8,030,261,248) and uses two
 shortcuts that the exact counts here do not share (see the notes of each row).
 """
@@ -895,7 +895,7 @@ QLORA_8B = dict(param_dtype="bf16", lora={"r": 64, "targets": "all", "dtype": "b
 
 
 def llama3_8b_budget() -> list[dict]:
-    """The QLoRA report's Llama-3-8B memory table (REFERENCE.md, "Memory budget of Llama-3-8B"), row by row:
+    """The QLoRA report's Llama-3-8B memory table (docs/references.md, "Memory budget of Llama-3-8B"), row by row:
 
     component; ours_bytes (this module's exact count for the preset "llama3-8b"); ours_gib; report (the
     report's number, in its "GB", which are GiB); report_rule_bytes (the report's number rebuilt by the
