@@ -262,11 +262,11 @@ def cmd_train(args) -> int:
     from ..training.data import split_held_out
     from ..lora import trainable_parameters
     from ..quant import quantize_model
-    from ..training.train import TrainConfig, _check_writable, skipped_steps, train
+    from ..training.train import TrainConfig, check_writable, skipped_steps, train
 
     device = _device(args.device)
     _check_train_flags(args)
-    _check_writable(Path(args.out))  # a full disk or a read-only --out is refused before the model loads
+    check_writable(Path(args.out))  # a full disk or a read-only --out is refused before the model loads
     model = load_model(args.model, device=device, dtype=args.dtype)
     if args.load_in_4bit:  # QLoRA: the blocks' linears in 4 bits right after loading (frozen from now on)
         quantize_model(model, quant_type=args.quant_type, double_quant=args.double_quant,

@@ -442,7 +442,7 @@ def _restore(ckpt: Path, model, optimizer, scaler, cfg: TrainConfig) -> int:
     return state["step"]
 
 
-def _check_writable(out_dir: Path) -> None:
+def check_writable(out_dir: Path) -> None:
     """Fail before any compute if out_dir cannot be created or written: write a few KiB to a probe with an
     unpredictable name (a full disk still lets an empty file be created), then remove it."""
     probe = None
@@ -503,7 +503,7 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
     same RNG, so the log continues as the uninterrupted run's would (on CPU, exactly).
     """
     out_dir = Path(out_dir)
-    _check_writable(out_dir)
+    check_writable(out_dir)
     with run_lock(out_dir):  # one writer per run folder
         return _train_locked(model, train_data, val_data, cfg, out_dir, tokenizer=tokenizer, resume=resume,
                              progress=progress, strict_amp=strict_amp)
