@@ -84,3 +84,41 @@ def show_memory_plot(rows, name):
 
 def by_category(row):
     return {c: row["memory_by_category"][c] / MiB for c in CATEGORIES}
+
+
+# ---- prose that stays true to the numbers (issue 12) -----------------------------------------------
+# A number in a markdown cell is either printed by code from the measurement (use `say`), or a fact with
+# its source in docs/references.md. The few typed numbers that stay are checked with `claim`, and
+# comparisons of noisy timings go through `verdict`, so a notebook fails (nbmake) instead of contradicting
+# itself.
+
+def say(text: str):
+    """Render a sentence built from measured values (an f-string) as markdown under the cell."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(text))
+
+
+def claim(name: str, measured: float, typed: float, rel: float = 0.1):
+    """Fail loudly when a number typed in the prose (`typed`) disagrees with the measured one."""
+    if not abs(measured - typed) <= rel * max(abs(typed), 1e-12):
+        raise AssertionError(f"the text says {name} is about {typed:g}, but this run measured {measured:g} "
+                             f"(more than {rel:.0%} apart): update the text")
+
+
+def spread(values) -> tuple:
+    """(median, half the range) of repeated measurements."""
+    v = sorted(float(x) for x in values)
+    return v[len(v) // 2], (v[-1] - v[0]) / 2
+
+
+def verdict(name_a: str, a, name_b: str, b, what: str = "time", lower_is_better: bool = True) -> str:
+    """Compare two lists of repeated measurements (taken alternately): 'x1.8 faster' or 'within noise'.
+    The difference counts only when the two ranges do not overlap."""
+    ma, sa = spread(a)
+    mb, sb = spread(b)
+    if abs(ma - mb) <= sa + sb:
+        return f"{name_a} and {name_b}: {what} within noise ({ma:.3g} ± {sa:.2g} vs {mb:.3g} ± {sb:.2g})"
+    better = (ma < mb) == lower_is_better
+    ratio = max(ma, mb) / max(min(ma, mb), 1e-12)
+    return f"{name_a if better else name_b} is better on {what}: x{ratio:.2f} ({ma:.3g} vs {mb:.3g})"
