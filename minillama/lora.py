@@ -35,6 +35,7 @@ from torch import nn
 from .files import PathLike, atomic_directory, read_json
 from .layout import hf_to_meta_name, meta_to_hf_name, permute_hf_to_meta, permute_meta_to_hf
 
+ADAPTER_DTYPE = torch.float32  # adapters train in fp32 whatever the base dtype (PEFT's autocast_adapter_dtype)
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # Meta names; "all" = every one of them
 _PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
            "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
@@ -98,8 +99,8 @@ class LoRALinear(nn.Module):
         device = w.device if w is not None else None
         # The same calls as PEFT (nn.Linear's own init, then kaiming_uniform_ again), so a fixed seed
         # gives PEFT's A exactly.
-        A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
-        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=ADAPTER_DTYPE)
+        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
         nn.init.zeros_(B.weight)
         self.lora_A[name], self.lora_B[name] = A, B

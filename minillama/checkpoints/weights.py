@@ -172,6 +172,20 @@ def detect_format(path: PathLike) -> str:
                      f"or params.json + consolidated.NN.pth (Meta).")
 
 
+def read_model_args(path: PathLike) -> ModelArgs:
+    """The model's shape from a checkpoint's config, without reading its weights (Meta shards are mapped,
+    not read: their vocab size may come from the embedding's shape)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "meta":
+        return open_meta(path)[0]
+    cfg = read_json(path / "config.json")
+    if fmt == "hf":
+        return hf_config_to_args(cfg, source=str(path / "config.json"))
+    cfg.pop("format", None)
+    return ModelArgs.from_dict(cfg, source=str(path / "config.json"))
+
+
 def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in files:
@@ -187,10 +201,7 @@ def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
 
 
 def _load_native(path: Path) -> tuple[ModelArgs, dict]:
-    cfg = read_json(path / "config.json")
-    cfg.pop("format", None)
-    args = ModelArgs.from_dict(cfg, source=str(path / "config.json"))
-    return args, _read_safetensors([path / "model.safetensors"])
+    return read_model_args(path), _read_safetensors([path / "model.safetensors"])
 
 
 def _inside(path: Path, name: str, source: str) -> Path:

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..course.paths import corpora_dir, tiny_model_dir
+from .plan import add_plan_parser
 
 
 def _device(name: str) -> str:
@@ -465,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_bench(sub)
     _add_course(sub)
+    add_plan_parser(sub)
     return p
 
 

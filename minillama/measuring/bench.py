@@ -79,15 +79,27 @@ def _apply_optimizer(name, ctx):
 register_dimension("quant", tuple(QUANT_SETTINGS), _apply_quant)  # before lora: LoRA wraps the 4-bit base
 
 
+def _apply_lora_targets(targets, ctx):
+    """lora_targets="wq,wv" (default) or "all" (the seven linears of every block): where lora=r puts adapters."""
+    from ..lora import normalise_targets
+
+    if isinstance(targets, str) and targets != "all":
+        targets = targets.split(",")
+    ctx["lora_targets"] = normalise_targets(targets)
+
+
 def _apply_lora(r, ctx):
-    """lora=0: full fine-tuning; lora=r: LoRA of rank r (alpha 2r) on wq and wv, everything else frozen."""
+    """lora=0: full fine-tuning; lora=r: LoRA of rank r (alpha 2r) on wq and wv (or lora_targets), everything
+    else frozen."""
     if r:
         from ..lora import apply_lora
 
-        apply_lora(ctx["model"], r=r, alpha=2 * r, targets=("wq", "wv"))
-        ctx["estimate"]["lora"] = {"r": r, "targets": ("wq", "wv")}
+        targets = ctx.get("lora_targets", ("wq", "wv"))
+        apply_lora(ctx["model"], r=r, alpha=2 * r, targets=targets)
+        ctx["estimate"]["lora"] = {"r": r, "targets": targets}
 
 
+register_dimension("lora_targets", ("wq,wv", "all"), _apply_lora_targets)  # before lora, which reads it
 register_dimension("lora", (0, 8), _apply_lora)
 
 

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import DTYPES, ModelArgs, get_preset, parse_dtype
-from ..lora import TARGETS, lora_parameter_count, normalise_targets
+from ..lora import ADAPTER_DTYPE, TARGETS, lora_parameter_count, normalise_targets
 from ..training.train import AMP_MODES, OPTIMIZERS
 from .measure import CATEGORIES
 
@@ -241,7 +241,8 @@ class _Settings:
         self.c = 2 if self.amp else self.pb  # linear / attention outputs
         self.lora = lora
         self.targets = set(lora["targets"]) if lora else set()
-        self.lb = _dtype_bytes(lora["dtype"], "lora dtype") if lora and lora["dtype"] else self.pb
+        # adapters are fp32 unless the estimate says otherwise (minillama.lora.ADAPTER_DTYPE, as PEFT)
+        self.lb = _dtype_bytes(lora["dtype"], "lora dtype") if lora and lora["dtype"] else ADAPTER_DTYPE.itemsize
         self.gb = self.lb if lora else self.pb  # bytes of a gradient: the trainable parameters' dtype
         self.quant4 = quant4
         self.full = lora is None and quant4 is None  # base weights trainable
@@ -634,7 +635,10 @@ def _dequant_forward_moment(s: _Settings, base: dict, saved: _Saved, notes: _Not
     tmp = s.c * N * hid + s.r * N * d + s.positions + deq
     notes.add("temporary at the last block's 4-bit w2 (forward)", tmp, f"N*{hid}*{s.c} (p) + N*{d}*{s.r} (h) + "
               f"positions + {format_bytes(deq)} (dequantising {d}x{hid}: _dequant_bytes)")
-    act = sum(saved.per_block) + sum(saved.amp_blocks) + s.cos_sin
+    if s.checkpointing:  # a checkpointed forward saves nothing: only the blocks' inputs are held so far
+        act = sum(t[1] for t in _checkpointed_inputs(s)) + s.cos_sin
+    else:
+        act = sum(saved.per_block) + sum(saved.amp_blocks) + s.cos_sin
     return {**base, "gradients": base["gradients"], "activations": act, "temporary": tmp}
 
 
@@ -829,7 +833,7 @@ def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "t
       returning logits, as bench.py's inference rows), or "eval" (a no-grad forward with the loss).
     param_dtype: dtype of the weights ("fp32", "bf16", "fp16"); amp: None (or "off") or "bf16"/"fp16"
       autocast (needs fp32 weights: linears then run on a bf16 copy of each weight).
-    lora: None or {"r": 8, "targets": ("wq", "wv") or "all", "dtype": None (= param dtype), "dropout": 0.0}:
+    lora: None or {"r": 8, "targets": ("wq", "wv") or "all", "dtype": None (= fp32, the adapters' dtype), "dropout": 0.0}:
       base weights, embeddings, norms and the output head frozen; only the adapters train.
     quant4: None or {"blocksize": 64, "double_quant": True, "quant_type": "nf4", "backend": "minillama"}: the 7
       linears of every block in 4 bits (bitsandbytes layout); embeddings, norms, output head stay in
