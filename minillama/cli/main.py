@@ -263,11 +263,14 @@ def cmd_train(args) -> int:
     from ..training.data import split_held_out
     from ..lora import trainable_parameters
     from ..quant import quantize_model
+    from ..training import distributed
     from ..training.train import TrainConfig, check_writable, skipped_steps, train
 
-    device = _device(args.device)
+    device = distributed.rank_device(_device(args.device))  # under torchrun: cuda:LOCAL_RANK
     _check_train_flags(args)
-    check_writable(Path(args.out))  # a full disk or a read-only --out is refused before the model loads
+    distributed.init(torch.device(device))  # joins torchrun's process group; nothing in one process
+    if distributed.is_main():
+        check_writable(Path(args.out))  # a full disk or a read-only --out is refused before the model loads
     model = load_model(args.model, device=device, dtype=args.dtype)
     if args.load_in_4bit:  # QLoRA: the blocks' linears in 4 bits right after loading (frozen from now on)
         quantize_model(model, quant_type=args.quant_type, double_quant=args.double_quant,
@@ -284,7 +287,7 @@ def cmd_train(args) -> int:
     elif args.val_fraction:
         data, val["val"] = split_held_out(data, args.val_fraction, seed=args.seed)
         vwhat = f"{len(val['val'])} held out from the training data"
-    per_step = args.batch_size * args.grad_accum
+    per_step = args.batch_size * args.grad_accum * distributed.world_size()  # rows per optimizer step
     steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * len(data) / per_step))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.03 * steps))
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -296,14 +299,18 @@ def cmd_train(args) -> int:
                       quant_blocksize=args.quant_blocksize, eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
                       data_sha256=file_sha256(args.data),  # a --resume on other data is refused, naming it
                       val_data_sha256=file_sha256(args.val_data) if args.val_data else "")
-    print(f"data: {what}; validation: {vwhat if val else 'none'}")
-    print(f"{steps} optimizer steps of {per_step} examples/rows ({args.batch_size} x {args.grad_accum} accumulated), "
+    say = print if distributed.is_main() else (lambda *a, **k: None)  # rank 0 speaks for the job
+    say(f"data: {what}; validation: {vwhat if val else 'none'}")
+    say(f"{steps} optimizer steps of {per_step} examples/rows ({args.batch_size} x {args.grad_accum} accumulated"
+        f"{f' x {distributed.world_size()} ranks' if distributed.world_size() > 1 else ''}), "
           f"amp={cfg.amp}, dtype={next(model.parameters()).dtype}, checkpointing={cfg.checkpointing}, "
           f"optimizer={cfg.optimizer}, lora_r={cfg.lora_r}, device={device}"
           + (f", 4-bit base {cfg.quant_type}{'+dq' if cfg.double_quant else ''} (blocksize {cfg.quant_blocksize})"
              if cfg.load_in_4bit else ""))
     log = train(model, data, val, cfg, args.out, tokenizer=tok, resume=args.resume, progress=not args.quiet,
-                strict_amp=args.strict_amp)
+                strict_amp=args.strict_amp, strategy=args.strategy, stop_at=args.stop_at)
+    if not distributed.is_main():
+        return 0  # rank 0 reports
     t = trainable_parameters(model)
     last = log[-1] if log else {}
     print(f"trainable parameters: {t['trainable']:,} of {t['total']:,} ({t['percent']:.2f}%)")
@@ -420,6 +427,10 @@ def _add_train(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     t.add_argument("--device", default="auto")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--strategy", default="auto", help="under torchrun: ddp (LoRA/QLoRA), fsdp (full fine-tuning) or "
+                   "auto (ddp for adapters, fsdp for full fine-tuning); single in one process")
+    t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after this step with a checkpoint (a job's time limit); continue with --resume")
     t.set_defaults(func=cmd_train)
 
 

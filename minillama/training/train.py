@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import load_model, save_model
 from ..files import atomic_directory, atomic_write_text, open_nofollow, run_lock
+from . import distributed
 from .data import IGNORE_INDEX, as_dataset, batches
 from ..model import Transformer
 from ..quant import QUANT_TYPES, quantize_model
@@ -235,9 +236,11 @@ def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: s
     "grad_norm" (before clipping; None without clipping), "skipped" (GradScaler found inf/NaN gradients)}.
     """
     device = micro_batches[0][0].device
-    n_target = int(sum((y != IGNORE_INDEX).sum() for _, y in micro_batches))
+    # Target tokens of the whole effective batch: every micro-batch, on every rank (distributed.py)
+    n_target = int(distributed.all_reduce_sum(sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches), device))
     if n_target == 0:
         raise ValueError("This step's batch has no target token (every label is -100).")
+    world = distributed.world_size()  # DDP/FSDP average the ranks' gradients: * world makes it a sum
     total = torch.zeros((), device=device)
     for j, (x, y) in enumerate(micro_batches):
         # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
@@ -245,10 +248,10 @@ def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: s
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with _autocast(device, amp):
-                loss = model(x, y, reduction="sum") / n_target  # token-normalised over the effective batch
+                loss = model(x, y, reduction="sum") * world / n_target  # token-normalised, effective batch
             scaler.scale(loss).backward()
-        total += loss.detach()
-    total = total.item()  # one host sync per step, not per micro-batch
+        total += loss.detach() / world
+    total = distributed.all_reduce_sum(total.item(), device)  # one host sync per step, not per micro-batch
     if not math.isfinite(total):
         raise FloatingPointError(f"the loss is {total}")
     grad_norm = None
@@ -321,7 +324,7 @@ def _train_state(optimizer, scaler, step: int, cfg: TrainConfig) -> dict:
     """Everything a resumed run needs besides the weights, as plain tensors, numbers, strings, lists,
     tuples and dicts: what torch.load(weights_only=True) reads back without unpickling any code."""
     return {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": _rng_state(), "config": dataclasses.asdict(cfg)}
+            "rng": _rng_state(), "config": dataclasses.asdict(cfg), "world_size": distributed.world_size()}
 
 
 def _checkpoint_parts(model, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer) -> list:
@@ -415,10 +418,21 @@ def _read_trainable(ckpt: Path, device) -> dict:
         raise ValueError(f"{f} is not a readable safetensors file ({e}); is it truncated or corrupt?") from None
 
 
-def _restore(ckpt: Path, model, optimizer, scaler, cfg: TrainConfig) -> int:
+def _restore_weights(ckpt: Path, model, cfg: TrainConfig) -> dict:
+    """Check the settings against the checkpoint's, load its weights into the (unwrapped) model; returns the
+    training state for _restore_optimizer. --batch-size is per rank: what must match is the micro-batch over
+    all ranks (batch_size * world size), so 2 ranks x 4 rows resume as 1 process x 8 rows."""
     state = _read_train_state(ckpt)
     saved = state["config"]
+    world = distributed.world_size()
+    rows = saved.get("batch_size", 0) * state.get("world_size", 1)
+    if rows != cfg.batch_size * world:
+        raise ValueError(f"Cannot resume from {ckpt}: its micro-batch was {rows} rows over all ranks, this run's "
+                         f"is {cfg.batch_size} x {world} ranks = {cfg.batch_size * world} (set --batch-size "
+                         f"{rows // world if rows % world == 0 else rows} or start a new --out).")
     for f in dataclasses.fields(TrainConfig):
+        if f.name == "batch_size":
+            continue
         if f.name in saved and saved[f.name] != getattr(cfg, f.name):
             raise ValueError(f"Cannot resume from {ckpt}: {f.name}={getattr(cfg, f.name)!r} differs from the "
                              f"checkpoint's {saved[f.name]!r}{_RESUME_HINTS.get(f.name, '')} (resume with the "
@@ -436,7 +450,15 @@ def _restore(ckpt: Path, model, optimizer, scaler, cfg: TrainConfig) -> int:
         with torch.no_grad():
             for n, t in tensors.items():
                 params[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def _restore_optimizer(state: dict, model, optimizer, scaler, strategy: str) -> int:
+    """The optimizer, GradScaler and RNG of a checkpoint; returns its step."""
+    if strategy == "fsdp":
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return state["step"]
@@ -492,7 +514,8 @@ def _memory_mib(device: torch.device) -> float:
 
 # ---- the loop ------------------------------------------------------------------------------------
 def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_dir, *, tokenizer=None,
-          resume: bool = False, progress: bool = True, strict_amp: bool = False) -> list[dict]:
+          resume: bool = False, progress: bool = True, strict_amp: bool = False, strategy: str = "auto",
+          stop_at: Optional[int] = None) -> list[dict]:
     """Train `model` in place; returns the log records of the steps run now.
 
     train_data: packed rows (inputs, targets) or an SFTDataset; val_data: {name: the same kinds}.
@@ -501,16 +524,21 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
     second of this step), grad_norm, skipped, mem_mib, and val_<name> every eval_every steps) and out_dir/checkpoint/ every save_every
     steps and at the end. resume=True continues from out_dir/checkpoint: same batches, same schedule,
     same RNG, so the log continues as the uninterrupted run's would (on CPU, exactly).
+    Under torchrun (several processes) `strategy` picks DDP or FSDP (training/distributed.py); rank 0 alone
+    holds the run folder's lock and writes the log and the checkpoints. stop_at=k stops after step k with a
+    checkpoint (a job's time limit); --resume continues as if it had not stopped.
     """
+    kw = dict(tokenizer=tokenizer, resume=resume, strict_amp=strict_amp, strategy=strategy, stop_at=stop_at)
     out_dir = Path(out_dir)
+    if not distributed.is_main():
+        return _train_locked(model, train_data, val_data, cfg, out_dir, progress=False, **kw)
     check_writable(out_dir)
     with run_lock(out_dir):  # one writer per run folder
-        return _train_locked(model, train_data, val_data, cfg, out_dir, tokenizer=tokenizer, resume=resume,
-                             progress=progress, strict_amp=strict_amp)
+        return _train_locked(model, train_data, val_data, cfg, out_dir, progress=progress, **kw)
 
 
-def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_dir: Path, *,
-                  tokenizer, resume: bool, progress: bool, strict_amp: bool) -> list[dict]:
+def _setup(model: Transformer, cfg: TrainConfig, out_dir: Path, *, resume: bool, strict_amp: bool, strategy: str):
+    """(runner, optimizer, scaler, amp, strategy, start step): the model prepared, restored and wrapped."""
     device = next(model.parameters()).device
     amp = resolve_amp(cfg.amp, device, strict=strict_amp)
     torch.manual_seed(cfg.seed)  # LoRA's A and dropout draw from it; a resumed run restores it
@@ -519,41 +547,79 @@ def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConf
     if fp16:
         raise ValueError(f"Trainable parameter {fp16[0]} is fp16: pure fp16 training is not supported (the "
                          f"GradScaler needs fp32 gradients); load the model in fp32 (with --amp fp16) or bf16.")
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    start = 0
+    strategy = distributed.resolve_strategy(strategy, base_trains=_base_trains(model), quantized=is_quantized(model),
+                                            amp=amp)
+    state = None
     if resume:
         ckpt = _find_checkpoint(out_dir)
         if ckpt is None:
             raise FileNotFoundError(f"Cannot resume: {out_dir / 'checkpoint' / 'train_state.pt'} does not exist.")
-        start = _restore(ckpt, model, optimizer, scaler, cfg)
+        state = _restore_weights(ckpt, model, cfg)  # before wrapping: FSDP shards what is loaded here
+    runner = distributed.wrap(model, strategy, amp)
+    optimizer = make_optimizer(runner, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    start = _restore_optimizer(state, runner, optimizer, scaler, strategy) if state else 0
+    return runner, optimizer, scaler, amp, strategy, start
+
+
+def _save(out_dir: Path, runner, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer, strategy: str) -> None:
+    """The checkpoint, as one process would write it. FSDP: every rank joins the gather, rank 0 writes."""
+    model = distributed.unwrap(runner)
+    if strategy == "fsdp":
+        msd, osd = distributed.full_state(runner, optimizer)
+        if distributed.is_main():
+            with torch.device("meta"):
+                plain = Transformer(model.args)
+            plain.load_state_dict(msd, assign=True)
+            write_checkpoint(out_dir / "checkpoint", plain, distributed.GatheredOptimizer(osd), scaler, step, cfg,
+                             tokenizer)
+    elif distributed.is_main():
+        write_checkpoint(out_dir / "checkpoint", model, optimizer, scaler, step, cfg, tokenizer)
+    distributed.barrier()  # nobody runs ahead of a checkpoint being written
+
+
+def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_dir: Path, *,
+                  tokenizer, resume: bool, progress: bool, strict_amp: bool, strategy: str,
+                  stop_at: Optional[int]) -> list[dict]:
+    device = next(model.parameters()).device
+    runner, optimizer, scaler, amp, strategy, start = _setup(model, cfg, out_dir, resume=resume,
+                                                             strict_amp=strict_amp, strategy=strategy)
+    main = distributed.is_main()
     log_path = out_dir / "log.jsonl"
-    kept = _start_log(log_path, resume, start)
+    kept = _start_log(log_path, resume, start) if main else []
     train_data = as_dataset(train_data)
     val_data = {k: as_dataset(v) for k, v in val_data.items()}
     val_data = {k: v.subset(list(range(min(cfg.eval_rows, len(v))))) for k, v in val_data.items()}
     records: list[dict] = []
-    # micro-batch m of optimizer step s is batch number s * grad_accum + m of one deterministic stream
-    data = batches(train_data, batch_size=cfg.batch_size, seed=cfg.seed, start_step=start * cfg.grad_accum)
-    model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train")
+    # micro-batch m of optimizer step s is batch number s * grad_accum + m of one deterministic stream of
+    # batch_size * world rows; each rank takes its slice
+    data = batches(train_data, batch_size=cfg.batch_size * distributed.world_size(), seed=cfg.seed,
+                   start_step=start * cfg.grad_accum)
+    runner.train()
+    end = cfg.steps if stop_at is None else max(start, min(stop_at, cfg.steps))
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train")
     tokens_seen, targets_seen = (kept[-1].get(k, 0) for k in ("tokens", "target_tokens")) if kept else (0, 0)
     for step in bar:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = [tuple(t.to(device) for t in next(data)) for _ in range(cfg.grad_accum)]
+        micro = [tuple(t.to(device) for t in distributed.this_rank_rows(*next(data))) for _ in range(cfg.grad_accum)]
         try:
-            out = train_step(model, optimizer, scaler, micro, cfg, amp)
+            out = train_step(runner, optimizer, scaler, micro, cfg, amp)
         except FloatingPointError as e:
             raise FloatingPointError(f"Stopped at step {step + 1}: {e}. Nothing was saved for this step; the last "
                                      f"checkpoint (if any) is intact. Lower the learning rate, or try --amp bf16 "
                                      f"instead of fp16.") from None
+        except RuntimeError as e:  # a collective failed: another rank died or timed out
+            if distributed.world_size() == 1:
+                raise
+            raise RuntimeError(f"rank {distributed.rank()}: step {step + 1} failed in a collective (did another "
+                               f"rank die?): {str(e).splitlines()[0]}") from None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        tokens_seen += sum(x.numel() for x, _ in micro)  # positions processed, padding included
+        tokens_seen += int(distributed.all_reduce_sum(sum(x.numel() for x, _ in micro), device))  # padding included
         targets_seen += out["tokens"]
         rec = {"step": step + 1, "loss": round(out["loss"], 6), "lr": lr, "tokens": tokens_seen,
                "target_tokens": targets_seen, "tokens_per_s": round(out["tokens"] / dt, 1), "grad_norm": _finite_or_none(out["grad_norm"]),
@@ -561,16 +627,17 @@ def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConf
         if scaler.is_enabled():
             rec["scale"] = scaler.get_scale()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            for name, vd in val_data.items():
-                rec[f"val_{name}"] = round(evaluate_loss(model, vd, batch_size=cfg.batch_size, amp=amp), 6)
-            model.train()
+            for name, vd in val_data.items():  # every rank evaluates (FSDP needs all of them in the forward)
+                rec[f"val_{name}"] = round(evaluate_loss(runner, vd, batch_size=cfg.batch_size, amp=amp), 6)
+            runner.train()
         records.append(rec)
-        with open_nofollow(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main:
+            with open_nofollow(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['mem_mib']:.0f}M",
                         **{k: f"{v:.3f}" for k, v in rec.items() if k.startswith("val_")})
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            write_checkpoint(out_dir / "checkpoint", model, optimizer, scaler, step + 1, cfg, tokenizer)
+        if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, stop_at):
+            _save(out_dir, runner, optimizer, scaler, step + 1, cfg, tokenizer, strategy)
     return records
 
 

@@ -1,0 +1,139 @@
+"""torchrun with 2 CPU processes (gloo): DDP (LoRA) and FSDP2 (full fine-tuning) give the single-process run
+with the same effective batch; a checkpoint written by 2 ranks resumes in 1; a killed rank fails the job in
+bounded time; bad --strategy combinations are refused in one sentence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from minillama.cli.main import main
+from minillama.course.paths import corpora_dir, tiny_model_dir
+from minillama.training import distributed
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--model", str(tiny_model_dir()), "--data", str(corpora_dir() / "stories_val.jsonl"), "--max-len", "33",
+          "--lr", "1e-3", "--seed", "0", "--quiet", "--device", "cpu", "--warmup-steps", "1"]
+
+
+def torchrun(args, timeout=240, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MINILLAMA_DIST_TIMEOUT_S": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "minillama", "train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_ddp_lora_equals_one_process(tmp_path):
+    """2 ranks x 2 rows == 1 process x 4 rows: the same losses and the same trained adapters (fp32, the
+    order of the gradient sums differs: 1e-5 relative)."""
+    lora = ["--lora-r", "4", "--steps", "3"]
+    assert main(["train", *COMMON, *lora, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    r = torchrun([*COMMON, *lora, "--batch-size", "2", "--strategy", "ddp", "--out", str(tmp_path / "two")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    one = load_file(tmp_path / "one" / "checkpoint" / "trainable.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoint" / "trainable.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        assert (one[k] - two[k]).abs().max() <= 1e-5, k
+
+
+def test_fsdp_full_finetuning_equals_one_process_and_resumes_in_one(tmp_path):
+    """FSDP2 over 2 ranks stops at step 2 (its checkpoint gathered on rank 0), then ONE process resumes it
+    (batch 4 = 2 ranks x 2 rows): the 4 logged losses equal the uninterrupted single-process run's."""
+    full = ["--steps", "4", "--save-every", "2"]
+    assert main(["train", *COMMON, *full, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    r = torchrun([*COMMON, *full, "--batch-size", "2", "--strategy", "fsdp", "--stop-at", "2",
+                  "--out", str(tmp_path / "two")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(losses(tmp_path / "two")) == 2
+    assert main(["train", *COMMON, *full, "--batch-size", "4", "--resume", "--out", str(tmp_path / "two")]) == 0
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    one = load_file(tmp_path / "one" / "checkpoint" / "model" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoint" / "model" / "model.safetensors")
+    for k in one:
+        assert (one[k] - two[k]).abs().max() <= 1e-5, k
+
+
+def test_resume_with_another_micro_batch_over_ranks_is_refused(tmp_path, capsys):
+    run = ["--steps", "2", "--lora-r", "4"]
+    assert main(["train", *COMMON, *run, "--batch-size", "4", "--stop-at", "1", "--out", str(tmp_path)]) == 0
+    assert main(["train", *COMMON, *run, "--batch-size", "2", "--resume", "--out", str(tmp_path)]) == 2
+    assert "its micro-batch was 4 rows over all ranks, this run's is 2 x 1 ranks = 2" in capsys.readouterr().err
+
+
+def _rank_pid(parent: int, rank: int):
+    """The pid of the torchrun worker with RANK=rank (a descendant of `parent`), from /proc."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and f"TORCHELASTIC_RUN_ID".encode() in b"".join(env) \
+                and int(d.name) != parent:
+            if b"-m\0minillama" in (d / "cmdline").read_bytes() and b"torch.distributed.run" not in (d / "cmdline").read_bytes():
+                return int(d.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc (Linux)")
+def test_a_killed_rank_fails_the_job_in_bounded_time(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MINILLAMA_DIST_TIMEOUT_S": "30"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "minillama", "train", *COMMON, "--lora-r", "4", "--steps", "100000", "--batch-size", "2",
+           "--save-every", "100000", "--out", str(tmp_path)]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text():
+            assert time.time() < deadline and p.poll() is None, "the job did not start training"
+            time.sleep(0.5)
+        pid = _rank_pid(p.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.time()
+        out, _ = p.communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert elapsed < 90
+    assert "rank" in out and ("local_rank: 1" in out or "rank 1" in out), out[-3000:]
+
+
+def test_strategy_needs_several_processes():
+    with pytest.raises(ValueError, match="--strategy ddp needs several processes: start the job with `torchrun"):
+        distributed.resolve_strategy("ddp", base_trains=False, quantized=False, amp="off")
+    with pytest.raises(ValueError, match="--strategy 'zero3' is invalid"):
+        distributed.resolve_strategy("zero3", base_trains=True, quantized=False, amp="off")
+    assert distributed.resolve_strategy("auto", base_trains=True, quantized=False, amp="off") == "single"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(strategy="fsdp", base_trains=False, quantized=True, amp="bf16"), "cannot shard a 4-bit base"),
+    (dict(strategy="fsdp", base_trains=True, quantized=False, amp="fp16"), "use --amp bf16"),
+    (dict(strategy="single", base_trains=True, quantized=False, amp="off"), "but 2 were started by torchrun"),
+])
+def test_bad_strategy_combinations_under_two_ranks(monkeypatch, kw, message):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match=message):
+        distributed.resolve_strategy(**kw)
+
+
+def test_auto_strategy_under_two_ranks(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert distributed.resolve_strategy("auto", base_trains=False, quantized=True, amp="off") == "ddp"
+    assert distributed.resolve_strategy("auto", base_trains=True, quantized=False, amp="off") == "fsdp"
