@@ -34,9 +34,9 @@ def losses(out: Path) -> list[float]:
 
 
 def test_ddp_lora_equals_one_process(tmp_path):
-    """2 ranks x 2 rows == 1 process x 4 rows: the same losses and the same trained adapters (fp32, the
-    order of the gradient sums differs: 1e-5 relative)."""
-    lora = ["--lora-r", "4", "--steps", "3"]
+    """2 ranks x 2 rows == 1 process x 4 rows: the same losses and the same trained adapters. Plain SGD, so
+    the weights differ by lr * (the difference of the gradients): fp32 sums in another order, <= 1e-7."""
+    lora = ["--lora-r", "4", "--steps", "3", "--optimizer", "sgd", "--grad-clip", "0"]
     assert main(["train", *COMMON, *lora, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
     r = torchrun([*COMMON, *lora, "--batch-size", "2", "--strategy", "ddp", "--out", str(tmp_path / "two")])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -45,12 +45,14 @@ def test_ddp_lora_equals_one_process(tmp_path):
     two = load_file(tmp_path / "two" / "checkpoint" / "trainable.safetensors")
     assert one.keys() == two.keys()
     for k in one:
-        assert (one[k] - two[k]).abs().max() <= 1e-5, k
+        assert float((one[k] - two[k]).abs().max()) <= 1e-7, k
 
 
 def test_fsdp_full_finetuning_equals_one_process_and_resumes_in_one(tmp_path):
-    """FSDP2 over 2 ranks stops at step 2 (its checkpoint gathered on rank 0), then ONE process resumes it
-    (batch 4 = 2 ranks x 2 rows): the 4 logged losses equal the uninterrupted single-process run's."""
+    """FSDP2 over 2 ranks stops at step 2 (its checkpoint, AdamW state included, gathered on rank 0), then ONE
+    process resumes it (batch 4 = 2 ranks x 2 rows): the 4 logged losses equal the uninterrupted single-process
+    run's. AdamW divides by sqrt(v): where a gradient is ~0, fp32 noise in it can move a weight by up to lr per
+    step, so the weights are compared within 4 steps * lr = 4e-3, and 99.9% of them within 1e-6."""
     full = ["--steps", "4", "--save-every", "2"]
     assert main(["train", *COMMON, *full, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
     r = torchrun([*COMMON, *full, "--batch-size", "2", "--strategy", "fsdp", "--stop-at", "2",
@@ -62,7 +64,8 @@ def test_fsdp_full_finetuning_equals_one_process_and_resumes_in_one(tmp_path):
     one = load_file(tmp_path / "one" / "checkpoint" / "model" / "model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint" / "model" / "model.safetensors")
     for k in one:
-        assert (one[k] - two[k]).abs().max() <= 1e-5, k
+        diff = (one[k] - two[k]).abs()
+        assert float(diff.max()) <= 4e-3 and float((diff <= 1e-6).float().mean()) >= 0.999, k
 
 
 def test_resume_with_another_micro_batch_over_ranks_is_refused(tmp_path, capsys):
