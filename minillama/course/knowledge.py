@@ -280,6 +280,7 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
             for r in ranks:
                 for ep in epochs:
                     model = fresh()
+                    torch.manual_seed(seed)  # each row's LoRA A from the seed, whatever rows ran before
                     apply_lora(model, r=r, alpha=2 * r, dropout=DROPOUT, targets=targets, name="facts")
                     params = trainable_parameters(model)["trainable"]
                     info = train_adapter(model, tok, facts, name="facts", epochs=ep, lr=lr,
@@ -289,6 +290,7 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
                     row("single", r, ep, lr, info, after, params)
             if not stack:
                 continue
+            torch.manual_seed(seed)
             for kind, info, after, params in _stacking(fresh(), tok, facts, evaluate, stack_rank, stack_epochs, lr,
                                                        targets, Path(tmp), seed):
                 row(kind, stack_rank, stack_epochs, lr, info, after, params)
