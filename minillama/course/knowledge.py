@@ -23,11 +23,13 @@ the names and knows the format, and has to learn the facts from the LoRA.
   ("The capital of Ettinor is") and as ``Question: ...\nAnswer:``, before and after; with it the
   per-token loss (NLL, nats) on a few held-out stories and passkey accuracy (other skills).
 
-Command line (10 to 15 minutes on 2 CPU cores: 8 single adapters, 2 x 10 one-fact adapters)::
+Command line (tens of minutes on a laptop CPU: 8 single adapters, 2 x 10 one-fact adapters)::
 
     python -m minillama.course.knowledge --out runs/knowledge
 
-writes ``results.json`` and ``table.md`` into ``--out`` and prints the table.
+writes ``results.json`` and ``table.md`` into ``--out`` and prints the table. Notebook 02 loads the runs the
+repo ships in ``notebooks/results/knowledge-*`` (each ``meta`` has the device, torch version, date and wall
+time); every row seeds its own LoRA initialisation, so a row does not depend on the rows run before it.
 """
 
 from __future__ import annotations
