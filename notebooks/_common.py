@@ -122,3 +122,51 @@ def verdict(name_a: str, a, name_b: str, b, what: str = "time", lower_is_better:
     better = (ma < mb) == lower_is_better
     ratio = max(ma, mb) / max(min(ma, mb), 1e-12)
     return f"{name_a if better else name_b} is better on {what}: x{ratio:.2f} ({ma:.3g} vs {mb:.3g})"
+
+
+# ---- fast and repeatable on a busy laptop; shipped results; figures (notebooks 00-02, issue 12) -----------
+FULL = os.environ.get("MINILLAMA_FULL", "0") == "1"  # 1: rerun the long experiments instead of loading them
+RESULTS = REPO / "notebooks" / "results"  # the full results the repo ships, each with the command that made it
+FIGURES = REPO / "runs" / "notebooks"  # where the notebooks save their figures (not committed)
+MAX_FIGURE_PX = 1400
+
+
+def fix_threads(n=None) -> int:
+    """Fix torch's intra-op threads (MINILLAMA_THREADS, default 1) and return the number.
+
+    A fixed count gives the same floating-point sums, hence the same greedy tokens, on every run. One
+    thread because the tiny model is too small to gain from more, and on a laptop busy with other
+    programs two torch threads spend their time waiting for each other."""
+    n = int(n or os.environ.get("MINILLAMA_THREADS", "1"))
+    torch.set_num_threads(n)
+    return n
+
+
+def load_shipped(name: str, command: str) -> dict:
+    """The shipped results file notebooks/results/<name>; `command` is what regenerates it."""
+    import json
+
+    path = RESULTS / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: regenerate it with `{command}` (or set MINILLAMA_FULL=1).")
+    return json.loads(path.read_text())
+
+
+def shipped_note(meta: dict, command: str) -> str:
+    """One line saying where and when shipped numbers were measured, and by which command."""
+    return (f"*Shipped numbers: measured on {meta.get('device', '?')}, torch {meta.get('torch', '?')}, "
+            f"{meta.get('date', 'date not recorded')}, by `{command}`.*")
+
+
+def show_figure(fig, name: str) -> Path:
+    """Save a matplotlib figure under runs/notebooks/ (at most MAX_FIGURE_PX wide) and display it."""
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    dpi = min(100, MAX_FIGURE_PX / fig.get_figwidth())
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    path = FIGURES / name
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(filename=str(path)))
+    return path

@@ -72,6 +72,9 @@ def test_one_fact_two_epochs_run(tmp_path):
         assert 0.0 <= r["recall_trained"] <= 1.0 and r["stories_nll"] > 0
     assert results["rows"][0]["trainable_params"] == lora.lora_parameter_count(
         minillama.load_model(TINY).args, 4, ("wq", "wv"))
+    single = results["rows"][0]
+    assert len(single["loss_curve"]) == single["steps"]  # one training loss per optimizer step
+    assert results["meta"]["date"][:2] == "20" and results["meta"]["torch"] == torch.__version__
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
     table = (out / "table.md").read_text()

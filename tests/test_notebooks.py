@@ -19,3 +19,33 @@ def test_notebook_is_committed_without_outputs(path):
     for i, cell in enumerate(nb["cells"]):
         if cell["cell_type"] == "code":
             assert cell.get("outputs") == [] and cell.get("execution_count") is None, f"{path.name} cell {i}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_cites_only_what_is_in_the_repository(path):
+    text = path.read_text()
+    for outside in ("REFERENCE.md", "../shared", "/work/shared"):
+        assert outside not in text, f"{path.name} points outside the repository ({outside}): cite docs/references.md"
+
+
+# Notebook 02 loads these instead of rerunning the long sweep (MINILLAMA_FULL=1 reruns it).
+SWEEP = {(8, 10), (8, 100), (64, 10), (64, 100)}  # (rank, epochs) of the single ten-fact adapters
+SHIPPED_KNOWLEDGE = {"knowledge-all": ("all", [1e-3], SWEEP, 10), "knowledge-qv": (["wq", "wv"], [1e-3], SWEEP, 10),
+                     "knowledge-qv-lr1e-4": (["wq", "wv"], [1e-4], SWEEP, 10),
+                     "knowledge-all-3facts": ("all", [1e-3], {(64, 100)}, 3)}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_KNOWLEDGE))
+def test_shipped_knowledge_results_say_where_they_come_from(name):
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "results" / name / "results.json"
+    res = json.loads(path.read_text())
+    targets, lrs, singles_expected, n_facts = SHIPPED_KNOWLEDGE[name]
+    meta = res["meta"]
+    assert meta["targets"] == targets and meta["facts"] == n_facts
+    assert meta["device"] and meta["torch"] and meta["date"]
+    assert sorted({r["lr"] for r in res["rows"]}) == lrs
+    singles = [r for r in res["rows"] if r["setting"] == "single"]
+    assert {(r["r"], r["epochs"]) for r in singles} == singles_expected
+    for r in singles:
+        assert len(r["loss_curve"]) == r["steps"]  # the notebook's loss curves
+    assert (path.parent / "table.md").exists()

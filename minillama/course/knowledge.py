@@ -23,11 +23,13 @@ the names and knows the format, and has to learn the facts from the LoRA.
   ("The capital of Ettinor is") and as ``Question: ...\nAnswer:``, before and after; with it the
   per-token loss (NLL, nats) on a few held-out stories and passkey accuracy (other skills).
 
-Command line (10 to 15 minutes on 2 CPU cores: 8 single adapters, 2 x 10 one-fact adapters)::
+Command line (tens of minutes on a laptop CPU: 8 single adapters, 2 x 10 one-fact adapters)::
 
     python -m minillama.course.knowledge --out runs/knowledge
 
-writes ``results.json`` and ``table.md`` into ``--out`` and prints the table.
+writes ``results.json`` and ``table.md`` into ``--out`` and prints the table. Notebook 02 loads the runs the
+repo ships in ``notebooks/results/knowledge-*`` (each ``meta`` has the device, torch version, date and wall
+time); every row seeds its own LoRA initialisation, so a row does not depend on the rows run before it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from ..files import atomic_write_text
 from .corpora import REPHRASED_TEMPLATES, TRAINED_TEMPLATES, facts_training_text
 from ..training.data import pack_documents, read_jsonl_texts
 from ..evaluation.evaluate import passkey_accuracy
+from ..measuring.measure import device_name
 from ..generate import generate
 from ..lora import apply_lora, trainable_parameters, use_adapter
 from ..tokenizer import load_tokenizer
@@ -190,7 +193,8 @@ def train_adapter(model, tokenizer, facts, *, name: str, epochs: int, lr: float,
         log = train(model, (x, y), {}, cfg, work_dir, progress=False)
         after = evaluate_loss(model, x, y, BATCH)
     return {"steps": steps, "rows": int(x.shape[0]), "first_loss": before, "final_loss": after,
-            "last_batch_loss": log[-1]["loss"], "train_s": time.perf_counter() - t0}
+            "last_batch_loss": log[-1]["loss"], "loss_curve": [round(r["loss"], 4) for r in log],
+            "train_s": time.perf_counter() - t0}
 
 
 # ---- the experiment -----------------------------------------------------------------------------
@@ -266,6 +270,8 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
                "trainable_params": params, "first_loss": info["first_loss"], "final_loss": info["final_loss"],
                **{k: after[k] for k in after}, **{f"{k}_before": base[k] for k in after},
                "train_s": round(info["train_s"], 2)}
+        if "loss_curve" in info:  # the training loss per optimizer step (ten-fact adapters only)
+            out["loss_curve"] = info["loss_curve"]
         rows.append(out)
         log(f"{kind:>10s} r={r:<3d} epochs={ep:<3d} lr={lr:g}: loss {info['first_loss']:.3f} -> "
             f"{info['final_loss']:.3f}; {_fmt_metrics(after)}")
@@ -276,6 +282,7 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
             for r in ranks:
                 for ep in epochs:
                     model = fresh()
+                    torch.manual_seed(seed)  # each row's LoRA A from the seed, whatever rows ran before
                     apply_lora(model, r=r, alpha=2 * r, dropout=DROPOUT, targets=targets, name="facts")
                     params = trainable_parameters(model)["trainable"]
                     info = train_adapter(model, tok, facts, name="facts", epochs=ep, lr=lr,
@@ -285,6 +292,7 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
                     row("single", r, ep, lr, info, after, params)
             if not stack:
                 continue
+            torch.manual_seed(seed)
             for kind, info, after, params in _stacking(fresh(), tok, facts, evaluate, stack_rank, stack_epochs, lr,
                                                        targets, Path(tmp), seed):
                 row(kind, stack_rank, stack_epochs, lr, info, after, params)
@@ -294,9 +302,10 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
             "passkey_trials": passkey_trials, "targets": list(targets) if not isinstance(targets, str) else targets,
             "batch": BATCH, "seq_len": SEQ_LEN, "dropout": DROPOUT, "alpha": "2r",
             "schedule": "AdamW (no weight decay), 2 warmup steps, constant lr",
-            "device": f"CPU ({platform.machine()}, torch threads: {torch.get_num_threads()})",
+            "device": f"{device_name(torch.device('cpu'))}, {platform.machine()}, torch threads: {torch.get_num_threads()}",
             "dtype": "fp32", "torch": torch.__version__, "preset": "tiny", "seed": seed,
-            "wall_s": round(time.perf_counter() - t_start, 1)}
+            "wall_s": round(time.perf_counter() - t_start, 1),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
     return {"meta": meta, "base": base, "rows": rows}
 
 
