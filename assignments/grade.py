@@ -121,13 +121,11 @@ def _run_once(tree, private, ids, deselect, limits, deadline, run: Run, hashes) 
     r, w = os.pipe()
     args = [sys.executable, "-I", "-B", str(private / "runner.py"), str(tree), str(private / "hidden"), str(w),
             str(private / "pytest.ini"), *ids]
-    for d in deselect:
-        args += ["--deselect", d]
     proc = subprocess.Popen(args, cwd=tree, env=_env(tree), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, pass_fds=(w,), preexec_fn=_limits(limits))
     os.close(w)
     try:
-        proc.stdin.write((nonce + "\n" + json.dumps(hashes) + "\n").encode())
+        proc.stdin.write((nonce + "\n" + json.dumps(hashes) + "\n" + json.dumps(deselect) + "\n").encode())
         proc.stdin.close()
     except OSError:
         pass
