@@ -274,10 +274,11 @@ def grade(source: Path, submission: Path, out: Path | None = None, *, only=None,
         notes = copy_submission(submission, tree, marked_modules(source) or _stub_modules(tree))
         test_files = sorted({tid.split("::")[0] for a in assignments for tid, _ in a.tests})
         hashes = {}
-        for rel in test_files + ["tests/conftest.py"]:
-            path = private / rel if rel.startswith("hidden/") else tree / rel
+        for path in [tree / rel for rel in test_files + ["tests/conftest.py"] if not rel.startswith("hidden/")]:
             if path.exists():
                 hashes[str(path)] = _sha(path)
+        for path in sorted((private / "hidden").iterdir()):
+            hashes[str(path)] = _sha(path)
         _read_only(tree)
         _read_only(private / "hidden")
         ids = [(f"{private}/{tid}" if tid.startswith("hidden/") else tid) for a in assignments for tid, _ in a.tests]

@@ -139,7 +139,7 @@ class Reporter:
 
 def main() -> None:
     args = [*IDS, "-c", INI, "--rootdir", TREE, "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-            "--capture=fd", "--tb=no", "-o", "console_output_style=classic", "--no-header"]
+            "--capture=fd", "--tb=no", "-rN", "-o", "console_output_style=classic", "--no-header"]
     code = pytest.main(args, plugins=[Reporter()])
     emit(event="done", code=int(code))
     sys.stdout.flush()

@@ -1,10 +1,14 @@
 """Hidden tests of assignment 3 (training techniques): a step written out by hand, checkpointing by its
 recomputation, autocast by the dtype of a matmul."""
 
+import pytest
 import torch
+from _reference import llama_pieces  # noqa: F401 (a fixture: assignment 1's pieces as plain formulas)
 
 from minillama import create_model, get_preset
 from minillama.training.train import TrainConfig, _autocast, train_step
+
+pytestmark = pytest.mark.usefixtures("llama_pieces")
 
 
 def small_model(seed=0):
