@@ -25,7 +25,8 @@ def _release(args) -> int:
 
 def _grade(args) -> int:
     from .grade import grade
-    r = grade(ROOT, Path(args.submission), Path(args.out), only=args.only, limits=_limits(args))
+    r = grade(ROOT, Path(args.submission), Path(args.out), only=args.only, tests=args.tests,
+              limits=_limits(args))
     print(f"score {r['score']:g} / {sum(t['max_score'] for t in r['tests']):g} "
           f"({r['execution_time']:.0f} s); results in {args.out}")
     return 0
@@ -33,7 +34,8 @@ def _grade(args) -> int:
 
 def _grade_all(args) -> int:
     from .grade_all import grade_all
-    grade_all(ROOT, Path(args.submissions), Path(args.csv), only=args.only, limits=_limits(args))
+    grade_all(ROOT, Path(args.submissions), Path(args.csv), only=args.only, tests=args.tests,
+              limits=_limits(args))
     print(f"grades in {args.csv}")
     return 0
 
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("submissions", help="a folder with one folder (or .zip) per student")
             g.add_argument("--csv", required=True)
         g.add_argument("--only", nargs="*", help="grade only these assignments (a1 ... a5)")
+        g.add_argument("--tests", nargs="*", help="grade only these tests (ids or names)")
         g.add_argument("--per-test-timeout", type=float, default=120.0, help="seconds (default 120)")
         g.add_argument("--timeout", type=float, default=900.0, help="seconds per submission (default 900)")
         g.add_argument("--memory-gib", type=float, default=6.0, help="address-space limit of the tests (GiB)")

@@ -11,6 +11,7 @@ code ran. A test running past the per-test timeout kills the process; the remain
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -133,6 +134,7 @@ def _run_once(tree, private, ids, deselect, limits, deadline, run: Run, hashes) 
     sel.register(r, selectors.EVENT_READ, "results")
     sel.register(proc.stdout, selectors.EVENT_READ, "output")
     buf, out, out_len, current, started, ending = b"", bytearray(), 0, "", time.monotonic(), ""
+    t_start = started
     open_streams = 2
     while open_streams:
         now = time.monotonic()
@@ -141,6 +143,9 @@ def _run_once(tree, private, ids, deselect, limits, deadline, run: Run, hashes) 
             break
         if current and now - started > limits.per_test:
             ending = "per_test"
+            break
+        if not run.items and now - t_start > limits.per_test:
+            ending = "collection"
             break
         for key, _ in sel.select(timeout=0.5):
             data = os.read(key.fd, 65536) if key.data == "results" else proc.stdout.read1(65536)
@@ -163,7 +168,7 @@ def _run_once(tree, private, ids, deselect, limits, deadline, run: Run, hashes) 
                 current, started = _apply(event, run, current, started)
                 if event["event"] == "done":
                     ending = "done"
-    if ending in ("per_test", "overall"):
+    if ending in ("per_test", "overall", "collection"):
         _kill(proc)
     else:
         _kill(proc, grace=5.0)
@@ -229,6 +234,9 @@ def run_tests(tree: Path, private: Path, ids: list[str], limits: Limits, hashes:
         ending, current = _run_once(tree, private, ids, deselect, limits, deadline, run, hashes)
         if ending == "done" or run.tampered:
             return run
+        if ending == "collection":
+            run.reason = f"importing the submission and collecting the tests took longer than {limits.per_test:.0f} s"
+            return run
         if ending == "overall":
             run.reason = f"the overall time limit ({limits.overall:.0f} s) ran out"
             if current:
@@ -259,12 +267,16 @@ def _private_dir(source: Path, only) -> tuple[Path, dict]:
     return private, {"canary": canary}
 
 
-def grade(source: Path, submission: Path, out: Path | None = None, *, only=None, limits: Limits = Limits()) -> dict:
+def grade(source: Path, submission: Path, out: Path | None = None, *, only=None, tests=None,
+          limits: Limits = Limits(), assignments=None) -> dict:
     """Grade `submission` against the tests of `source` (the instructor edition, or the autograder's copy
-    of the student edition with the hidden tests); returns the results and writes them to `out`."""
+    of the student edition with the hidden tests); returns the results and writes them to `out`.
+
+    only: assignment ids to grade (default all); tests: test ids or names to keep (default all);
+    assignments: a manifest of its own (the tooling's tests use a short one)."""
     t0 = time.monotonic()
     source, submission = Path(source).resolve(), Path(submission).resolve()
-    assignments = select(only)
+    assignments = restrict(assignments or select(only), tests)
     if not submission.is_dir():
         raise FileNotFoundError(f"--submission {submission} is not a folder.")
     tree = Path(tempfile.mkdtemp(prefix="grading-"))
@@ -296,6 +308,20 @@ def grade(source: Path, submission: Path, out: Path | None = None, *, only=None,
     if out is not None:
         write_json(Path(out), results)
     return results
+
+
+def restrict(assignments, tests) -> tuple:
+    """Keep only the tests named in `tests` (full ids or bare test names); refuse a name that matches none."""
+    if not tests:
+        return tuple(assignments)
+    wanted = set(tests)
+    kept = tuple(dataclasses.replace(a, tests=tuple(t for t in a.tests if t[0] in wanted or
+                                                    t[0].split("::")[1] in wanted)) for a in assignments)
+    known = {t[0] for a in assignments for t in a.tests} | {t[0].split("::")[1] for a in assignments for t in a.tests}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(f"--tests {unknown[0]!r} is not a graded test of the chosen assignments.")
+    return tuple(a for a in kept if a.tests)
 
 
 def _stub_modules(tree: Path) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .grade import Limits, grade
+from .grade import Limits, grade, restrict
 from .manifest import select
 
 MAX_UNPACKED = 50 << 20  # bytes a submission's zip may unpack to
@@ -54,11 +54,12 @@ def row_for(student: str, results: dict | None, assignments, reason: str = "") -
     return row
 
 
-def grade_all(source: Path, submissions: Path, csv_path: Path, *, only=None, limits: Limits = Limits()) -> list[dict]:
+def grade_all(source: Path, submissions: Path, csv_path: Path, *, only=None, tests=None, limits: Limits = Limits(),
+              assignments=None) -> list[dict]:
     submissions = Path(submissions)
     if not submissions.is_dir():
         raise FileNotFoundError(f"{submissions} is not a folder of submissions.")
-    assignments = select(only)
+    assignments = restrict(assignments or select(only), tests)
     entries = sorted(p for p in submissions.iterdir() if p.is_dir() or p.suffix == ".zip")
     rows = []
     for entry in tqdm(entries, desc="grading", unit="submission"):
@@ -66,7 +67,7 @@ def grade_all(source: Path, submissions: Path, csv_path: Path, *, only=None, lim
         tmp = Path(tempfile.mkdtemp(prefix="submission-"))
         try:
             folder = _unpack(entry, tmp) if entry.suffix == ".zip" else entry
-            rows.append(row_for(student, grade(source, folder, only=only, limits=limits), assignments))
+            rows.append(row_for(student, grade(source, folder, limits=limits, assignments=assignments), assignments))
         except Exception as e:  # one bad submission never stops the others
             rows.append(row_for(student, None, assignments, f"{type(e).__name__}: {e}"[:300]))
         finally:

@@ -97,7 +97,7 @@ class Reporter:
         self.items, self.failed, self.message = {}, {}, {}
 
     def pytest_collectreport(self, report):
-        if report.failed:
+        if report.outcome == "failed":
             emit(event="collect_error", where=os.path.basename(str(report.nodeid)),
                  message=str(report.longrepr).strip().splitlines()[-1][:MAX_MESSAGE] if report.longrepr else "")
 
@@ -124,12 +124,12 @@ class Reporter:
         if what:
             report.outcome = "failed"
             self.message.setdefault(item.nodeid, f"the submission replaced {what} (tampering)")
-        elif report.failed:
+        elif report.outcome == "failed":
             self.message.setdefault(item.nodeid, short(call.excinfo) or "failed")
-        if report.skipped and call.when == "call" or (report.skipped and call.when == "setup"):
+        if report.outcome == "skipped":
             self.message.setdefault(item.nodeid, "skipped: " + short(call.excinfo))
             report.outcome = "failed"  # a skipped graded test scores nothing
-        if report.failed:
+        if report.outcome != "passed":
             self.failed[item.nodeid] = True
         if call.when == "teardown":
             ok = not self.failed.get(item.nodeid) and tampered() is None
