@@ -98,8 +98,9 @@ class Reporter:
 
     def pytest_collectreport(self, report):
         if report.outcome == "failed":
-            emit(event="collect_error", where=os.path.basename(str(report.nodeid)),
-                 message=str(report.longrepr).strip().splitlines()[-1][:MAX_MESSAGE] if report.longrepr else "")
+            lines = [ln[1:].strip() for ln in str(report.longrepr).splitlines() if ln.startswith("E ")]
+            where = os.path.basename(str(getattr(report, "fspath", "") or report.nodeid).split("::")[0])
+            emit(event="collect_error", where=where, message=(lines[-1] if lines else "import failed")[:MAX_MESSAGE])
 
     def pytest_collection_finish(self, session):
         bad = changed_files()
