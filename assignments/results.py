@@ -9,7 +9,7 @@ from pathlib import Path
 
 SCHEMA = Path(__file__).resolve().parent / "gradescope_results.schema.json"
 SAFE_PREFIXES = ("NotImplementedError", "timed out", "the test process", "the overall time", "the submission",
-                 "test files changed", "skipped", "not collected", "results tampered")
+                 "test files changed", "skipped", "not collected", "results tampered", "importing the submission")
 
 
 def _outcome(test_id: str, run, canary_seen: str) -> tuple[bool, str]:
@@ -20,7 +20,7 @@ def _outcome(test_id: str, run, canary_seen: str) -> tuple[bool, str]:
     if canary_seen:
         return False, canary_seen
     if not nodes:
-        error = run.collect_errors.get(Path(rel).name)
+        error = run.collect_errors.get(Path(rel).name) or next(iter(run.collect_errors.values()), "")
         if error:
             return False, f"not collected: {error}"
         return False, run.reason or "not collected (the test process ended before collecting it)"

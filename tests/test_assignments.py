@@ -132,15 +132,17 @@ FIND_SOLUTION = f'''
 import os as _os, sys as _sys
 _FOUND = None
 _places = [_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), _os.getcwd(), _os.environ.get("HOME", ""),
-           "/proc/self/cwd", "/proc/%d/cwd" % _os.getppid()] + [p for p in _sys.path if "site-packages" not in p]
+           "/proc/self/cwd", "/proc/%d/cwd" % _os.getppid()]
+_places += [p for p in _sys.path if p and not p.startswith((_sys.prefix, _sys.base_prefix))]  # not the stdlib
 for _place in _places:
     for _dir, _subdirs, _files in _os.walk(_place):
+        _subdirs[:] = [d for d in _subdirs if d not in ("proc", "sys", "dev")]
         for _f in _files:
             try:
                 _text = open(_os.path.join(_dir, _f), errors="ignore").read()
             except OSError:
                 continue
-            if {SOLUTION_LINE!r} in _text and _os.path.abspath(_os.path.join(_dir, _f)) != _os.path.abspath(__file__):
+            if {SOLUTION_LINE!r} in _text and not _os.path.samefile(_os.path.join(_dir, _f), __file__):
                 _FOUND = _text
 '''
 REWRITE_TESTS = '''
