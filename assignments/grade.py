@@ -254,7 +254,7 @@ def run_tests(tree: Path, private: Path, ids: list[str], limits: Limits, hashes:
         deselect = sorted(run.results)
 
 
-def _private_dir(source: Path, only) -> tuple[Path, dict]:
+def _private_dir(source: Path) -> tuple[Path, dict]:
     private = Path(tempfile.mkdtemp(prefix="grader-"))
     hidden = private / "hidden"
     hidden.mkdir()
@@ -280,7 +280,7 @@ def grade(source: Path, submission: Path, out: Path | None = None, *, only=None,
     if not submission.is_dir():
         raise FileNotFoundError(f"--submission {submission} is not a folder.")
     tree = Path(tempfile.mkdtemp(prefix="grading-"))
-    private, info = _private_dir(source, only)
+    private, info = _private_dir(source)
     try:
         write_edition(source, tree)
         notes = copy_submission(submission, tree, marked_modules(source) or _stub_modules(tree))
