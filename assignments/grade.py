@@ -53,6 +53,7 @@ def test_canary_assert():
 @dataclass
 class Limits:
     per_test: float = 120.0      # seconds
+    collect: float = 0.0         # seconds to import the submission and collect the tests (0: per_test)
     overall: float = 900.0       # seconds, for the whole submission
     memory: int = 6 << 30        # bytes of address space of the test process
     file_size: int = 64 << 20    # bytes: the largest file the test process may write
@@ -144,7 +145,7 @@ def _run_once(tree, private, ids, deselect, limits, deadline, run: Run, hashes) 
         if current and now - started > limits.per_test:
             ending = "per_test"
             break
-        if not run.items and now - t_start > limits.per_test:
+        if not run.items and now - t_start > (limits.collect or limits.per_test):
             ending = "collection"
             break
         for key, _ in sel.select(timeout=0.5):
@@ -235,7 +236,8 @@ def run_tests(tree: Path, private: Path, ids: list[str], limits: Limits, hashes:
         if ending == "done" or run.tampered:
             return run
         if ending == "collection":
-            run.reason = f"importing the submission and collecting the tests took longer than {limits.per_test:.0f} s"
+            run.reason = ("importing the submission and collecting the tests took longer than "
+                          f"{limits.collect or limits.per_test:.0f} s")
             return run
         if ending == "overall":
             run.reason = f"the overall time limit ({limits.overall:.0f} s) ran out"

@@ -31,7 +31,7 @@ from assignments.results import validate  # noqa: E402
 SWIGLU = "hidden/test_a1_llama.py::test_swiglu_matches_the_formula"
 KV = "hidden/test_a1_llama.py::test_kv_cache_update_writes_in_place_at_an_offset"
 MINI = (Assignment("a1", "a1_llama", "LLaMA components", "01_llama_from_scratch.ipynb", ((SWIGLU, 1), (KV, 1))),)
-FAST = Limits(per_test=60.0, overall=240.0, memory=int(2.5 * (1 << 30)))
+FAST = Limits(per_test=20.0, collect=60.0, overall=240.0, memory=int(2.5 * (1 << 30)))
 SOLUTION_LINE = "return self.w2(F.silu(self.w1(x)) * self.w3(x))"
 
 
