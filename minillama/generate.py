@@ -26,7 +26,11 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: Optional[torch.Ge
     probs: [B, vocab] rows summing to one. Sort descending, keep a token while the mass before it is at
     most top_p, renormalise, draw with torch.multinomial(generator=generator), map back to token ids [B].
     """
-    # BEGIN SOLUTION
+    # BEGIN PROMPT
+    # Hint: torch.sort(..., descending=True) returns the order too; the mass *before* token j is
+    # cumsum_j - p_j. Zero the dropped tokens, renormalise, sample, then map back with torch.gather.
+    # END PROMPT
+    # BEGIN SOLUTION a1
     probs_sorted, idx = torch.sort(probs, dim=-1, descending=True)
     cum = torch.cumsum(probs_sorted, dim=-1)
     probs_sorted[cum - probs_sorted > top_p] = 0.0  # drop tokens once the mass before them exceeds top_p

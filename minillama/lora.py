@@ -98,11 +98,13 @@ class LoRALinear(nn.Module):
         w = getattr(self.base, "weight", None)
         device = w.device if w is not None else None
         # The same calls as PEFT (nn.Linear's own init, then kaiming_uniform_ again), so a fixed seed
-        # gives PEFT's A exactly.
+        # gives PEFT's A exactly: A Kaiming-uniform with a = sqrt(5) (in place, nn.init), B all zeros.
         A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=ADAPTER_DTYPE)
         B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
+        # BEGIN SOLUTION a2
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
         nn.init.zeros_(B.weight)
+        # END SOLUTION
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[name], self.alpha[name], self.use_rslora[name] = int(r), alpha, bool(use_rslora)
@@ -129,7 +131,13 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, name: Optional[str] = None) -> None:
         """Add the delta of the active adapters (with their weights), or of adapter `name` (with its active
-        weight, 1.0 if it is not active), into base.weight in place. Already merged adapters are skipped."""
+        weight, 1.0 if it is not active), into base.weight in place. Already merged adapters are skipped.
+
+        Use w = self._base_weight() (it refuses a non-float base); an unknown `name` is a ValueError naming the
+        adapters this layer has; skip adapters already in self.merged or of weight 0; add
+        (weight * self.delta_weight(n)).to(w.dtype) to w and append (n, weight) to self.merged.
+        """
+        # BEGIN SOLUTION a2
         w = self._base_weight()
         active = dict(self.active)
         if name is None:
@@ -144,16 +152,20 @@ class LoRALinear(nn.Module):
                 continue
             w.add_((weight * self.delta_weight(n)).to(w.dtype))
             self.merged.append((n, weight))
+        # END SOLUTION
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract every merged delta from base.weight again (exact up to fp32 rounding)."""
+        """Subtract every merged delta from base.weight again (exact up to fp32 rounding): in reverse order
+        of self.merged, subtract (weight * delta_weight(n)).to(w.dtype); then self.merged = []. No-op if empty."""
+        # BEGIN SOLUTION a2
         if not self.merged:
             return
         w = self._base_weight()
         for n, weight in reversed(self.merged):
             w.sub_((weight * self.delta_weight(n)).to(w.dtype))
         self.merged = []
+        # END SOLUTION
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """base(x) plus, for each active adapter n with weight w, w * scaling[n] * B_n(A_n(dropout_n(x))).
@@ -162,7 +174,7 @@ class LoRALinear(nn.Module):
         adapter already merged into the base weight (self.merged: [(name, weight)]) is counted with
         its merged weight subtracted, so merging never changes the output.
         """
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION a2
         out = self.base(x)
         coef = dict(self.active)
         for n, weight in self.merged:
@@ -258,11 +270,17 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
 
     The first adapter of a model is active at weight 1.0; adding another leaves the active set as it is
     (switch with set_adapter / use_adapter, or call_with_adapter(model, name, x)).
+
+    Implementation: normalise the targets (normalise_targets), list the sites (layer index i, target t) for
+    every layer of model.layers and every target, and hand them to _attach(model, sites, r, alpha, dropout,
+    use_rslora, name), which checks them, wraps or extends each linear and freezes the rest.
     """
+    # BEGIN SOLUTION a2
     targets = normalise_targets(targets)
     sites = [(i, t) for i in range(len(model.layers)) for t in targets]
     _attach(model, sites, r, alpha, dropout, use_rslora, name)
     return model
+    # END SOLUTION
 
 
 def trainable_parameters(model: nn.Module) -> dict:

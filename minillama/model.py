@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension of x: compute in fp32, cast back to x's dtype, then scale by weight."""
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION a1
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.type_as(x)
@@ -71,12 +71,19 @@ class KVCache(nn.Module):
         return end
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v ([B, n_kv_heads, T, head_dim]) at start_pos; return keys/values of positions 0..start_pos+T."""
+        """Store k, v ([B, n_kv_heads, T, head_dim]) at start_pos; return keys/values of positions 0..start_pos+T.
+
+        Check the bounds first (self.check(start_pos, k) returns end = start_pos + T), write k and v in place
+        into rows :B and positions start_pos:end of the buffers self.k / self.v (no new allocation), set
+        self.length = end, and return views of the first `end` positions of rows :B.
+        """
+        # BEGIN SOLUTION a1
         bsz, end = k.shape[0], self.check(start_pos, k)
         self.k[:bsz, :, start_pos:end] = k
         self.v[:bsz, :, start_pos:end] = v
         self.length = end
         return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+        # END SOLUTION
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -125,7 +132,10 @@ class Attention(nn.Module):
         mask: bool [Tq, Tk] (True = may attend) or None; causal: use the square lower-triangular mask.
         Softmax in fp32, result in q's dtype, shape [B, n_heads, Tq, hd].
         """
-        # BEGIN SOLUTION
+        # BEGIN PROMPT
+        # Hint: repeat_kv above gives each query head its KV head; masked_fill(~mask, -inf) before the softmax.
+        # END PROMPT
+        # BEGIN SOLUTION a1
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, H, Tq, Tk]
@@ -149,7 +159,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """w2(silu(w1 x) * w3 x)."""
-        # BEGIN SOLUTION
+        # BEGIN SOLUTION a1
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
         # END SOLUTION
 
@@ -195,8 +205,11 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             if self.checkpoint_every and i % self.checkpoint_every == 0 and self.training and torch.is_grad_enabled():
-                # Gradient checkpointing: keep only the block's input; recompute its insides in backward.
+                # Gradient checkpointing: keep only the block's input; recompute its insides in backward
+                # (torch.utils.checkpoint.checkpoint of the block with its four arguments, use_reentrant=False).
+                # BEGIN SOLUTION a3
                 h = checkpoint(layer, h, cos, sin, start_pos, use_reentrant=False)
+                # END SOLUTION
             else:
                 h = layer(h, cos, sin, start_pos)
         h = self.norm(h)

@@ -59,13 +59,17 @@ def _is_number(x) -> bool:
 # ---- one function per method --------------------------------------------------------------------------
 def linear_inv_freq(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
     """Position Interpolation (linear): positions are divided by s, i.e. every frequency: `w_i / s`."""
+    # BEGIN SOLUTION a5
     return inv_freq / factor
+    # END SOLUTION
 
 
 def ntk_theta(theta: float, factor: float, head_dim: int) -> float:
     """Static NTK-aware scaling: a larger base, `theta' = theta * s ** (d / (d - 2))`, so the lowest
     frequency is divided by s while the highest (w_0 = 1) is unchanged."""
+    # BEGIN SOLUTION a5
     return theta * factor ** (head_dim / (head_dim - 2))
+    # END SOLUTION
 
 
 def dynamic_theta(theta: float, factor: float, head_dim: int, seq_len: int, original: int) -> float:
@@ -82,6 +86,7 @@ def yarn_inv_freq(inv_freq: torch.Tensor, factor: float, head_dim: int, theta: f
     `w_i' = (1 - r_i) * w_i + r_i * w_i / s`. Pair i turns `L0 * w_i / 2pi` times over the trained window;
     pairs turning more than beta_fast times keep their frequency (r = 0), fewer than beta_slow times are
     divided by s (r = 1), and r is linear in i between the two (HF rounds the bounds outwards)."""
+    # BEGIN SOLUTION a5
     def pair_index(turns: float) -> float:  # the i at which L0 * w_i / 2pi == turns
         return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
 
@@ -93,6 +98,7 @@ def yarn_inv_freq(inv_freq: torch.Tensor, factor: float, head_dim: int, theta: f
         high += 0.001  # as HF: avoid a division by zero
     ramp = ((torch.arange(len(inv_freq), dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
     return inv_freq * (1 - ramp) + inv_freq / factor * ramp
+    # END SOLUTION
 
 
 def yarn_attention_factor(scaling: dict) -> float:
@@ -174,7 +180,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Computed in fp32 and cast back, as Meta does with complex numbers:
     (a + ib) * (cos + i sin) = (a cos - b sin) + i (a sin + b cos).
     """
-    # BEGIN SOLUTION
+    # BEGIN SOLUTION a1
     xf = x.float().unflatten(-1, (-1, 2))  # [B, T, H, head_dim/2, 2]
     a, b = xf[..., 0], xf[..., 1]
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads

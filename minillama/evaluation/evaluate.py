@@ -120,7 +120,13 @@ def passkey_prompt_filler(tokenizer, context: int, answer_tokens: int = 8) -> in
 @torch.no_grad()
 def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, seed: int = 1234,
                      depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), batch_size: int = 25) -> dict:
-    """Share of trials where greedy decoding reproduces the key, per depth and overall."""
+    """Share of trials where greedy decoding reproduces the key, per depth and overall.
+
+    Trial i hides a key at depth depths[i % len(depths)]. Score the prompts in batches of batch_size with
+    generate(model, prompts, max_new_tokens=8) (greedy); a trial is correct when the decoded answer, with
+    surrounding whitespace stripped, starts with the key (item["answer"]). Build the list `correct` (one bool
+    per trial, in order) and `per_depth` {depth: share correct among that depth's trials, NaN if none}.
+    """
     if trials <= 0:
         raise ValueError(f"trials={trials} is invalid: expected a positive integer.")
     if context > model.args.max_seq_len:
@@ -131,6 +137,7 @@ def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, s
     n_filler = passkey_prompt_filler(tokenizer, context)
     items = [make_passkey(seed * 1_000_003 + i, n_filler, depths[i % len(depths)]) for i in range(trials)]
     prompts = [tokenizer.encode(it["prompt"], bos=True) for it in items]
+    # BEGIN SOLUTION a5
     correct = []
     for i in range(0, trials, batch_size):
         outs = generate(model, prompts[i:i + batch_size], max_new_tokens=8)
@@ -140,5 +147,6 @@ def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, s
     for d in depths:
         hits = [c for c, it in zip(correct, items) if it["depth"] == d]
         per_depth[d] = sum(hits) / len(hits) if hits else float("nan")
+    # END SOLUTION
     return {"context": context, "n_filler": n_filler, "prompt_tokens": max(map(len, prompts)),
             "trials": trials, "accuracy": sum(correct) / trials, "per_depth": per_depth}

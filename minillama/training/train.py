@@ -224,9 +224,13 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
 
 
 def _autocast(device: torch.device, amp: str):
+    """The context manager a forward pass runs in: nullcontext() for amp="off", otherwise torch.autocast on
+    device.type with dtype float16 ("fp16") or bfloat16 ("bf16")."""
     if amp == "off":
         return nullcontext()
+    # BEGIN SOLUTION a3
     return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+    # END SOLUTION
 
 
 def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: str = "off") -> dict:
@@ -234,6 +238,15 @@ def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: s
 
     Returns {"loss" (mean per target token over the whole effective batch), "tokens" (target tokens),
     "grad_norm" (before clipping; None without clipping), "skipped" (GradScaler found inf/NaN gradients)}.
+
+    Token-normalised accumulation: each micro-batch's loss is model(x, y, reduction="sum") * world / n_target
+    (n_target: the target tokens of ALL micro-batches on all ranks; world: the number of ranks, 1 in one
+    process, because DDP averages the ranks' gradients), added to `total` as loss.detach() / world, computed under _autocast(device, amp) and backpropagated as
+    scaler.scale(loss).backward(), so the summed gradient equals that of one big batch. Under DDP, wrap every
+    micro-batch but the last in model.no_sync() when the model has it. Then: if cfg.grad_clip, unscale
+    (scaler.unscale_), clip all the optimizer's parameters to norm cfg.grad_clip and keep the norm before
+    clipping; scaler.step(optimizer); scaler.update(); "skipped" is True when the scale went down (an enabled
+    scaler found inf/NaN); finally optimizer.zero_grad(set_to_none=True).
     """
     device = micro_batches[0][0].device
     # Target tokens of the whole effective batch: every micro-batch, on every rank (distributed.py)
@@ -241,6 +254,7 @@ def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: s
     if n_target == 0:
         raise ValueError("This step's batch has no target token (every label is -100).")
     world = distributed.world_size()  # DDP/FSDP average the ranks' gradients: * world makes it a sum
+    # BEGIN SOLUTION a3
     total = torch.zeros((), device=device)
     for j, (x, y) in enumerate(micro_batches):
         # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
@@ -251,9 +265,11 @@ def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: s
                 loss = model(x, y, reduction="sum") * world / n_target  # token-normalised, effective batch
             scaler.scale(loss).backward()
         total += loss.detach() / world
+    # END SOLUTION
     total = distributed.all_reduce_sum(total.item(), device)  # one host sync per step, not per micro-batch
     if not math.isfinite(total):
         raise FloatingPointError(f"the loss is {total}")
+    # BEGIN SOLUTION a3
     grad_norm = None
     if cfg.grad_clip:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -264,6 +280,7 @@ def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: s
     scaler.update()
     skipped = scale is not None and scaler.get_scale() < scale
     optimizer.zero_grad(set_to_none=True)
+    # END SOLUTION
     return {"loss": total, "tokens": n_target, "grad_norm": grad_norm, "skipped": skipped}
 
 
