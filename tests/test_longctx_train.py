@@ -122,7 +122,7 @@ def test_the_sweep_on_a_micro_budget_writes_every_field_the_same_twice(tmp_path)
                                                           "original_max_position_embeddings": 32}
     csv_lines = (tmp_path / "a" / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(variants) and csv_lines[0].startswith("variant,rope_scaling,targets,finetuned,ppl_16")
-    # deterministic: a second run writes the same adapters and table byte for byte
-    run_sweep(tmp_path / "b", cfg, variants[2:], model_path=model_dir, corpora=corpora_dir(), command="test")
+    # deterministic: a second run (two variants at once, in worker processes) writes the same adapters
+    run_sweep(tmp_path / "b", cfg, variants[2:], model_path=model_dir, corpora=corpora_dir(), command="test", jobs=2)
     for f in ("adapter_model.safetensors", "adapter_config.json", "rope_config.json"):
         assert (tmp_path / "a/adapters/linear+lora" / f).read_bytes() == (tmp_path / "b/adapters/linear+lora" / f).read_bytes()

@@ -35,8 +35,10 @@ import random
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -167,9 +169,7 @@ def run_variant(name: str, model_path, tok, rows, docs, cfg: SweepConfig, out: P
     if targets is not None:
         row["train"] = finetune(model, rows, cfg, targets, extras, work / name, progress)
         save_run_adapter(model, out / "adapters" / name)
-    t0 = time.perf_counter()
     row.update(evaluate_variant(model, tok, docs, cfg))
-    row["eval_s"] = round(time.perf_counter() - t0, 1)
     return row
 
 
@@ -192,30 +192,50 @@ def results_csv(results: dict) -> str:
     return buf.getvalue()
 
 
-def run_sweep(out, cfg: SweepConfig = SweepConfig(), variants: Sequence[str] = DEFAULT_VARIANTS, *,
-              model_path=None, corpora=None, command: str = "", progress: bool = False) -> dict:
-    """The whole sweep into `out` (replaced in one rename when everything is done); returns results.json."""
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise ValueError(f"Variant {bad[0] if bad else None!r} is unknown: expected some of {list(VARIANTS)}.")
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    model_path = Path(model_path or tiny_model_dir())
+def sweep_inputs(model_path: Path, corpora, cfg: SweepConfig):
+    """(tokenizer, long context, packed training rows, held-out stories): the same for every variant."""
     tok = load_tokenizer(model_path)
     context = load_model(model_path).args.max_seq_len * cfg.factor
     rows = pack_documents(long_training_docs(tok, cfg.steps * cfg.batch_size, context, cfg.seed, cfg.passkey_share),
                           context, seed=cfg.seed)
-    docs = eval_docs(tok, corpora or corpora_dir(), context, cfg.ppl_docs)
+    return tok, context, rows, eval_docs(tok, corpora, context, cfg.ppl_docs)
+
+
+def _variant_job(name: str, model_path: Path, corpora, cfg: SweepConfig, out: Path, work: Path) -> dict:
+    """One variant in a worker process (--jobs): its own inputs, cfg.threads torch threads."""
+    torch.set_num_threads(cfg.threads)
+    tok, _, rows, docs = sweep_inputs(model_path, corpora, cfg)
+    return run_variant(name, model_path, tok, rows, docs, cfg, out, work, progress=False)
+
+
+def run_sweep(out, cfg: SweepConfig = SweepConfig(), variants: Sequence[str] = DEFAULT_VARIANTS, *,
+              model_path=None, corpora=None, command: str = "", progress: bool = False, jobs: int = 1) -> dict:
+    """The whole sweep into `out` (replaced in one rename when everything is done); returns results.json.
+
+    jobs > 1 runs that many variants at once, in worker processes of cfg.threads threads each: the same
+    numbers as jobs=1 (every variant is seeded on its own), sooner where there are cores to spare."""
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"Variant {bad[0] if bad else None!r} is unknown: expected some of {list(VARIANTS)}.")
+    t0, cpu0 = time.perf_counter(), _cpu_s()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    model_path, corpora = Path(model_path or tiny_model_dir()), Path(corpora or corpora_dir())
+    tok, context, rows, docs = sweep_inputs(model_path, corpora, cfg)
     results = {"meta": {}, "variants": {}}
     try:
         with tempfile.TemporaryDirectory() as work, atomic_directory(out) as tmp:
-            for name in variants:
+            if jobs > 1:
+                with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+                    futures = {n: pool.submit(_variant_job, n, model_path, corpora, cfg, tmp, Path(work))
+                               for n in variants}
+                    results["variants"] = {n: f.result() for n, f in futures.items()}
+            for name in variants if jobs <= 1 else ():
                 results["variants"][name] = run_variant(name, model_path, tok, rows, docs, cfg, tmp, Path(work),
                                                         progress)
                 if progress:
                     print(f"{name}: {json.dumps(results['variants'][name])}", flush=True)
-            results["meta"] = _meta(cfg, model_path, context, rows, command, t0, cpu0)
+            results["meta"] = _meta(cfg, model_path, context, rows, command, t0, cpu0, jobs)
             (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             (tmp / "results.csv").write_text(results_csv(results))
     finally:
@@ -223,10 +243,19 @@ def run_sweep(out, cfg: SweepConfig = SweepConfig(), variants: Sequence[str] = D
     return results
 
 
-def _meta(cfg: SweepConfig, model_path: Path, context: int, rows, command: str, t0: float, cpu0: float) -> dict:
-    return {"device": f"{platform.machine()} CPU, {cfg.threads} torch threads", "torch": torch.__version__,
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished workers (what a machine shared with others still measures)."""
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+def _meta(cfg: SweepConfig, model_path: Path, context: int, rows, command: str, t0: float, cpu0: float,
+          jobs: int) -> dict:
+    return {"device": f"{platform.machine()} CPU, {cfg.threads} torch threads x {jobs} job(s)", "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - cpu0, 1),
+            "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(_cpu_s() - cpu0, 1), "jobs": jobs,
             "command": command, "model": str(model_path), "context": context, "steps": cfg.steps,
             "train_rows": int(rows[0].shape[0]), "sweep": dataclasses.asdict(cfg),
             "phrases": "evaluated" if phrases_accuracy is not None else "not available (minillama.evaluation.longctx)"}
@@ -238,15 +267,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="the base (default: the shipped tiny model)")
     p.add_argument("--corpora", default=None, help="where stories_val.jsonl is (default: the shipped corpora)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
-    for key in ("steps", "batch_size", "rank", "ppl_docs", "passkey_trials", "threads", "seed"):
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=getattr(d, key))
+    for key in ("steps", "batch_size", "rank", "ppl_docs", "passkey_trials", "threads", "seed", "jobs"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=getattr(d, key, 1))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--quiet", action="store_true")
 
 
 def sweep_from_args(args) -> dict:
     """The sweep of parsed arguments (shared by `minillama longctx` and `python -m minillama.course.longctx`)."""
-    for key in ("steps", "batch_size", "rank", "ppl_docs", "passkey_trials", "threads"):
+    for key in ("steps", "batch_size", "rank", "ppl_docs", "passkey_trials", "threads", "jobs"):
         if getattr(args, key) <= 0:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid: expected a positive integer.")
     cfg = SweepConfig(steps=args.steps, batch_size=args.batch_size, rank=args.rank, lr=args.lr,
@@ -254,7 +283,7 @@ def sweep_from_args(args) -> dict:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     command = getattr(args, "sweep_command", None) or "minillama " + " ".join(sys.argv[1:])
     res = run_sweep(args.out, cfg, variants, model_path=args.model, corpora=args.corpora, command=command,
-                    progress=not args.quiet)
+                    progress=not args.quiet, jobs=args.jobs)
     print(results_csv(res), end="")
     print(f"wrote {args.out}/results.json, results.csv, adapters/ in {res['meta']['wall_s']} s")
     return res
