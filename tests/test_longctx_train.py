@@ -120,6 +120,7 @@ def test_the_sweep_on_a_micro_budget_writes_every_field_the_same_twice(tmp_path)
         assert v["finetuned"] == (tmp_path / "a" / "adapters" / name / "adapter_config.json").exists()
     assert res["variants"]["yarn-x4"]["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
                                                           "original_max_position_embeddings": 32}
+    assert "ppl @ 128" in (tmp_path / "a" / "README.md").read_text()
     csv_lines = (tmp_path / "a" / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(variants) and csv_lines[0].startswith("variant,rope_scaling,targets,finetuned,ppl_16")
     # deterministic: a second run (two variants at once, in worker processes) writes the same adapters

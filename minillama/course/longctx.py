@@ -208,6 +208,43 @@ def _variant_job(name: str, model_path: Path, corpora, cfg: SweepConfig, out: Pa
     return run_variant(name, model_path, tok, rows, docs, cfg, out, work, progress=False)
 
 
+def tables(results: dict) -> str:
+    """The curve table (ppl by context per variant) and the passkey matrix at the longest context, markdown."""
+    variants = results["variants"]
+    first = next(iter(variants.values()))
+    ctx, longest = list(first["ppl"]), list(first["passkey"])[-1]
+    depths = list(first["passkey"][longest])
+    lines = ["| variant | rope scaling | LoRA targets | " + " | ".join(f"ppl @ {c}" for c in ctx) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in ctx) + " |"]
+    for name, v in variants.items():
+        rope = f"{v['rope_scaling']['rope_type']} x{v['rope_scaling']['factor']:g}" if v["rope_scaling"] else "none"
+        lines.append(f"| {name} | {rope} | {v['targets'] or '(no fine-tuning)'} | "
+                     + " | ".join(f"{v['ppl'][c]:.3f}" for c in ctx) + " |")
+    lines += ["", f"Passkey accuracy at {longest} tokens, by depth of the key:", "",
+              "| variant | " + " | ".join(f"depth {d}" for d in depths) + " |",
+              "| --- | " + " | ".join("---" for _ in depths) + " |"]
+    lines += [f"| {name} | " + " | ".join(f"{v['passkey'][longest][d]:.2f}" for d in depths) + " |"
+              for name, v in variants.items()]
+    return "\n".join(lines) + "\n"
+
+
+def readme(results: dict) -> str:
+    """data/longctx/README.md: the command, where and when it ran, the tables."""
+    m = results["meta"]
+    return (f"# Long-context sweep: the tiny model from {m['context'] // m['sweep']['factor']} to {m['context']} tokens\n\n"
+            f"Made by `{m['command']}` (see `minillama/course/longctx.py`) on {m['device']}, torch {m['torch']}, "
+            f"{m['date']}: {m['wall_s']:.0f} s wall, {m['cpu_s']:.0f} CPU seconds. Every fine-tuned variant: "
+            f"{m['steps']} steps of {m['sweep']['batch_size']} rows of {m['context']} tokens ({m['train_rows']} packed "
+            f"rows of long stories and passkey documents), LoRA rank {m['sweep']['rank']}, lr {m['sweep']['lr']:g}. "
+            f"Perplexity: {m['sweep']['ppl_docs']} held-out stories, their first {m['context']} tokens scored at every "
+            f"context; passkey: {m['sweep']['passkey_trials']} trials per depth.\n\n"
+            "Files: `results.json` (everything, with this meta), `results.csv`, `adapters/NAME/` (PEFT's layout; "
+            "`rope_config.json` holds the position settings: `minillama` for `load_model(..., **settings)`, `hf_config` "
+            "for the base model's config.json before `PeftModel.from_pretrained`). The same command on the same "
+            "machine and torch writes the adapters and results.csv byte for byte (fixed seeds, fixed threads); "
+            "results.json differs in its meta (date, times).\n\n" + tables(results))
+
+
 def run_sweep(out, cfg: SweepConfig = SweepConfig(), variants: Sequence[str] = DEFAULT_VARIANTS, *,
               model_path=None, corpora=None, command: str = "", progress: bool = False, jobs: int = 1) -> dict:
     """The whole sweep into `out` (replaced in one rename when everything is done); returns results.json.
@@ -238,6 +275,7 @@ def run_sweep(out, cfg: SweepConfig = SweepConfig(), variants: Sequence[str] = D
             results["meta"] = _meta(cfg, model_path, context, rows, command, t0, cpu0, jobs)
             (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             (tmp / "results.csv").write_text(results_csv(results))
+            (tmp / "README.md").write_text(readme(results))
     finally:
         torch.set_num_threads(threads)
     return results
