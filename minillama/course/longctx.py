@@ -294,7 +294,8 @@ def _meta(cfg: SweepConfig, model_path: Path, context: int, rows, command: str, 
     return {"device": f"{platform.machine()} CPU, {cfg.threads} torch threads x {jobs} job(s)", "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(_cpu_s() - cpu0, 1), "jobs": jobs,
-            "command": command, "model": str(model_path), "context": context, "steps": cfg.steps,
+            "command": command,
+            "model": "data/tiny (shipped)" if model_path.resolve() == tiny_model_dir().resolve() else str(model_path), "context": context, "steps": cfg.steps,
             "train_rows": int(rows[0].shape[0]), "sweep": dataclasses.asdict(cfg),
             "phrases": "evaluated" if phrases_accuracy is not None else "not available (minillama.evaluation.longctx)"}
 
