@@ -415,12 +415,29 @@ def _heads(model: nn.Module, target: str) -> Optional[int]:
     return {"wq": model.args.n_heads, "wk": model.args.n_kv_heads}.get(target)
 
 
+def _saved_modules(model: nn.Module, params) -> tuple[dict, list]:
+    """Whole tensors saved with an adapter (PEFT's modules_to_save): {PEFT key: tensor} and the module names
+    that adapter_config.json lists. Only the embeddings and the RMSNorm weights (LongLoRA's extras) qualify."""
+    tensors, modules, own = {}, set(), dict(model.named_parameters())
+    for meta in params:
+        hf = meta_to_hf_name(meta)
+        if meta not in own or hf is None or not (meta.startswith("tok_embeddings.") or "norm." in meta):
+            raise ValueError(f"modules_to_save: {meta!r} is not the embeddings' or an RMSNorm's weight of the model.")
+        tensors[f"{_PREFIX}{hf}"] = own[meta].detach().cpu().contiguous().clone()
+        modules.add(hf.removesuffix(".weight").rsplit(".", 1)[-1])
+    return tensors, sorted(modules)
+
+
 def save_adapter(model: nn.Module, path: PathLike, name: str = "default", *,
-                 base_model_name_or_path: Optional[str] = None) -> Path:
+                 base_model_name_or_path: Optional[str] = None, modules_to_save=(), extra_files=None) -> Path:
     """Write adapter `name` to directory `path` in PEFT's layout (atomically): adapter_config.json and
-    adapter_model.safetensors with HF module names; the rows of B of wq / wk are permuted Meta -> HF."""
+    adapter_model.safetensors with HF module names; the rows of B of wq / wk are permuted Meta -> HF.
+
+    modules_to_save: Meta names of parameters saved whole beside the adapter (trained embeddings / norms),
+    as PEFT's `modules_to_save`. extra_files: {file name: text} written into the same directory."""
     path = Path(path)
-    tensors, targets, layers, hp = {}, set(), set(), set()
+    tensors, modules = _saved_modules(model, modules_to_save)
+    targets, layers, hp = set(), set(), set()
     for i, layer in enumerate(model.layers):
         for t in TARGETS:
             lin = getattr(getattr(layer, _PARENT[t]), t)
@@ -437,7 +454,7 @@ def save_adapter(model: nn.Module, path: PathLike, name: str = "default", *,
             targets.add(hf.rsplit(".", 1)[1])
             layers.add(i)
             hp.add((lin.r[name], lin.alpha[name], lin.use_rslora[name], getattr(lin.lora_dropout[name], "p", 0.0)))
-    if not tensors:
+    if not layers:
         raise ValueError(f"The model holds no adapter {name!r} to save: it has {adapter_names(model)}.")
     if len(hp) != 1:
         raise ValueError(f"Adapter {name!r} has different (r, alpha, use_rslora, dropout) on different layers "
@@ -447,7 +464,7 @@ def save_adapter(model: nn.Module, path: PathLike, name: str = "default", *,
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "target_modules": sorted(targets), "use_rslora": rslora, "bias": "none",
         "base_model_name_or_path": base_model_name_or_path, "fan_in_fan_out": False, "init_lora_weights": True,
-        "inference_mode": True, "use_dora": False, "lora_bias": False, "modules_to_save": None,
+        "inference_mode": True, "use_dora": False, "lora_bias": False, "modules_to_save": modules or None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_pattern": None, "revision": None,
         "layers_to_transform": None if len(layers) == len(model.layers) else sorted(layers),
     }
@@ -455,6 +472,8 @@ def save_adapter(model: nn.Module, path: PathLike, name: str = "default", *,
         with open(tmp / ADAPTER_CONFIG, "w") as f:
             json.dump(config, f, indent=2)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
     return path
 
 
@@ -482,7 +501,7 @@ def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None) -
     for key, ok in (("use_dora", False), ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False)):
         if cfg.get(key, ok) != ok:
             raise ValueError(f"{src}: {key}={cfg[key]!r} is not supported: expected {ok!r}.")
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+    for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise ValueError(f"{src}: {key}={cfg[key]!r} is not supported: expected it empty.")
     r, alpha = cfg["r"], cfg["lora_alpha"]
@@ -494,9 +513,12 @@ def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None) -
             raw = {k: sf.get_tensor(k) for k in sf.keys()}
     except SafetensorError as e:
         raise ValueError(f"{wfile} is not a readable safetensors file ({e}); is it truncated or corrupt?") from None
+    whole = _whole_tensors(model, raw, cfg.get("modules_to_save") or [], wfile)
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     n_layers = len(model.layers)
     for key, t in raw.items():
+        if key in whole:
+            continue
         m = _KEY.fullmatch(key)
         meta = hf_to_meta_name(f"{m.group(1)}.weight") if m else None
         if meta is None:
@@ -527,4 +549,22 @@ def load_adapter(model: nn.Module, path: PathLike, name: Optional[str] = None) -
                 B = permute_hf_to_meta(B, heads)
             lin.lora_A[name].weight.copy_(A)
             lin.lora_B[name].weight.copy_(B)
+        params = dict(model.named_parameters())
+        for meta, t in whole.values():
+            params[meta].copy_(t)
     return name
+
+
+def _whole_tensors(model: nn.Module, raw: dict, modules: list, wfile: Path) -> dict:
+    """{PEFT key: (Meta name, tensor)} of the modules_to_save tensors in an adapter file (checked). They replace
+    the model's own weights when loaded (PEFT keeps both copies; minillama keeps one model)."""
+    params, out = dict(model.named_parameters()), {}
+    for key, t in raw.items():
+        hf = key.removeprefix(_PREFIX)
+        meta = hf_to_meta_name(hf) if key.startswith(_PREFIX) else None
+        if meta is None or hf.removesuffix(".weight").rsplit(".", 1)[-1] not in modules:
+            continue
+        if meta not in params or tuple(params[meta].shape) != tuple(t.shape):
+            raise ValueError(f"{wfile}: key {key!r} (modules_to_save) does not match the model's {meta!r}.")
+        out[key] = (meta, t)
+    return out

@@ -187,3 +187,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
     return out.flatten(-2).type_as(x)
     # END SOLUTION
+
+
+# ---- the command line's TYPE:FACTOR ------------------------------------------------------------------
+def scaling_from_spec(spec: str, original: int, flag: str = "--rope-scaling") -> Optional[dict]:
+    """The rope_scaling dict of a command-line spec: "linear:4", "ntk:4", "dynamic:4", "yarn:4", "llama3:8",
+    or "none" (None: the position table is only extended, no interpolation). `original` is the window the
+    checkpoint was trained with; it becomes original_max_position_embeddings where the method needs it."""
+    valid = ("none",) + ROPE_TYPES
+    text = spec.strip().lower() if isinstance(spec, str) else spec
+    if text == "none":
+        return None
+    kind, sep, factor = text.partition(":") if isinstance(text, str) else (None, "", "")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"{flag} {spec!r}: unknown type {kind!r}: expected TYPE:FACTOR with TYPE one of {valid} "
+                         f"(e.g. linear:4), or none.")
+    try:
+        value = float(factor)
+    except ValueError:
+        raise ValueError(f"{flag} {spec!r}: the factor {factor!r} is not a number: expected TYPE:FACTOR, "
+                         f"e.g. {kind}:4.") from None
+    if not 1.0 < value < math.inf:
+        raise ValueError(f"{flag} {spec!r}: the factor must be above 1 (it divides the positions or stretches "
+                         f"the wavelengths by that much), got {factor}.")
+    scaling = {"rope_type": kind, "factor": value}
+    if kind in NEEDS_ORIGINAL:
+        scaling["original_max_position_embeddings"] = int(original)
+    check_scaling(scaling)
+    return scaling

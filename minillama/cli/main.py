@@ -214,6 +214,13 @@ def cmd_build_tiny(args) -> int:
     return 0
 
 
+def cmd_longctx(args) -> int:
+    from ..course.longctx import sweep_from_args
+
+    sweep_from_args(args)
+    return 0
+
+
 def _data_format(path: Path) -> str:
     """'alpaca' (instruction data) or 'text' (a JSONL of {"text"}), from the file's first row."""
     if not path.exists():
@@ -246,13 +253,56 @@ def _load_data(path, fmt: str, tok, max_len: int, on_long: str, seed: int):
 
 def _check_train_flags(args) -> None:
     """Refuse bad flags before anything is loaded or written, naming the flag."""
-    from ..training.train import SETTINGS, check_4bit_needs_lora, check_settings
+    from ..training.train import SETTINGS, check_4bit_needs_lora, check_extras_need_lora, check_settings
 
     if (args.steps is None) == (args.epochs is None):
         raise ValueError("Give exactly one of --steps N or --epochs E.")
-    flags = {key: getattr(args, key) for key in SETTINGS if getattr(args, key, None) is not None}
+    flags = {key: getattr(args, key) for key in SETTINGS
+             if key != "rope_scaling" and getattr(args, key, None) is not None}
     check_settings(flags, name=lambda key, value: f"--{key.replace('_', '-')} {value}")
     check_4bit_needs_lora(args.load_in_4bit, args.lora_r, flags=True)
+    check_extras_need_lora(args.train_embeddings, args.train_norms, args.lora_r, flags=True)
+    if args.max_seq_len is not None and args.max_seq_len <= 0:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} is invalid: expected a positive integer.")
+
+
+def _context_flags(args, model) -> tuple:
+    """(rope_scaling, max_seq_len) of --rope-scaling TYPE:FACTOR / none and --max-seq-len N; the original window
+    is the checkpoint's max_seq_len. A scaling needs no --max-seq-len (default: factor x window); one that
+    contradicts the checkpoint's own is refused."""
+    from ..rope import scaling_from_spec
+
+    if args.rope_scaling is None:
+        return None, args.max_seq_len or 0
+    window, own = model.args.max_seq_len, model.args.rope_scaling
+    scaling = scaling_from_spec(args.rope_scaling, window)
+    if own is not None and scaling != own:
+        raise ValueError(f"--rope-scaling {args.rope_scaling} contradicts the checkpoint {args.model}, whose config "
+                         f"already has rope_scaling {own}: refused (train from an unscaled checkpoint, or drop the flag).")
+    if scaling is None and args.max_seq_len is None:
+        raise ValueError("--rope-scaling none needs --max-seq-len N (the longer position table, with no interpolation).")
+    if args.max_seq_len is not None and args.max_seq_len < window:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} is shorter than the checkpoint's own context ({window}): "
+                         f"expected at least {window}.")
+    return scaling, args.max_seq_len or int(scaling["factor"] * window)
+
+
+def _check_train_memory(args, model, max_len: int) -> None:
+    """Refuse, before any allocation, a training step that the memory model says cannot fit on the device."""
+    from ..evaluation.evaluate import available_memory_bytes
+    from ..measuring.memory import estimate_memory
+
+    lora = {"r": args.lora_r, "targets": "all" if args.lora_targets == "all" else
+            tuple(t for t in args.lora_targets.split(",") if t)} if args.lora_r else None
+    device = next(model.parameters()).device
+    need = estimate_memory(model.args, batch=args.batch_size, seq_len=max_len - 1, mode="train", lora=lora,
+                           param_dtype=next(model.parameters()).dtype, optimizer=args.optimizer,
+                           checkpointing=bool(args.checkpointing), device=device.type).peak_bytes
+    have = available_memory_bytes(device)
+    if need > 0.9 * have:
+        raise ValueError(f"--max-seq-len {model.args.max_seq_len} with --batch-size {args.batch_size}: one training "
+                         f"step needs about {need / 1024**3:.2f} GiB (predicted), more than the "
+                         f"{have / 1024**3:.2f} GiB available on {device}; use a smaller batch or a shorter context.")
 
 
 def cmd_train(args) -> int:
@@ -264,7 +314,7 @@ def cmd_train(args) -> int:
     from ..lora import trainable_parameters
     from ..quant import quantize_model
     from ..training import distributed
-    from ..training.train import TrainConfig, check_writable, skipped_steps, train
+    from ..training.train import TrainConfig, check_writable, extend_context, skipped_steps, train
 
     device = distributed.rank_device(_device(args.device))  # under torchrun: cuda:LOCAL_RANK
     _check_train_flags(args)
@@ -276,10 +326,14 @@ def cmd_train(args) -> int:
         quantize_model(model, quant_type=args.quant_type, double_quant=args.double_quant,
                        blocksize=args.quant_blocksize)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
-    max_len = args.max_len or min(512, model.args.max_seq_len + 1)
+    scaling, max_seq_len = _context_flags(args, model)
+    extend_context(model, scaling, max_seq_len)  # recorded in TrainConfig below, and in the saved adapter
+    longer = args.rope_scaling is not None or args.max_seq_len is not None
+    max_len = args.max_len or (model.args.max_seq_len + 1 if longer else min(512, model.args.max_seq_len + 1))
     if max_len - 1 > model.args.max_seq_len:
         raise ValueError(f"--max-len {max_len} is longer than the model's context: at most "
                          f"max_seq_len + 1 = {model.args.max_seq_len + 1} tokens per example.")
+    _check_train_memory(args, model, max_len)
     data, what = _load_data(args.data, args.format, tok, max_len, args.on_long, args.seed)
     val = {}
     if args.val_data:
@@ -295,7 +349,8 @@ def cmd_train(args) -> int:
                       grad_clip=args.grad_clip, optimizer=args.optimizer, amp=args.amp,
                       checkpointing=args.checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-                      load_in_4bit=args.load_in_4bit, quant_type=args.quant_type, double_quant=args.double_quant,
+                      rope_scaling=scaling, max_seq_len=max_seq_len, train_embeddings=args.train_embeddings,
+                      train_norms=args.train_norms, load_in_4bit=args.load_in_4bit, quant_type=args.quant_type, double_quant=args.double_quant,
                       quant_blocksize=args.quant_blocksize, eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
                       data_sha256=file_sha256(args.data),  # a --resume on other data is refused, naming it
                       val_data_sha256=file_sha256(args.val_data) if args.val_data else "")
@@ -304,7 +359,8 @@ def cmd_train(args) -> int:
     say(f"{steps} optimizer steps of {per_step} examples/rows ({args.batch_size} x {args.grad_accum} accumulated"
         f"{f' x {distributed.world_size()} ranks' if distributed.world_size() > 1 else ''}), "
           f"amp={cfg.amp}, dtype={next(model.parameters()).dtype}, checkpointing={cfg.checkpointing}, "
-          f"optimizer={cfg.optimizer}, lora_r={cfg.lora_r}, device={device}"
+          f"optimizer={cfg.optimizer}, lora_r={cfg.lora_r}, device={device}, context {model.args.max_seq_len}"
+          f" (rope_scaling {model.args.rope_scaling})"
           + (f", 4-bit base {cfg.quant_type}{'+dq' if cfg.double_quant else ''} (blocksize {cfg.quant_blocksize})"
              if cfg.load_in_4bit else ""))
     log = train(model, data, val, cfg, args.out, tokenizer=tok, resume=args.resume, progress=not args.quiet,
@@ -400,6 +456,13 @@ def _add_train_techniques(t) -> None:
     t.add_argument("--lora-alpha", type=float, default=16.0)
     t.add_argument("--lora-dropout", type=float, default=0.0)
     t.add_argument("--lora-targets", default="wq,wv", help='comma-separated Meta names, or "all"')
+    t.add_argument("--rope-scaling", default=None, metavar="TYPE:FACTOR",
+                   help="longer context: linear:4, ntk:4, dynamic:4, yarn:4, llama3:4, or none (with --max-seq-len: "
+                        "the position table extended, no interpolation); the window is the checkpoint's")
+    t.add_argument("--max-seq-len", type=int, default=None,
+                   help="context to train at (default with --rope-scaling: factor x the checkpoint's)")
+    t.add_argument("--train-embeddings", action="store_true", help="with LoRA: the embeddings train too (LongLoRA)")
+    t.add_argument("--train-norms", action="store_true", help="with LoRA: the RMSNorm weights train too (LongLoRA)")
     t.add_argument("--load-in-4bit", action="store_true",
                    help="QLoRA: the blocks' linears in 4 bits, frozen (needs --lora-r)")
     t.add_argument("--quant-type", default="nf4", choices=list(QUANT_TYPES), help="4-bit code book")
@@ -462,6 +525,12 @@ def _add_course(sub) -> None:
     b.add_argument("--lr", type=float, default=2e-3)
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_build_tiny)
+
+    from ..course.longctx import add_arguments
+
+    lc = sub.add_parser("longctx", help="the long-context sweep: tiny from 256 to 1,024 tokens (scalings x LoRA)")
+    add_arguments(lc)
+    lc.set_defaults(func=cmd_longctx)
 
 
 def build_parser() -> argparse.ArgumentParser:

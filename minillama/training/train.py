@@ -13,6 +13,10 @@ Each technique of the course is switched by TrainConfig and lives in one place h
 * Gradient checkpointing (`checkpointing` = k): every k-th transformer block recomputes its
   activations in the backward pass (`Transformer.set_checkpointing`).
 * Optimizers: AdamW (torch), 8-bit AdamW and paged 8-bit AdamW (bitsandbytes), plain SGD.
+* Longer context (`rope_scaling`, `max_seq_len`): the model's RoPE scaling and position table are set
+  before the first step (`extend_context`), and recorded with the run and the saved adapter. With LoRA,
+  `train_embeddings` / `train_norms` train the embeddings and RMSNorm weights in full too (LongLoRA's
+  finding: needed to adapt to much longer contexts), saved with the adapter as PEFT `modules_to_save`.
 * QLoRA (`load_in_4bit` with `lora_r` > 0): the attention and feed-forward linears are quantised to 4 bits
   (`minillama.quant.quantize_model`: `quant_type`, `double_quant`, `quant_blocksize`) before the adapters go
   on; the 4-bit base is frozen, so a 4-bit run without LoRA is refused.
@@ -47,11 +51,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..checkpoints import load_model, save_model
+from ..checkpoints.weights import args_to_hf_config
 from ..files import atomic_directory, atomic_write_text, open_nofollow, run_lock
 from . import distributed
 from .data import IGNORE_INDEX, as_dataset, batches
 from ..model import Transformer
 from ..quant import QUANT_TYPES, quantize_model
+from ..rope import check_scaling
 
 AMP_MODES = ("off", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
@@ -76,6 +82,10 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "wq,wv"   # comma-separated Meta names, or "all"
+    rope_scaling: Optional[dict] = None  # HF format (see minillama.rope); None: the model's own
+    max_seq_len: int = 0          # 0: the model's own; N: positions up to N (the table extended)
+    train_embeddings: bool = False  # with LoRA: the token embeddings train in full too (LongLoRA)
+    train_norms: bool = False     # with LoRA: the RMSNorm weights train too
     load_in_4bit: bool = False    # QLoRA: the blocks' linears in 4 bits (needs lora_r > 0)
     quant_type: str = "nf4"       # "nf4" | "fp4"
     double_quant: bool = False    # the 4-bit constants themselves in 8 bits
@@ -90,6 +100,7 @@ class TrainConfig:
     def __post_init__(self):
         check_settings(dataclasses.asdict(self))
         check_4bit_needs_lora(self.load_in_4bit, self.lora_r)
+        check_extras_need_lora(self.train_embeddings, self.train_norms, self.lora_r)
 
 
 def _integer(low: int):
@@ -125,6 +136,11 @@ SETTINGS = {
     **{key: (lambda v: isinstance(v, str), "a string (a SHA-256 in hex, or empty)")
        for key in ("data_sha256", "val_data_sha256")},
     "load_in_4bit": (lambda v: isinstance(v, bool), "True or False"),
+    "train_embeddings": (lambda v: isinstance(v, bool), "True or False"),
+    "train_norms": (lambda v: isinstance(v, bool), "True or False"),
+    "max_seq_len": (_integer(0), "an integer >= 0 (0: the model's own context)"),
+    "rope_scaling": (lambda v: v is None or _valid_scaling(v), "None or a rope_scaling dict such as "
+                     "{'rope_type': 'linear', 'factor': 4.0} (see minillama.rope)"),
     "quant_type": (lambda v: v in QUANT_TYPES, f"one of {QUANT_TYPES}"),
     "double_quant": (lambda v: isinstance(v, bool), "True or False"),
     "quant_blocksize": (lambda v: _integer(32)(v) and v <= 4096 and not v & (v - 1), "a power of two from 32 to 4096"),
@@ -151,6 +167,51 @@ def check_4bit_needs_lora(load_in_4bit: bool, lora_r: int, flags: bool = False) 
                 f"TrainConfig.load_in_4bit=True needs lora_r > 0 (it is {lora_r!r})")
         raise ValueError(f"{what}: a 4-bit base is frozen (QLoRA trains adapters on top of it), so full "
                          f"fine-tuning of a quantised model is refused.")
+
+
+def _valid_scaling(v) -> bool:
+    try:
+        check_scaling(v)
+    except ValueError:
+        return False
+    return True
+
+
+def check_extras_need_lora(train_embeddings: bool, train_norms: bool, lora_r: int, flags: bool = False) -> None:
+    """Refuse trainable embeddings / norms without LoRA: full fine-tuning trains them anyway."""
+    if (train_embeddings or train_norms) and not lora_r:
+        what = "--train-embeddings / --train-norms need --lora-r R" if flags else \
+            f"TrainConfig.train_embeddings / train_norms need lora_r > 0 (it is {lora_r!r})"
+        raise ValueError(f"{what}: they add the embeddings / norms to the LoRA adapters' trainable parameters, "
+                         f"and full fine-tuning trains them already.")
+
+
+def extend_context(model: Transformer, rope_scaling: Optional[dict], max_seq_len: int = 0) -> Transformer:
+    """Give the model a RoPE scaling and a longer position table (a config change: RoPE angles are computed
+    per forward pass). A scaling that contradicts the one already in the model's config is refused."""
+    own = model.args.rope_scaling
+    if rope_scaling is not None and own is not None and own != rope_scaling:
+        raise ValueError(f"rope_scaling {rope_scaling} contradicts the model's own {own} (from its checkpoint's "
+                         f"config): refused; train from the unscaled checkpoint, or keep its scaling.")
+    changes = {}
+    if rope_scaling is not None:
+        changes["rope_scaling"] = rope_scaling
+    if max_seq_len:
+        changes["max_seq_len"] = max_seq_len
+    if changes:
+        model.args = model.args.replace(**changes)
+    return model
+
+
+EXTRA_TRAINABLE = {"train_embeddings": ("tok_embeddings.",), "train_norms": ("attention_norm.", "ffn_norm.", "norm.")}
+
+
+def _unfreeze_extras(model: Transformer, cfg: "TrainConfig") -> None:
+    """With LoRA, let the embeddings and/or the RMSNorm weights train as well."""
+    prefixes = tuple(p for key, ps in EXTRA_TRAINABLE.items() if getattr(cfg, key) for p in ps)
+    for name, p in model.named_parameters():
+        if ".lora_" not in name and (name.startswith(prefixes) or any(f".{x}" in name for x in prefixes)):
+            p.requires_grad_(True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -211,6 +272,7 @@ def is_quantized(model) -> bool:
 def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
     """Apply the model-side techniques of cfg: 4-bit base weights (unless the model already has them), LoRA
     adapters and gradient checkpointing."""
+    extend_context(model, cfg.rope_scaling, cfg.max_seq_len)
     if cfg.load_in_4bit and not is_quantized(model):
         quantize_model(model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                        blocksize=cfg.quant_blocksize)
@@ -219,6 +281,7 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
 
         targets = "all" if cfg.lora_targets == "all" else tuple(t for t in cfg.lora_targets.split(",") if t)
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
+        _unfreeze_extras(model, cfg)
     model.set_checkpointing(cfg.checkpointing)
     return model
 
@@ -313,8 +376,40 @@ def _trainable_adapters(model) -> list[str]:
     return sorted(names)
 
 
+def _extras(model) -> list[str]:
+    """Trainable parameters that are neither LoRA nor a linear layer's weight: embeddings and norms."""
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and ".lora_" not in n and (n.startswith("tok_embeddings.") or "norm." in n)]
+
+
 def _base_trains(model) -> bool:
-    return any(p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
+    """Whether the base linears themselves train (full fine-tuning): then a checkpoint holds the whole model."""
+    extras = set(_extras(model))
+    return any(p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n and n not in extras)
+
+
+ROPE_CONFIG = "rope_config.json"
+
+
+def rope_config(model: Transformer) -> dict:
+    """The base model's position settings an adapter was trained with: minillama's (load_model(...,
+    rope_scaling=..., max_seq_len=...)) and the HF config keys that make transformers compute the same angles
+    (set them on the base model's LlamaConfig before PeftModel.from_pretrained)."""
+    hf = args_to_hf_config(model.args, torch.float32)
+    keys = ("rope_theta", "rope_scaling", "max_position_embeddings")
+    return {"minillama": {"rope_scaling": model.args.rope_scaling, "max_seq_len": model.args.max_seq_len},
+            "hf_config": {k: hf[k] for k in keys}}
+
+
+def save_run_adapter(model: Transformer, path, name: str = "default") -> Path:
+    """Adapter `name` in PEFT's layout, with the trained embeddings / norms as modules_to_save and the
+    position settings in rope_config.json."""
+    from ..lora import save_adapter
+
+    with warnings.catch_warnings():  # the HF export's notes on ntk / dynamic are in rope_config's docstring
+        warnings.simplefilter("ignore")
+        text = json.dumps(rope_config(model), indent=2) + "\n"
+    return save_adapter(model, path, name, modules_to_save=_extras(model), extra_files={ROPE_CONFIG: text})
 
 
 def _rng_state() -> dict:
@@ -346,8 +441,6 @@ def _train_state(optimizer, scaler, step: int, cfg: TrainConfig) -> dict:
 
 def _checkpoint_parts(model, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer) -> list:
     """[(name, write(dest))] of a checkpoint's entries, written in this order."""
-    from ..lora import save_adapter
-
     def write_state(dest):
         with open(dest, "wb") as f:  # a file object: a failing write raises OSError with its errno
             torch.save(_train_state(optimizer, scaler, step, cfg), f)
@@ -356,7 +449,7 @@ def _checkpoint_parts(model, optimizer, scaler, step: int, cfg: TrainConfig, tok
         parts = [("model", lambda dest: save_model(model, dest, tokenizer=tokenizer))]
     else:
         names = _trainable_adapters(model)
-        parts = [("adapter" if len(names) == 1 else f"adapter-{n}", lambda dest, n=n: save_adapter(model, dest, n))
+        parts = [("adapter" if len(names) == 1 else f"adapter-{n}", lambda dest, n=n: save_run_adapter(model, dest, n))
                  for n in names]
         trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         parts.append(("trainable.safetensors", lambda dest: save_file(trained, str(dest))))
