@@ -1,0 +1,198 @@
+"""Long-context evaluation: the curves and grids that tell whether a model really uses a longer window.
+
+- `ppl_by_context`: chunked perplexity (evaluate.perplexity) at several context lengths, the same tokens
+  scored at each: the classic curve (falls with context if the model reads that far, explodes past a
+  window it cannot handle).
+- `passkey_grid`: passkey retrieval over context lengths x depths (evaluate.passkey_accuracy).
+- `phrases_accuracy`: a secret phrase (two words) planted at the start, middle or end of a long filler
+  prompt; the model is asked to repeat it. Accuracy per position ("lost in the middle" shows here).
+- `kv_cache_profile`: bytes of the pre-allocated KV cache, measured and predicted by the memory model
+  (measuring.memory.kv_cache_bytes), and decoding speed, against context length.
+- Variants: `variant_scaling` turns "base", "linear:4", "yarn:4", ... into a rope_scaling dict, and
+  `check_scaling_agrees` refuses one that contradicts the checkpoint's own config.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from ..course.corpora import ANIMALS, COLOURS, PASSKEY_FILLER
+from ..generate import generate
+from ..measuring.memory import kv_cache_bytes
+from ..model import Transformer
+from ..rope import ROPE_TYPES, check_scaling, scaling_type
+from .evaluate import check_fits, passkey_accuracy, perplexity
+
+POSITIONS = {"start": 0.0, "middle": 0.5, "end": 1.0}  # where the phrase sits, as a depth in the filler
+PHRASE_INTRO = "There is a secret phrase hidden in this text. Find it and remember it."
+PHRASE_LINE = "The secret phrase is {phrase}. Remember it. {phrase} is the secret phrase."
+PHRASE_QUESTION = "What is the secret phrase? The secret phrase is"
+
+
+# ---- perplexity and passkey over lengths ---------------------------------------------------------------
+def ppl_by_context(model: Transformer, docs: Sequence[Sequence[int]], contexts: Sequence[int],
+                   scored_tokens: int) -> dict[int, float]:
+    """{context: perplexity} with evaluate.perplexity at each length, the same `scored_tokens` of every doc
+    scored at each (so the numbers are comparable across lengths)."""
+    return {int(c): perplexity(model, docs, int(c), scored_tokens=scored_tokens)["ppl"] for c in contexts}
+
+
+def passkey_grid(model: Transformer, tokenizer, contexts: Sequence[int], depths: Sequence[float], trials: int,
+                 seed: int) -> dict[int, dict[float, float]]:
+    """{context: {depth: accuracy}}: evaluate.passkey_accuracy at each length with `trials` keys per depth."""
+    if not isinstance(trials, int) or trials <= 0:
+        raise ValueError(f"trials={trials!r} is invalid: expected a positive integer (keys per depth).")
+    depths = [float(d) for d in depths]
+    return {int(c): passkey_accuracy(model, tokenizer, int(c), trials * len(depths), seed, depths)["per_depth"]
+            for c in contexts}
+
+
+# ---- secret phrases --------------------------------------------------------------------------------------
+def make_phrase(rng: random.Random) -> str:
+    """A two-word phrase from the stories' vocabulary, e.g. "teal rabbit"."""
+    return f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}"
+
+
+def phrase_prompt(phrase: str, n_filler: int, position: str) -> str:
+    """The passkey prompt's shape with a phrase: intro, filler with the phrase line at `position`
+    (start: before all filler, middle, end: after all of it), then the question."""
+    if position not in POSITIONS:
+        raise ValueError(f"position {position!r} is unknown: expected one of {tuple(POSITIONS)}.")
+    filler = [PASSKEY_FILLER[i % len(PASSKEY_FILLER)] for i in range(n_filler)]
+    at = int(POSITIONS[position] * n_filler + 0.5)
+    return " ".join([PHRASE_INTRO] + filler[:at] + [PHRASE_LINE.format(phrase=phrase)] + filler[at:]
+                    + [PHRASE_QUESTION])
+
+
+def phrase_filler(tokenizer, context: int, answer_tokens: int = 8) -> int:
+    """The largest number of filler sentences whose phrase prompt (plus the answer) fits in `context`."""
+    def fits(n: int) -> bool:
+        return len(tokenizer.encode(phrase_prompt("teal rabbit", n, "middle"), bos=True)) + answer_tokens <= context
+
+    if not fits(1):
+        raise ValueError(f"context={context} is too short for even one filler sentence of a phrase prompt.")
+    lo, hi = 1, 2  # double hi until it no longer fits, then bisect
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+@torch.no_grad()
+def phrases_accuracy(model: Transformer, tokenizer, context: int, trials: int, seed: int,
+                     positions: Sequence[str] = ("start", "middle", "end"), batch_size: int = 25) -> dict[str, float]:
+    """{position: share of trials where greedy decoding repeats the phrase}, `trials` phrases per position,
+    each planted in filler that fills `context` tokens. Deterministic from `seed`."""
+    if not isinstance(trials, int) or trials <= 0:
+        raise ValueError(f"trials={trials!r} is invalid: expected a positive integer (phrases per position).")
+    if context > model.args.max_seq_len:
+        raise ValueError(f"context={context} is longer than the model's max_seq_len={model.args.max_seq_len}.")
+    check_fits(model, min(batch_size, trials), context, f"phrases at context {context}", mode="inference",
+               kv_cache=context)
+    n_filler = phrase_filler(tokenizer, context)
+    rng = random.Random(seed)
+    items = [(pos, make_phrase(rng)) for pos in positions for _ in range(trials)]
+    prompts = [tokenizer.encode(phrase_prompt(p, n_filler, pos), bos=True) for pos, p in items]
+    hits = []
+    for i in range(0, len(items), batch_size):
+        outs = generate(model, prompts[i:i + batch_size], max_new_tokens=8)
+        hits += [tokenizer.decode(o).strip().startswith(p) for (_, p), o in zip(items[i:i + batch_size], outs)]
+    return {pos: sum(h for (q, _), h in zip(items, hits) if q == pos) / trials for pos in positions}
+
+
+# ---- KV cache: memory and decoding speed -----------------------------------------------------------------
+def _cache_bytes(model: Transformer) -> int:
+    return sum(t.numel() * t.element_size() for layer in model.layers
+               for t in (layer.attention.cache.k, layer.attention.cache.v))
+
+
+@torch.inference_mode()
+def kv_cache_profile(model: Transformer, contexts: Sequence[int], batch: int, decode_tokens: int = 16) -> list[dict]:
+    """For each context: the pre-allocated KV cache of batch x context positions (Transformer.setup_cache),
+    its bytes measured (the buffers' sizes; on CUDA also the allocator's growth) and predicted
+    (measuring.memory.kv_cache_bytes), and the decoding speed: `decode_tokens` single-token steps timed
+    after a prefill that leaves them just enough room at the end of the window."""
+    device, dtype = next(model.parameters()).device, model.tok_embeddings.weight.dtype
+    rows = []
+    for c in contexts:
+        c = int(c)
+        if not 1 < c <= model.args.max_seq_len or decode_tokens >= c:
+            raise ValueError(f"context={c} is invalid: expected {decode_tokens} < context <= max_seq_len="
+                             f"{model.args.max_seq_len}.")
+        check_fits(model, batch, c - decode_tokens, f"KV cache at context {c}", mode="inference", kv_cache=c)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        model.setup_cache(batch, c)
+        try:
+            allocated = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else None
+            row = {"context": c, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
+                   "measured_bytes": _cache_bytes(model), "allocator_bytes": allocated,
+                   "predicted_bytes": kv_cache_bytes(model.args, batch=batch, length=c, param_dtype=dtype)}
+            row.update(_decode_speed(model, batch, c, decode_tokens, device))
+        finally:
+            model.clear_cache()
+        rows.append(row)
+    return rows
+
+
+def _decode_speed(model: Transformer, batch: int, context: int, steps: int, device) -> dict:
+    """Prefill context - steps tokens, then time `steps` single-token forwards (greedy, from the cache)."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.args.vocab_size, (batch, context - steps), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    nxt = model(prompt, start_pos=0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    sync()
+    t1 = time.perf_counter()
+    for pos in range(context - steps, context):
+        nxt = model(nxt, start_pos=pos)[:, -1].argmax(-1, keepdim=True)
+    sync()
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_tokens_per_s": batch * steps / (t2 - t1)}
+
+
+# ---- variants: a scaling from a name, checked against the checkpoint ---------------------------------------
+def variant_scaling(spec: str, original: int) -> Optional[dict]:
+    """The rope_scaling of a variant spec: "base" (None: the trained angles, the position table only
+    extended) or "TYPE:FACTOR" with TYPE one of rope.ROPE_TYPES, e.g. "linear:4", "yarn:4".
+    `original`: the window the checkpoint was trained with (original_max_position_embeddings)."""
+    text = str(spec).strip().lower()
+    if text in ("base", "none"):
+        return None
+    kind, _, factor = text.partition(":")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"variant {spec!r}: rope type {kind!r} is unknown: expected base or TYPE:FACTOR with TYPE "
+                         f"one of {ROPE_TYPES}, e.g. linear:4.")
+    try:
+        value = float(factor)
+    except ValueError:
+        raise ValueError(f"variant {spec!r}: factor {factor!r} is not a number: expected TYPE:FACTOR, "
+                         f"e.g. {kind}:4.") from None
+    scaling = {"rope_type": kind, "factor": value, "original_max_position_embeddings": int(original)}
+    try:
+        check_scaling(scaling)
+    except ValueError as e:
+        raise ValueError(f"variant {spec!r}: {e}") from None
+    return scaling
+
+
+def _same_scaling(a: Optional[dict], b: Optional[dict]) -> bool:
+    if not a or not b:
+        return not a and not b
+    keys = (set(a) | set(b)) - {"type", "rope_type", "original_max_position_embeddings"}
+    return scaling_type(a) == scaling_type(b) and all(a.get(k) == b.get(k) for k in keys)
+
+
+def check_scaling_agrees(checkpoint: str, own: Optional[dict], requested: Optional[dict]) -> None:
+    """Refuse a requested rope_scaling that contradicts the one in the checkpoint's own config: stacking two
+    scalings is not what either means, and silently replacing the trained one would evaluate another model.
+    (No request, or the same scaling, is fine: the checkpoint's own scaling is used.)"""
+    if requested is not None and own and not _same_scaling(own, requested):
+        raise ValueError(f"{checkpoint}: its config already has rope_scaling {own}, which contradicts the requested "
+                         f"{requested}; the checkpoint's own scaling wins only when nothing else is asked: "
+                         f"evaluate it as 'base', or load a checkpoint without rope_scaling.")
