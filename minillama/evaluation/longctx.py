@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -196,3 +197,160 @@ def check_scaling_agrees(checkpoint: str, own: Optional[dict], requested: Option
         raise ValueError(f"{checkpoint}: its config already has rope_scaling {own}, which contradicts the requested "
                          f"{requested}; the checkpoint's own scaling wins only when nothing else is asked: "
                          f"evaluate it as 'base', or load a checkpoint without rope_scaling.")
+
+
+# ---- loading the variants -------------------------------------------------------------------------------
+ROPE_CONFIG = "rope_config.json"  # written beside an adapter by the long-context training (its position settings)
+
+
+def adapter_rope_config(adapter_dir) -> dict:
+    """{"rope_scaling": dict | None, "max_seq_len": int | None} an adapter was trained with, from its
+    rope_config.json (the "minillama" part); both None when the file is absent (plain LoRA adapter)."""
+    from ..files import read_json
+
+    path = Path(adapter_dir) / ROPE_CONFIG
+    if not Path(adapter_dir).is_dir():
+        raise FileNotFoundError(f"--adapter {adapter_dir}: the directory does not exist.")
+    own = read_json(path).get("minillama", {}) if path.exists() else {}
+    return {"rope_scaling": own.get("rope_scaling"), "max_seq_len": own.get("max_seq_len")}
+
+
+def load_variants(model_path, specs: Sequence[str], adapters: Sequence[str], max_seq_len: int, device="cpu"):
+    """Yield (name, model, trained window) for each variant spec ("base", "linear:4", ...), then each adapter directory, all
+    with a position table of at least `max_seq_len`. Every spec is checked (variant_scaling, and against the
+    checkpoint's own config: check_scaling_agrees) before anything is evaluated. The spec variants share one
+    loaded model: RoPE angles are computed from model.args at every forward, so a variant is only a config
+    change. Each adapter gets a fresh copy of the base (an adapter may replace embeddings / norms)."""
+    from ..checkpoints import load_model
+    from ..lora import load_adapter
+
+    model = load_model(model_path, device=device)
+    trained = model.args
+    plans = [(spec.strip().lower(), variant_scaling(spec, trained.max_seq_len)) for spec in specs]
+    configs = [(Path(a).name, adapter_rope_config(a), a) for a in adapters]
+    for _, scaling in plans:
+        check_scaling_agrees(str(model_path), trained.rope_scaling, scaling)
+    for _, cfg, _ in configs:
+        check_scaling_agrees(str(model_path), trained.rope_scaling, cfg["rope_scaling"])
+    for name, scaling in plans:
+        model.args = trained.replace(rope_scaling=scaling or trained.rope_scaling,
+                                     max_seq_len=max(trained.max_seq_len, max_seq_len))
+        yield name, model, trained.max_seq_len
+    for name, cfg, adapter in configs:
+        length = max(trained.max_seq_len, max_seq_len, cfg["max_seq_len"] or 0)
+        model = load_model(model_path, device=device, rope_scaling=cfg["rope_scaling"], max_seq_len=length)
+        load_adapter(model, adapter)
+        model.eval()
+        yield name, model, trained.max_seq_len
+
+
+# ---- tables and figures ----------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no backend is switched (safe inside notebooks)
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig, path) -> Path:
+    import io
+
+    from ..files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_ppl(ppl: dict[str, dict[int, float]], path, trained: Optional[int] = None, title: str = "") -> Path:
+    """Perplexity against context length, one line per variant ({variant: {context: ppl}}), log scales."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    fig = _figure(9, 5)
+    ax = fig.add_subplot()
+    every = sorted({int(c) for curve in ppl.values() for c in curve})
+    for name, curve in ppl.items():
+        xs = sorted(int(c) for c in curve)
+        ax.plot(xs, [curve[c] if c in curve else curve[str(c)] for c in xs], marker="o", label=name)
+    if trained:
+        ax.axvline(trained, color="grey", linestyle="--", linewidth=1, label=f"trained window ({trained})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(every, [str(c) for c in every])
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title or "perplexity against context length")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_passkey(grids: dict[str, dict[int, dict[float, float]]], path, title: str = "") -> Path:
+    """One heat map per variant ({variant: {context: {depth: accuracy}}}): context x depth -> accuracy."""
+    n = len(grids)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig = _figure(3.3 * cols + 0.8, 2.6 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (name, grid) in zip(axes.flat, grids.items()):
+        contexts = sorted(grid, key=int)
+        depths = sorted(grid[contexts[0]], key=float)
+        acc = [[float(grid[c][d]) for d in depths] for c in contexts]
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for i, row in enumerate(acc):
+            for j, a in enumerate(row):
+                ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(depths)), [f"{float(d):g}" for d in depths])
+        ax.set_yticks(range(len(contexts)), [str(c) for c in contexts])
+        ax.set_xlabel("depth of the key")
+        ax.set_ylabel("context")
+        ax.set_title(name, fontsize=10)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_kv_cache(rows: list[dict], path, title: str = "") -> Path:
+    """KV-cache MiB (measured and predicted) and decoding tokens/s against context length."""
+    fig = _figure(11, 4)
+    mem, speed = fig.subplots(1, 2)
+    xs = [r["context"] for r in rows]
+    mem.plot(xs, [r["measured_bytes"] / 2**20 for r in rows], marker="o", label="measured (cache buffers)")
+    mem.plot(xs, [r["predicted_bytes"] / 2**20 for r in rows], linestyle="--", marker="x",
+             label="predicted (kv_cache_bytes)")
+    mem.set_xlabel("context length (tokens)")
+    mem.set_ylabel("KV cache (MiB)")
+    mem.legend(fontsize=8)
+    speed.plot(xs, [r["decode_tokens_per_s"] for r in rows], marker="o")
+    speed.set_xlabel("context length (tokens)")
+    speed.set_ylabel("decoding tokens/s")
+    for ax in (mem, speed):
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title or "KV cache against context length")
+    return _save(fig, path)
+
+
+def write_rows(rows: list[dict], out_dir, meta: dict) -> dict[str, Path]:
+    """results.json ({"meta", "rows"}) and results.csv (one line per row, nested dicts flattened) in out_dir."""
+    import csv
+    import io
+    import json
+
+    from ..files import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv"}
+    atomic_write_text(paths["json"], json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+    flat = [{(f"{k}_{kk}" if isinstance(v, dict) else k): (vv if isinstance(v, dict) else v)
+             for k, v in r.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])} for r in rows]
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
+    w.writeheader()
+    w.writerows(flat)
+    atomic_write_text(paths["csv"], buf.getvalue())
+    return paths
