@@ -263,7 +263,8 @@ def cmd_eval(args) -> int:
     for name, model, args.trained in load_variants(args.model, specs, args.adapter or [], length, device):
         # refused before any activation or cache is allocated, with the memory model's prediction
         generating = args.what != "ppl"
-        check_fits(model, args.batch if args.what == "kvcache" else 1, length, f"--max-seq-len {length}",
+        what = f"--max-seq-len {length}" if args.max_seq_len else f"{args.what} at context {length}"
+        check_fits(model, args.batch if args.what == "kvcache" else 1, length, what,
                    mode="inference" if generating else "eval", kv_cache=length if generating else 0)
         if tok is None:
             tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
