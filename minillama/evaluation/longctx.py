@@ -118,13 +118,14 @@ def kv_cache_profile(model: Transformer, contexts: Sequence[int], batch: int, de
     """For each context: the pre-allocated KV cache of batch x context positions (Transformer.setup_cache),
     its bytes measured (the buffers' sizes; on CUDA also the allocator's growth) and predicted
     (measuring.memory.kv_cache_bytes), and the decoding speed: `decode_tokens` single-token steps timed
-    after a prefill that leaves them just enough room at the end of the window."""
+    after a prefill that leaves them just enough room at the end of the window (the first step untimed)."""
     device, dtype = next(model.parameters()).device, model.tok_embeddings.weight.dtype
     rows = []
     for c in contexts:
         c = int(c)
-        if not 1 < c <= model.args.max_seq_len or decode_tokens >= c:
-            raise ValueError(f"context={c} is invalid: expected {decode_tokens} < context <= max_seq_len="
+        if not 1 < decode_tokens < c <= model.args.max_seq_len:
+            raise ValueError(f"context={c}, decode_tokens={decode_tokens} are invalid: expected 1 < decode_tokens < "
+                             f"context <= max_seq_len="
                              f"{model.args.max_seq_len}.")
         check_fits(model, batch, c - decode_tokens, f"KV cache at context {c}", mode="inference", kv_cache=c)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -148,13 +149,14 @@ def _decode_speed(model: Transformer, batch: int, context: int, steps: int, devi
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     nxt = model(prompt, start_pos=0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    nxt = model(nxt, start_pos=context - steps)[:, -1].argmax(-1, keepdim=True)  # one untimed warm-up step
     sync()
     t1 = time.perf_counter()
-    for pos in range(context - steps, context):
+    for pos in range(context - steps + 1, context):
         nxt = model(nxt, start_pos=pos)[:, -1].argmax(-1, keepdim=True)
     sync()
     t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_tokens_per_s": batch * steps / (t2 - t1)}
+    return {"prefill_s": t1 - t0, "decode_tokens_per_s": batch * (steps - 1) / (t2 - t1)}
 
 
 # ---- variants: a scaling from a name, checked against the checkpoint ---------------------------------------
@@ -291,7 +293,7 @@ def plot_passkey(grids: dict[str, dict[int, dict[float, float]]], path, title: s
     n = len(grids)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig = _figure(3.3 * cols + 0.8, 2.6 * rows + 0.4)
+    fig = _figure(3.0 * cols + 0.8, 2.6 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (name, grid) in zip(axes.flat, grids.items()):
         contexts = sorted(grid, key=int)
