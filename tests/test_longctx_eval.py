@@ -78,6 +78,14 @@ def test_phrases_fill_the_context_and_follow_the_seed(model, tok, monkeypatch):
     assert len({re.search(PHRASE, t).group(1) for t in runs[0]}) > 1
 
 
+def test_phrase_training_text_ends_with_its_answer():
+    import random
+
+    text = lc.phrase_training_text(random.Random(3), 4, "end")
+    phrase = re.search(PHRASE, text).group(1)
+    assert text.endswith(lc.PHRASE_QUESTION + " " + phrase + ".") and text.count(phrase) == 3
+
+
 def test_passkey_grid_counts_trials_per_depth(model, tok, monkeypatch):
     calls = []
     after_intro = lambda text, line: text.startswith("There is a pass key hidden in this text. Find it and " # noqa: E731

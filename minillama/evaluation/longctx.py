@@ -69,6 +69,13 @@ def phrase_prompt(phrase: str, n_filler: int, position: str) -> str:
                     + [PHRASE_QUESTION])
 
 
+def phrase_training_text(rng: random.Random, n_filler: int, position: str) -> str:
+    """A complete phrase document for training (as corpora.passkey_training_text): prompt + " " + phrase + "."
+    The shipped tiny model never saw one, so it cannot repeat word phrases until trained on some."""
+    phrase = make_phrase(rng)
+    return phrase_prompt(phrase, n_filler, position) + " " + phrase + "."
+
+
 def phrase_filler(tokenizer, context: int, answer_tokens: int = 8) -> int:
     """The largest number of filler sentences whose phrase prompt (plus the answer) fits in `context`."""
     def fits(n: int) -> bool:
