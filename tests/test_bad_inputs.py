@@ -108,6 +108,7 @@ INPUTS = {
     "hf_rope_longrope": _hf_rope_longrope,
     "llama3_no_original": _with_config(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
     "linear_x2": _with_config(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "linear2": _with_config(rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "hf_index_list": _hf_index_not_an_object,
     "meta_bare_tensor": _meta_holding(torch.zeros(3, 4)),
     "meta_non_tensor": _meta_holding({"tok_embeddings.weight": [[0.0] * 32] * 300, "step": "ten"}),
@@ -241,6 +242,22 @@ ROWS = [
     ("eval-max-docs-negative", "eval ppl --model {model} --data {data} --context 8 --max-docs -1", 2,
      "--max-docs -1 is invalid"),
     ("eval-passkey-context-10M", "eval passkey --model {model} --context 10000000", 2, "passkey at context 10000000"),
+    # long-context evaluation (issue 14)
+    ("eval-variant-type-unknown", "eval ppl --model {model} --data {data} --context 8 --variants base,longrope:4", 2,
+     "variant 'longrope:4': rope type 'longrope' is unknown: expected base or TYPE:FACTOR with TYPE one of "
+     "('linear', 'ntk', 'dynamic', 'yarn', 'llama3')"),
+    ("eval-variant-factor-below-1", "eval ppl --model {model} --data {data} --context 8 --variants linear:0.5", 2,
+     "variant 'linear:0.5': rope_scaling factor 0.5 is invalid for 'linear': expected a number >= 1"),
+    ("eval-variant-factor-not-a-number", "eval ppl --model {model} --data {data} --context 8 --variants yarn:x", 2,
+     "variant 'yarn:x': factor 'x' is not a number"),
+    ("eval-max-seq-len-beyond-memory", "eval ppl --model {model} --data {data} --context 8 --max-seq-len 1000000000 "
+     "--out {out}", 2, "--max-seq-len 1000000000: a forward pass of batch 1 x 1000000000 tokens needs about"),
+    ("eval-max-seq-len-below-context", "eval ppl --model {model} --data {data} --context 32 --max-seq-len 16", 2,
+     "--max-seq-len 16 is shorter than the longest --context 32"),
+    ("eval-variant-contradicts-checkpoint", "eval ppl --model {linear2} --data {data} --context 8 --variants yarn:4", 2,
+     "its config already has rope_scaling {{'rope_type': 'linear', 'factor': 2.0}}, which contradicts the requested"),
+    ("eval-depths-above-1", "eval passkey --model {model} --context 64 --depths 0,1.5", 2,
+     "--depths '0,1.5' is invalid: expected comma-separated numbers in [0, 1]"),
 ]
 
 
