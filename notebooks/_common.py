@@ -122,3 +122,56 @@ def verdict(name_a: str, a, name_b: str, b, what: str = "time", lower_is_better:
     better = (ma < mb) == lower_is_better
     ratio = max(ma, mb) / max(min(ma, mb), 1e-12)
     return f"{name_a if better else name_b} is better on {what}: x{ratio:.2f} ({ma:.3g} vs {mb:.3g})"
+
+
+# ---- fast by default, full on request; timings that say how sure they are (issue 12, notebooks 03-05) ---
+# A long experiment runs a reduced version in the notebook and loads the full results the repo ships
+# (notebooks/results/*.json, written by the CLI command the cell names); MINILLAMA_FULL=1 reruns it in full.
+FULL = os.environ.get("MINILLAMA_FULL", "0") == "1"
+RESULTS = REPO / "notebooks" / "results"
+
+
+def fix_threads(n: int = 2):
+    """The same thread count on every run: CPU timings comparable, float sums in the same order."""
+    torch.set_num_threads(min(n, os.cpu_count() or 1))
+    return torch.get_num_threads()
+
+
+def load_shipped(name: str) -> dict:
+    """notebooks/results/<name>.json: {"command", "measured": {where, when, load}, ...the results}."""
+    import json
+
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: regenerate it with the command named in this cell.")
+    return json.loads(path.read_text())
+
+
+def shipped_note(shipped: dict) -> str:
+    """One sentence: which command wrote the shipped numbers, where, when, and under what load."""
+    m = shipped["measured"]
+    return (f"**Shipped** (`{shipped['command']}`): measured on {m['device']}, torch {m['torch']}, {m['date']}, "
+            f"{m['threads']} threads, machine load average {m['load']} (a shared machine: its timings are noisy, "
+            f"its memory numbers exact and load-independent).")
+
+
+def time_alternating(steps: dict, rounds: int = 5, warmup: int = 1) -> dict:
+    """Seconds per call of each step function, measured in alternation (a, b, c, a, b, c, ...) so that a
+    change in the machine's load hits every configuration alike. Returns {name: [seconds per round]}."""
+    import time
+
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def train_step_fn(cfg: dict):
+    """One training step of a fresh model under a bench config dict (train mode at BATCH x SEQ), to time."""
+    return bench.build_step(make_model, {"mode": "train", "batch": BATCH, "seq_len": SEQ, **cfg})["step"]
