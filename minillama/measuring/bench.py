@@ -131,8 +131,10 @@ GRIDS: dict[str, dict] = {
     "lora": {"base": {"mode": "train", "batch": 4, "seq_len": 256}, "sweep": {"lora": (0, 8, 64)}},
     # The fine-tuning lab: {full, LoRA r=16 on wq, wv} x {fp32, fp16-AMP, bf16-AMP} x {accumulation off/on}
     # x {checkpointing off/on}, at one effective batch (accum=4 splits it into 4 micro-batches).
+    # Precision is the outer loop, fp16 last: on a CPU its autocast is the slowest by far, and a long run
+    # stopped early (results.json is written after every row) then has every other row.
     "techniques": {"base": {"mode": "train", "batch": 8, "seq_len": 128},
-                   "sweep": {"lora": (0, 16), "amp": ("off", "fp16", "bf16"), "accum": (1, 4),
+                   "sweep": {"amp": ("off", "bf16", "fp16"), "lora": (0, 16), "accum": (1, 4),
                              "checkpointing": (0, 1)}},
     # QLoRA: LoRA r=16 (wq, wv) on a 4-bit base, {none, NF4, NF4 + double quantisation, FP4}, paged 8-bit AdamW;
     # plus plain LoRA with torch's AdamW, the usual baseline.
@@ -251,6 +253,9 @@ def run_grid(make_model: Callable[[], torch.nn.Module], grid: str, *, preset: st
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         rows.append(row)
+        if out_dir is not None:  # the rows so far survive an interrupted run
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(out_dir) / "results.json", json.dumps(rows, indent=2, default=str))
         if progress:
             print(format_table([row], "text", header=len(rows) == 1, name_width=name_width))
     if out_dir is not None:
