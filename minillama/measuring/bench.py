@@ -365,7 +365,7 @@ def _memory_panel(ax, rows, labels) -> None:
     left = [0.0] * len(rows)
     for cat in CATEGORIES:
         vals = [r["memory_by_category"][cat] / MiB for r in rows]
-        ax.barh(y, vals, left=left, label=cat)
+        ax.barh(y, vals, left=left, label=cat, color=f"C{CATEGORIES.index(cat)}")
         left = [a + v for a, v in zip(left, vals)]
     ax.scatter([r["predicted_peak_memory_bytes"] / MiB for r in rows], y, color="black", marker="|", s=150,
                label="predicted peak", zorder=3)
@@ -441,10 +441,9 @@ def plot_scaling(panels: dict[str, list[dict]], path) -> None:
         x = [r[key] for r in rows]
         ax.plot(x, [r["predicted_peak_memory_bytes"] / MiB for r in rows], "k--", label="predicted peak")
         ax.plot(x, [r["peak_memory_bytes"] / MiB for r in rows], "ko", label="measured peak")
-        for cat in CATEGORIES:
-            vals = [r["memory_by_category"][cat] / MiB for r in rows]
-            if any(vals):
-                ax.plot(x, vals, "o-", ms=3, lw=1, label=f"measured {cat}")
+        for i, cat in enumerate(CATEGORIES):  # the colours of the stacked bars: C0, C1, ... in CATEGORIES order
+            ax.plot(x, [r["memory_by_category"][cat] / MiB for r in rows], "o-", ms=3, lw=1, color=f"C{i}",
+                    label=f"measured {cat}")
         ax.set_xticks(x, [str(v) for v in x])  # a linear axis: memory linear in batch or length is a straight line
         ax.set_xlabel({"batch": "batch (rows)", "seq_len": "sequence length (tokens)"}.get(key, key))
         ax.set_ylabel("MiB (1024**2 bytes)")
