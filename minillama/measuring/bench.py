@@ -449,11 +449,11 @@ def plot_scaling(panels: dict[str, list[dict]], path) -> None:
         ax.set_ylabel("MiB (1024**2 bytes)")
         ax.set_title(f"{short_labels(rows)[0]}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center right")  # beside the panels, over no data
     r = rows[0] if rows else {}
     fig.suptitle(f"peak memory of one training step, {r.get('preset', '?')} model, {r.get('device_name', '?')}",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     _save_figure(fig, path)
     plt.close(fig)
 
