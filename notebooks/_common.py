@@ -142,18 +142,25 @@ def fix_threads(n=None) -> int:
     return n
 
 
-def load_shipped(name: str, command: str) -> dict:
-    """The shipped results file notebooks/results/<name>; `command` is what regenerates it."""
+def load_shipped(name: str, command: str = "the command named in this cell") -> dict:
+    """The shipped results file notebooks/results/<name> (".json" added when the name has no suffix);
+    `command` is what regenerates it."""
     import json
 
-    path = RESULTS / name
+    path = RESULTS / (name if Path(name).suffix else f"{name}.json")
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: regenerate it with `{command}` (or set MINILLAMA_FULL=1).")
     return json.loads(path.read_text())
 
 
-def shipped_note(meta: dict, command: str) -> str:
-    """One line saying where and when shipped numbers were measured, and by which command."""
+def shipped_note(meta: dict, command: str = None) -> str:
+    """One line saying where and when shipped numbers were measured, and by which command. Either (meta,
+    command), or one shipped dict {"command", "measured": {device, torch, date, threads, load}}."""
+    if command is None:
+        m = meta["measured"]
+        return (f"**Shipped** (`{meta['command']}`): measured on {m['device']}, torch {m['torch']}, {m['date']}, "
+                f"{m['threads']} threads, machine load average {m['load']} (a shared machine: its timings are "
+                f"noisy, its memory numbers exact and load-independent).")
     return (f"*Shipped numbers: measured on {meta.get('device', '?')}, torch {meta.get('torch', '?')}, "
             f"{meta.get('date', 'date not recorded')}, by `{command}`.*")
 
@@ -170,3 +177,25 @@ def show_figure(fig, name: str) -> Path:
     plt.close(fig)
     display(Image(filename=str(path)))
     return path
+
+
+def time_alternating(steps: dict, rounds: int = 5, warmup: int = 1) -> dict:
+    """Seconds per call of each step function, measured in alternation (a, b, c, a, b, c, ...) so that a
+    change in the machine's load hits every configuration alike. Returns {name: [seconds per round]}."""
+    import time
+
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def train_step_fn(cfg: dict):
+    """One training step of a fresh model under a bench config dict (train mode at BATCH x SEQ), to time."""
+    return bench.build_step(make_model, {"mode": "train", "batch": BATCH, "seq_len": SEQ, **cfg})["step"]

@@ -1,6 +1,7 @@
 """`minillama bench`: grids, rows, files, and technique registration (timings are printed, never asserted)."""
 
 import csv
+import itertools
 import json
 
 import pytest
@@ -83,3 +84,66 @@ def test_lora_dimension_collapses_optimizer_state_and_is_predicted(monkeypatch):
     full, lora = bench.run_grid(small, "t", preset="test", repeats=1, progress=False)
     assert lora["memory_by_category"]["optimizer_state"] < 0.1 * full["memory_by_category"]["optimizer_state"]
     assert abs(lora["prediction_error"]) < 0.10 and abs(full["prediction_error"]) < 0.10
+
+
+# ---- figures and the effects table, on synthetic rows (no model: fast, and the expected values are explicit) ----
+def fake_row(times=(0.10, 0.11, 0.12), **cfg):
+    cfg = {"mode": "train", "batch": 8, "seq_len": 128, **cfg}
+    mib = lambda x: int(x * bench.MiB)  # noqa: E731
+    cats = {"parameters": mib(16), "gradients": mib(0 if cfg.get("lora") else 16),
+            "optimizer_state": mib(0.5 if cfg.get("lora") else 32),
+            "activations": mib(cfg.pop("act", 40)), "temporary": mib(4)}
+    return {"name": bench.config_name(cfg), **cfg, "memory_by_category": cats, "peak_memory_bytes": sum(cats.values()),
+            "predicted_peak_memory_bytes": sum(cats.values()), "flops_per_step": 1e9, "step_time_s": sorted(times)[1],
+            "step_times_s": list(times), "device_name": "cpu (test)", "torch": "test", "dtype": "float32",
+            "preset": "test"}
+
+
+def test_short_labels_name_what_differs_and_the_title_what_is_shared():
+    rows = [fake_row(lora=0, amp="off"), fake_row(lora=16, amp="bf16")]
+    shared, labels = bench.short_labels(rows)
+    assert labels == ["full, fp32", "LoRA r16, bf16 AMP"]
+    assert shared == "train, batch 8, seq 128"
+
+
+def test_figures_fit_1400_px_and_a_10x_range_gets_a_log_axis(tmp_path):
+    from matplotlib.image import imread
+
+    assert bench.needs_log_scale([1.0, 10.0]) and not bench.needs_log_scale([1.0, 9.9])
+    rows = [fake_row(times=(t, t, t), lora=r, amp=a, accum=k, checkpointing=c)
+            for t, (r, a, k, c) in zip([0.1 * (1 + i) for i in range(24)],
+                                       itertools.product((0, 16), ("off", "fp16", "bf16"), (1, 4), (0, 1)))]
+    bench.plot_lab(rows, tmp_path / "lab.png")
+    bench.plot_memory(rows, tmp_path / "memory.png")
+    bench.plot_bars(rows, "step_time_s", 1000, "step time (ms)", tmp_path / "runtime.png")
+    bench.plot_scaling({"batch": [fake_row(batch=b) for b in (1, 2, 4)]}, tmp_path / "scaling.png")
+    for name in ("lab", "memory", "runtime", "scaling"):
+        height, width = imread(tmp_path / f"{name}.png").shape[:2]
+        assert width <= 1400 and height <= 1500, (name, width, height)
+
+
+def test_effects_are_true_of_every_pair_or_say_depends():
+    # AMP halves activations without checkpointing, and adds 2 MiB of weight copies with it: the pairs disagree.
+    rows = [fake_row(amp="off", checkpointing=0, act=40), fake_row(amp="bf16", checkpointing=0, act=20),
+            fake_row(amp="off", checkpointing=1, act=2), fake_row(amp="bf16", checkpointing=1, act=4)]
+    amp = {e["technique"]: e for e in bench.technique_effects(rows)}["bf16 AMP"]
+    assert amp["activations"]["effect"] == "depends"
+    assert (amp["activations"]["min"], amp["activations"]["max"]) == (0.5, 2.0)
+    assert amp["parameters"]["effect"] == "same"
+    assert "depends: 1 raises, 1 reduces (x0.50 to x2.00)" in bench.format_effects([amp])
+
+
+def test_a_step_time_difference_inside_the_repeats_spread_is_within_noise():
+    overlap = [fake_row(times=(1.0, 1.2, 1.5), checkpointing=0), fake_row(times=(1.3, 1.4, 1.6), checkpointing=1)]
+    apart = [fake_row(times=(1.0, 1.1, 1.2), checkpointing=0), fake_row(times=(1.5, 1.6, 1.7), checkpointing=1)]
+    noisy, clear = (bench.technique_effects(r)[0]["step time"] for r in (overlap, apart))
+    assert noisy["effect"] == "same" and "within noise" in bench._effect_cell(noisy, "step time")
+    assert clear["effect"] == "raises" and abs(clear["ratio"] - 1.6 / 1.1) < 1e-9
+
+
+def test_rows_printed_one_at_a_time_line_up():
+    a, b = fake_row(lora=0), fake_row(lora=16, accum=4)
+    width = max(len(a["name"]), len(b["name"]))
+    lines = [bench.format_table([r], "text", header=False, name_width=width) for r in (a, b)]
+    for line, r in zip(lines, (a, b)):  # the first column padded to the widest name: the next starts at one place
+        assert line[:width] == r["name"].ljust(width) and line[width:width + 2] == "  "

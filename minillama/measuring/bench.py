@@ -143,8 +143,10 @@ GRIDS: dict[str, dict] = {
     "lora": {"base": {"mode": "train", "batch": 4, "seq_len": 256}, "sweep": {"lora": (0, 8, 64)}},
     # The fine-tuning lab: {full, LoRA r=16 on wq, wv} x {fp32, fp16-AMP, bf16-AMP} x {accumulation off/on}
     # x {checkpointing off/on}, at one effective batch (accum=4 splits it into 4 micro-batches).
+    # Precision is the outer loop, fp16 last: on a CPU its autocast is the slowest by far, and a long run
+    # stopped early (results.json is written after every row) then has every other row.
     "techniques": {"base": {"mode": "train", "batch": 8, "seq_len": 128},
-                   "sweep": {"lora": (0, 16), "amp": ("off", "fp16", "bf16"), "accum": (1, 4),
+                   "sweep": {"amp": ("off", "bf16", "fp16"), "lora": (0, 16), "accum": (1, 4),
                              "checkpointing": (0, 1)}},
     # QLoRA: LoRA r=16 (wq, wv) on a 4-bit base, {none, NF4, NF4 + double quantisation, FP4}, paged 8-bit AdamW;
     # plus plain LoRA with torch's AdamW, the usual baseline.
@@ -177,9 +179,10 @@ def config_name(cfg: dict) -> str:
     return " ".join(f"{k}={cfg[k]}" for k in keys)
 
 
-def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: str, warmup: int = 1,
-               repeats: int = 3, seed: int = 0) -> dict:
-    """Build a fresh model, apply the config, measure one step and predict it. Returns a flat row."""
+def build_step(make_model: Callable[[], torch.nn.Module], cfg: dict, *, seed: int = 0) -> dict:
+    """A fresh model with the config applied, and `step`: a function running one whole step of it (the
+    trainer's own train_step in train mode, a no-grad forward in inference mode), ready to be measured or
+    timed. Returns {"model", "optimizer", "step", "ctx"}."""
     from ..training.train import TrainConfig, make_optimizer, train_step
 
     model = make_model()
@@ -223,13 +226,23 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
         @torch.no_grad()
         def step():
             model(inputs)
+    return {"model": model, "optimizer": optimizer, "step": step, "ctx": ctx}
+
+
+def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: str, warmup: int = 1,
+               repeats: int = 3, seed: int = 0) -> dict:
+    """Build a fresh model, apply the config, measure one step and predict it. Returns a flat row."""
+    built = build_step(make_model, cfg, seed=seed)
+    model, ctx = built["model"], built["ctx"]
+    device = next(model.parameters()).device
+    batch, seq_len, mode = cfg["batch"], cfg["seq_len"], cfg.get("mode", "train")
     dtype = next(model.parameters()).dtype
     meta = {"preset": preset, "mode": mode, "batch": batch, "seq_len": seq_len, **cfg}
-    m: Measurement = measure(step, model=model, optimizer=optimizer, tokens_per_step=batch * seq_len,
-                             name=config_name(cfg), warmup=warmup, repeats=repeats, meta=meta)
-    est = estimate_memory(args, batch=batch // ctx["accum"], seq_len=seq_len, mode=mode, device=device.type,
-                          param_dtype=dtype_name(dtype),
-                          **ctx["estimate"])
+    m: Measurement = measure(built["step"], model=model, optimizer=built["optimizer"],
+                             tokens_per_step=batch * seq_len, name=config_name(cfg), warmup=warmup,
+                             repeats=repeats, meta=meta)
+    est = estimate_memory(model.args, batch=batch // ctx["accum"], seq_len=seq_len, mode=mode,
+                          device=device.type, param_dtype=dtype_name(dtype), **ctx["estimate"])
     row = m.to_row()
     row["predicted_peak_memory_bytes"] = est.peak_bytes
     row["predicted_by_category"] = est.at_peak  # what the model says is live at the peak, like the measurement
@@ -241,7 +254,9 @@ def run_grid(make_model: Callable[[], torch.nn.Module], grid: str, *, preset: st
              warmup: int = 1, repeats: int = 3, progress: bool = True) -> list[dict]:
     """Run every configuration of a grid in this process; a row that runs out of memory is recorded as such."""
     rows = []
-    for cfg in grid_configs(grid):
+    configs = grid_configs(grid)
+    name_width = max(len(config_name(c)) for c in configs)  # so the rows printed one by one line up
+    for cfg in configs:
         try:
             row = run_config(make_model, cfg, preset=preset, warmup=warmup, repeats=repeats)
         except torch.OutOfMemoryError as e:
@@ -250,8 +265,11 @@ def run_grid(make_model: Callable[[], torch.nn.Module], grid: str, *, preset: st
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         rows.append(row)
+        if out_dir is not None:  # the rows so far survive an interrupted run
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(out_dir) / "results.json", json.dumps(rows, indent=2, default=str))
         if progress:
-            print(format_table([row], "text", header=False))
+            print(format_table([row], "text", header=len(rows) == 1, name_width=name_width))
     if out_dir is not None:
         write_results(rows, out_dir)
     return rows
@@ -283,8 +301,9 @@ def describe(rows: list[dict]) -> str:
             f"preset: {r.get('preset', '?')} | MiB = 1024**2 bytes")
 
 
-def format_table(rows: list[dict], fmt: str = "md", header: bool = True) -> str:
-    """The rows as a markdown, plain-text or HTML table (with the measurement context above it)."""
+def format_table(rows: list[dict], fmt: str = "md", header: bool = True, name_width: int = 0) -> str:
+    """The rows as a markdown, plain-text or HTML table (with the measurement context above it).
+    name_width: the least width of the text table's first column (rows printed one at a time then line up)."""
     heads = [h for h, _ in COLUMNS]
     cells = [[f(r) for _, f in COLUMNS] for r in rows]
     if fmt == "html":
@@ -296,7 +315,8 @@ def format_table(rows: list[dict], fmt: str = "md", header: bool = True) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in cells]
         return (describe(rows) + "\n\n" if header else "") + "\n".join(lines)
     if fmt == "text":
-        widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+        widths = [max(len(h), *(len(row[i]) for row in cells), name_width if i == 0 else 0)
+                  for i, h in enumerate(heads)]
         line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
         body = [line(row) for row in cells]
         return "\n".join(([describe(rows), line(heads)] if header else []) + body)
@@ -305,49 +325,147 @@ def format_table(rows: list[dict], fmt: str = "md", header: bool = True) -> str:
 
 def _save_figure(fig, path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+    fig.savefig(buf, dpi=FIG_DPI, format=Path(path).suffix.lstrip(".") or "png")
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_memory(rows: list[dict], path) -> None:
-    """Stacked bars of peak memory by category per configuration, with the prediction as a marker."""
+FIG_DPI = 120
+MAX_FIG_WIDTH_IN = 11.5  # 1,380 px at FIG_DPI: readable on a laptop screen and in a notebook
+SHORT = {"mode": str, "lora": lambda v: f"LoRA r{v}" if v else "full", "amp": lambda v: "fp32" if v == "off" else f"{v} AMP",
+         "accum": lambda v: f"accum {v}", "checkpointing": lambda v: ("ckpt" if v == 1 else f"ckpt every {v}") if v else "no ckpt",
+         "batch": lambda v: f"batch {v}", "seq_len": lambda v: f"seq {v}", "quant": lambda v: f"quant {v}"}
+
+
+def short_labels(rows: list[dict]) -> tuple[str, list[str]]:
+    """(the settings every row shares, one short label per row naming only what differs between rows)."""
+    keys = [k for k in DIMENSIONS if any(k in r for r in rows)]
+    word = lambda k, v: SHORT[k](v) if k in SHORT else f"{k}={v}"  # noqa: E731
+    varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
+    shared = ", ".join(word(k, rows[0][k]) for k in keys if k not in varying and k in rows[0])
+    labels = [", ".join(word(k, r[k]) for k in varying if k in r) or r.get("name", "") for r in rows]
+    return shared, labels
+
+
+def _title(rows: list[dict]) -> str:
+    """Two lines: the shared settings, then where it was measured."""
+    shared, _ = short_labels(rows)
+    r = next((r for r in rows if "device_name" in r), rows[0] if rows else {})
+    return (f"{r.get('preset', '?')} model, {shared}\n"
+            f"{r.get('device_name', '?')}, torch {r.get('torch', '?')}, {r.get('dtype', '?')} master weights")
+
+
+def needs_log_scale(values) -> bool:
+    """A log axis when the positive values span a factor of 10 or more (a linear one would squash the rest)."""
+    v = [x for x in values if x > 0]
+    return bool(v) and max(v) >= 10 * min(v)
+
+
+def _figure(n_rows: int, n_panels: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if "memory_by_category" in r]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
-    bottom = [0.0] * len(rows)
+    height = min(12.0, max(3.0, 0.3 * n_rows + 1.6))  # one bar per row, horizontal: labels stay on one line
+    fig, axes = plt.subplots(1, n_panels, figsize=(MAX_FIG_WIDTH_IN if n_panels > 1 else 8.5, height),
+                             sharey=True, squeeze=False)
+    return plt, fig, list(axes[0])
+
+
+def _memory_panel(ax, rows, labels) -> None:
+    y = range(len(rows))
+    left = [0.0] * len(rows)
     for cat in CATEGORIES:
         vals = [r["memory_by_category"][cat] / MiB for r in rows]
-        ax.bar(range(len(rows)), vals, bottom=bottom, label=cat)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.scatter(range(len(rows)), [r["predicted_peak_memory_bytes"] / MiB for r in rows], color="black",
-               marker="_", s=400, label="predicted peak", zorder=3)
-    ax.set_xticks(range(len(rows)), [r["name"].replace(" ", "\n") for r in rows], fontsize=7)
-    ax.set_ylabel("peak memory (MiB = 1024**2 bytes)")
-    ax.set_title(describe(rows), fontsize=7)
-    ax.legend(fontsize=7)
+        ax.barh(y, vals, left=left, label=cat, color=f"C{CATEGORIES.index(cat)}")
+        left = [a + v for a, v in zip(left, vals)]
+    ax.scatter([r["predicted_peak_memory_bytes"] / MiB for r in rows], y, color="black", marker="|", s=150,
+               label="predicted peak", zorder=3)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()  # first row on top, as in the table
+    ax.set_xlabel("peak memory (MiB = 1024**2 bytes)")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _bar_panel(ax, rows, labels, key: str, scale: float, xlabel: str) -> None:
+    vals = [scale * r[key] for r in rows]
+    ax.barh(range(len(rows)), vals, color="tab:gray")
+    if "step_times_s" in rows[0] and key == "step_time_s":  # the spread of the timed repeats
+        lo = [scale * (r[key] - min(r["step_times_s"])) for r in rows]
+        hi = [scale * (max(r["step_times_s"]) - r[key]) for r in rows]
+        ax.errorbar(vals, range(len(rows)), xerr=[lo, hi], fmt="none", color="black", capsize=2)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    if not ax.yaxis_inverted():
+        ax.invert_yaxis()
+    if needs_log_scale(vals):
+        ax.set_xscale("log")
+        xlabel += " (log scale)"
+    ax.set_xlabel(xlabel)
+
+
+def plot_memory(rows: list[dict], path) -> None:
+    """Horizontal stacked bars of peak memory by category per configuration, the prediction as a marker."""
+    rows = [r for r in rows if "memory_by_category" in r]
+    plt, fig, (ax,) = _figure(len(rows))
+    _memory_panel(ax, rows, short_labels(rows)[1])
+    ax.set_title(_title(rows), fontsize=9)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
 
 
-def plot_bars(rows: list[dict], key: str, scale: float, ylabel: str, path) -> None:
-    """One bar per configuration of rows[i][key] * scale (runtime, FLOPs)."""
+def plot_bars(rows: list[dict], key: str, scale: float, xlabel: str, path) -> None:
+    """One horizontal bar per configuration of rows[i][key] * scale (runtime with its spread, FLOPs); a log
+    axis when the values span 10x or more."""
+    rows = [r for r in rows if key in r]
+    plt, fig, (ax,) = _figure(len(rows))
+    _bar_panel(ax, rows, short_labels(rows)[1], key, scale, xlabel)
+    ax.set_title(_title(rows), fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_lab(rows: list[dict], path) -> None:
+    """The lab grid in one figure: memory by category and step time side by side, one line per row."""
+    rows = [r for r in rows if "memory_by_category" in r]
+    plt, fig, (ax_m, ax_t) = _figure(len(rows), 2)
+    labels = short_labels(rows)[1]
+    _memory_panel(ax_m, rows, labels)
+    _bar_panel(ax_t, rows, labels, "step_time_s", 1000, "step time (ms; bar: median, line: range of repeats)")
+    fig.suptitle(_title(rows), fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_scaling(panels: dict[str, list[dict]], path) -> None:
+    """Measured peak memory (points, by category) against one grid dimension per panel, with the memory
+    model's prediction as a line. panels: {dimension: rows that differ only in that dimension}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if key in r]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    ax.bar(range(len(rows)), [scale * r[key] for r in rows])
-    ax.set_xticks(range(len(rows)), [r["name"].replace(" ", "\n") for r in rows], fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.set_title(describe(rows), fontsize=7)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(MAX_FIG_WIDTH_IN, 5 * len(panels)), 4), squeeze=False)
+    for ax, (key, rows) in zip(axes[0], panels.items()):
+        rows = sorted((r for r in rows if "memory_by_category" in r), key=lambda r: r[key])
+        x = [r[key] for r in rows]
+        ax.plot(x, [r["predicted_peak_memory_bytes"] / MiB for r in rows], "k--", label="predicted peak")
+        ax.plot(x, [r["peak_memory_bytes"] / MiB for r in rows], "ko", label="measured peak")
+        for i, cat in enumerate(CATEGORIES):  # the colours of the stacked bars: C0, C1, ... in CATEGORIES order
+            ax.plot(x, [r["memory_by_category"][cat] / MiB for r in rows], "o-", ms=3, lw=1, color=f"C{i}",
+                    label=f"measured {cat}")
+        ax.set_xticks(x, [str(v) for v in x])  # a linear axis: memory linear in batch or length is a straight line
+        ax.set_xlabel({"batch": "batch (rows)", "seq_len": "sequence length (tokens)"}.get(key, key))
+        ax.set_ylabel("MiB (1024**2 bytes)")
+        ax.set_title(f"{short_labels(rows)[0]}", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center right")  # beside the panels, over no data
+    r = rows[0] if rows else {}
+    fig.suptitle(f"peak memory of one training step, {r.get('preset', '?')} model, {r.get('device_name', '?')}",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     _save_figure(fig, path)
     plt.close(fig)
 
@@ -365,43 +483,74 @@ EFFECT_KEYS = [("parameters", lambda r: r["memory_by_category"]["parameters"]),
                ("step time", lambda r: r["step_time_s"])]
 
 
-def technique_effects(rows: list[dict], tolerance: float = 0.03) -> list[dict]:
-    """For each technique, the median ratio on/off of every quantity over all pairs of measured rows that
-    differ in that technique only, and a word for it ("reduces" / "raises" / "same", within tolerance).
+def _pair_effect(key: str, off: dict, on: dict, get, tolerance: float) -> tuple[float, str]:
+    """(ratio on/off, 'reduces' | 'raises' | 'same') for one pair of rows. A step time counts as 'same' when
+    the ranges of the two rows' timed repeats overlap (the difference is inside the noise)."""
+    a, b = get(on), get(off)
+    ratio = a / b if b else (1.0 if a == 0 else float("inf"))
+    if key == "step time" and "step_times_s" in on and "step_times_s" in off:
+        if min(on["step_times_s"]) <= max(off["step_times_s"]) and min(off["step_times_s"]) <= max(on["step_times_s"]):
+            return ratio, "same"
+    return ratio, "same" if abs(ratio - 1) <= tolerance else ("reduces" if ratio < 1 else "raises")
 
-    Returns [{"technique", "pairs", "<quantity>": {"ratio", "effect"}}] for the techniques the rows vary.
+
+def _pairs(rows: list[dict], dim: str, off, on) -> list[tuple[dict, dict]]:
+    """(row with the technique off, row with it on) for every pair that differs in `dim` only."""
+    pairs = []
+    for r in rows:
+        if dim not in r or r[dim] == off or (on is not None and r[dim] != on):
+            continue
+        rest = {k: v for k, v in r.items() if k in DIMENSIONS and k != dim}
+        pairs += [(b, r) for b in rows if b.get(dim) == off and all(b.get(k) == v for k, v in rest.items())]
+    return pairs
+
+
+def technique_effects(rows: list[dict], tolerance: float = 0.03) -> list[dict]:
+    """For each technique, what it does to every quantity over all pairs of measured rows that differ in that
+    technique only: the median ratio on/off, the smallest and largest ratio, and one word that is true of
+    every pair: "reduces", "raises", "same" (within `tolerance`; for step time, within the repeats' spread),
+    or "depends" when the pairs disagree (e.g. AMP cuts activations without checkpointing and adds its 16-bit
+    weight copies with it).
+
+    Returns [{"technique", "pairs", "<quantity>": {"ratio", "min", "max", "effect", "counts"}}] for the
+    techniques the rows vary.
     """
     rows = [r for r in rows if "memory_by_category" in r]
     out = []
     for tech, (dim, off, on) in TECHNIQUES.items():
-        pairs = []
-        for r in rows:
-            if dim not in r or r[dim] == off or (on is not None and r[dim] != on):
-                continue
-            rest = {k: v for k, v in r.items() if k in DIMENSIONS and k != dim}
-            for b in rows:
-                if b.get(dim) == off and all(b.get(k) == v for k, v in rest.items()):
-                    pairs.append((b, r))
+        pairs = _pairs(rows, dim, off, on)
         if not pairs:
             continue
         entry = {"technique": tech, "pairs": len(pairs)}
         for key, get in EFFECT_KEYS:
-            ratio = statistics.median(get(a) / get(b) if get(b) else (1.0 if get(a) == 0 else float("inf"))
-                                      for b, a in pairs)
-            effect = "same" if abs(ratio - 1) <= tolerance else ("reduces" if ratio < 1 else "raises")
-            entry[key] = {"ratio": ratio, "effect": effect}
+            effects = [_pair_effect(key, b, a, get, tolerance) for b, a in pairs]
+            ratios = [r for r, _ in effects]
+            words = {w for _, w in effects}
+            counts = {w: sum(e == w for _, e in effects) for w in sorted(words)}
+            entry[key] = {"ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                          "effect": words.pop() if len(words) == 1 else "depends", "counts": counts}
         out.append(entry)
     return out
 
 
+def _effect_cell(e: dict, key: str) -> str:
+    if e["ratio"] == float("inf"):
+        return f"{e['effect']} (from 0)"
+    if e["effect"] == "depends":  # say how the pairs split, and the range of ratios
+        split = ", ".join(f"{n} {w}" for w, n in e["counts"].items())
+        return f"depends: {split} (x{e['min']:.2f} to x{e['max']:.2f})"
+    spread = f", x{e['min']:.2f} to x{e['max']:.2f}" if e["max"] - e["min"] > 0.01 else ""
+    word = "within noise" if e["effect"] == "same" and key == "step time" else e["effect"]
+    return f"{word} (x{e['ratio']:.2f}{spread})"
+
+
 def format_effects(effects: list[dict]) -> str:
-    """The qualitative table (markdown): each cell the effect and the median measured ratio on/off."""
+    """The qualitative table (markdown): each cell the word true of every pair, the median ratio on/off and
+    its range; 'depends' says how many pairs went which way."""
     heads = ["technique", "pairs"] + [k for k, _ in EFFECT_KEYS]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for e in effects:
-        cells = [e["technique"], str(e["pairs"])] + [
-            f"{e[k]['effect']} (from 0)" if e[k]["ratio"] == float("inf") else f"{e[k]['effect']} (x{e[k]['ratio']:.2f})"
-            for k, _ in EFFECT_KEYS]
+        cells = [e["technique"], str(e["pairs"])] + [_effect_cell(e[k], k) for k, _ in EFFECT_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -430,8 +579,9 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
     effects = technique_effects(rows)
     text = format_table(rows, "md") + "\n"
     if effects:
-        text += ("\nWhat each technique does (median ratio technique-on / technique-off over the pairs of rows "
-                 "that differ only in it; 'same' within 3%):\n\n" + format_effects(effects) + "\n")
+        text += ("\nWhat each technique does over the pairs of rows that differ only in it (median ratio "
+                 "technique-on / technique-off and its range; 'same' within 3%, a step time within the spread of "
+                 "its repeats; 'depends' when the pairs disagree):\n\n" + format_effects(effects) + "\n")
     atomic_write_text(paths["md"], text)
     if any("memory_by_category" in r for r in rows):
         plot_memory(rows, paths["memory"])

@@ -431,6 +431,7 @@ def measure(step_fn: Callable[[], object], *, model: torch.nn.Module,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "warmup": warmup,
         "repeats": repeats,
+        "step_times_s": times,  # every timed repeat, in order: the spread says what a time difference is worth
     }
     if device.type == "cpu":
         info["threads"] = torch.get_num_threads()
