@@ -3,6 +3,13 @@
     python benchmarks/load_memory.py --preset llama2-7b --format hf      # writes ~13.5 GB to a temp dir
     python benchmarks/load_memory.py --preset tiny --format meta
     python benchmarks/load_memory.py --preset llama2-7b --load-in-4bit   # quantised while reading (NF4 + DQ)
+    python benchmarks/load_memory.py --preset llama2-7b --load-in-4bit --n-layers 2,4   # bounded: see below
+
+--n-layers 2,4 keeps the preset's shapes (dim, heads, FFN, vocabulary) but writes checkpoints of 2 and 4
+layers only, measures each, and extrapolates to the preset's layer count along the straight line through the
+two points (every layer has the same shapes, so the cost per layer is the slope; the intercept is what does
+not depend on the layer count: embeddings, output head, interpreter). For a machine whose disk or time does not
+allow the full 13.5 GB checkpoint; the extrapolated row says so.
 
 A random-weight checkpoint of the preset is written in bf16 (HF shards of 2 GiB, or Meta .pth), then a
 fresh process loads it with `minillama.load_model` and reports its peak resident memory (ru_maxrss).
@@ -29,13 +36,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def write(preset: str, fmt: str, out: str) -> None:
+def preset_args(preset: str, n_layers: int = 0):
+    import minillama
+
+    args = minillama.get_preset(preset)
+    return args.replace(n_layers=n_layers) if n_layers else args
+
+
+def write(preset: str, fmt: str, out: str, n_layers: int = 0) -> None:
     import torch
 
     import minillama
 
     t0 = time.perf_counter()
-    model = minillama.create_model(minillama.get_preset(preset), dtype=torch.bfloat16, seed=0)
+    model = minillama.create_model(preset_args(preset, n_layers), dtype=torch.bfloat16, seed=0)
     minillama.save_model(model, out, format=fmt, max_shard_bytes=2 * GiB)
     print(json.dumps({"write_s": time.perf_counter() - t0}))
 
@@ -65,22 +79,34 @@ def main() -> None:
     p.add_argument("--format", default="hf", choices=["hf", "meta", "native"])
     p.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary directory)")
     p.add_argument("--load-in-4bit", action="store_true", help="load with load_in_4bit=True (NF4, double quant)")
+    p.add_argument("--n-layers", default="", help="e.g. 2,4: measure these layer counts of the preset's shape and "
+                                                  "extrapolate to its full depth (bounded disk and time)")
     p.add_argument("--_write", help=argparse.SUPPRESS)
     p.add_argument("--_load", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._write:
-        return write(a.preset, a.format, a._write)
+        return write(a.preset, a.format, a._write, int(a.n_layers or 0))
     if a._load:
         return load(a._load, a.load_in_4bit)
+    if a.n_layers:
+        return extrapolate(a, [int(n) for n in a.n_layers.split(",")])
+    print_table(a, *measure(a))
 
+
+def measure(a, n_layers: int = 0) -> tuple[dict, dict, int]:
+    """Write a bf16 checkpoint in a fresh process, load it in another; (write info, load info, bytes on disk)."""
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         ckpt = Path(tmp) / "ckpt"
         run = lambda *args: json.loads(subprocess.run(  # noqa: E731
             [sys.executable, __file__, "--preset", a.preset, "--format", a.format, *args],
             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        w = run("--_write", str(ckpt))
+        w = run("--_write", str(ckpt), *(["--n-layers", str(n_layers)] if n_layers else []))
         disk = sum(f.stat().st_size for f in ckpt.iterdir())
         r = run("--_load", str(ckpt), *(["--load-in-4bit"] if a.load_in_4bit else []))
+    return w, r, disk
+
+
+def print_table(a, w: dict, r: dict, disk: int) -> None:
     rows = [
         ("preset / format / dtype", f"{a.preset} / {a.format} / {r['dtype']}"),
         ("machine", f"{platform.machine()}, {platform.processor() or 'cpu'}; torch {r['torch']}"),
@@ -98,6 +124,32 @@ def main() -> None:
     print("| quantity | value |\n| --- | --- |")
     for k, v in rows:
         print(f"| {k} | {v} |")
+
+
+def extrapolate(a, counts: list[int]) -> None:
+    """One row per measured layer count, then the preset's depth on the line through the first and last."""
+    if len(counts) < 2 or len(set(counts)) != len(counts):
+        raise SystemExit(f"--n-layers {a.n_layers}: give at least two different layer counts, e.g. 2,4.")
+    full = preset_args(a.preset).n_layers
+    cols = ("disk", "model", "before", "load", "peak", "time")
+    points = {}
+    for n in counts:
+        w, r, disk = measure(a, n)
+        points[n] = dict(disk=disk, model=r["param_bytes"], before=r["rss_before_bytes"],
+                         load=r["peak_after_load_bytes"] - r["rss_before_bytes"],
+                         peak=r["peak_after_forward_bytes"] - r["rss_before_bytes"], time=r["load_s"])
+    lo, hi = min(counts), max(counts)
+    est = {c: points[lo][c] + (full - lo) * (points[hi][c] - points[lo][c]) / (hi - lo) for c in cols}
+    what = "4-bit (NF4 + DQ)" if a.load_in_4bit else "as saved"
+    print(f"{a.preset} shapes, {a.format} bf16 checkpoint loaded {what} on {platform.machine()}, torch "
+          f"{r['torch']}; sizes in GiB (1024**3 bytes); peak = peak RSS (ru_maxrss) minus RSS before loading")
+    print("| layers | bf16 on disk | loaded model bytes | peak while loading | peak after a forward | peak / model "
+          "| load s |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for n, p in [*sorted(points.items()), (f"{full} (extrapolated per layer, not measured)", est)]:
+        print(f"| {n} | {p['disk'] / GiB:.2f} | {p['model'] / GiB:.3f} | {p['load'] / GiB:.2f} | "
+              f"{p['peak'] / GiB:.2f} | {p['peak'] / p['model']:.2f} | {p['time']:.1f} |")
+    per = {c: (points[hi][c] - points[lo][c]) / (hi - lo) for c in ("model", "peak")}
+    print(f"per layer: {per['model'] / GiB:.3f} GiB of 4-bit model, {per['peak'] / GiB:.3f} GiB of peak RSS")
 
 
 if __name__ == "__main__":

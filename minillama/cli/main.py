@@ -261,16 +261,16 @@ def cmd_train(args) -> int:
     from ..files import file_sha256
     from ..training.data import split_held_out
     from ..lora import trainable_parameters
-    from ..quant import quantize_model
     from ..training.train import TrainConfig, check_writable, skipped_steps, train
 
     device = _device(args.device)
     _check_train_flags(args)
     check_writable(Path(args.out))  # a full disk or a read-only --out is refused before the model loads
-    model = load_model(args.model, device=device, dtype=args.dtype)
-    if args.load_in_4bit:  # QLoRA: the blocks' linears in 4 bits right after loading (frozen from now on)
-        quantize_model(model, quant_type=args.quant_type, double_quant=args.double_quant,
-                       blocksize=args.quant_blocksize)
+    # QLoRA: the blocks' linears are quantised while the checkpoint is read (streamed: the 16-bit model is
+    # never whole in memory); they are frozen from now on
+    quant = dict(load_in_4bit=True, quant_type=args.quant_type, double_quant=args.double_quant,
+                 blocksize=args.quant_blocksize) if args.load_in_4bit else {}
+    model = load_model(args.model, device=device, dtype=args.dtype, **quant)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
     max_len = args.max_len or min(512, model.args.max_seq_len + 1)
     if max_len - 1 > model.args.max_seq_len:
