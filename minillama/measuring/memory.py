@@ -981,7 +981,7 @@ def _published(preset: str, method: str, est: MemoryEstimate, args: ModelArgs) -
     base = est.by_category["parameters"] - parameter_count(args, BUDGET_LORA)["lora"] * 2
     if preset == "llama2-7b" and "double quant" in method:
         implied, ours = QLORA_PAPER_7B_BASE_MB * 8e6 / args.num_params(), 8 * base / args.num_params()
-        return (f"base ~{QLORA_PAPER_7B_BASE_MB:,} MB (QLoRA paper, Fig. 6, LLaMA-1 7B); constants 0.127 bit/weight",
+        return (f"base ~{QLORA_PAPER_7B_BASE_MB:,} MB (QLoRA paper, memory-footprint figure, LLaMA-1 7B); constants 0.127 bit/weight",
                 f"ours {base / 1e6:,.0f} MB (1e6 bytes): the blocks' linears at 4 + "
                 f"{constant_bits_per_weight(args, True):.3f} bits and the embeddings and head in bf16, {ours:.2f} "
                 f"bits per parameter. The figure says only '4-bit base model'; its 5,048 MB is {implied:.2f} bits "
