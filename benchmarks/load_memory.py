@@ -26,6 +26,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,19 +55,46 @@ def write(preset: str, fmt: str, out: str, n_layers: int = 0) -> None:
     print(json.dumps({"write_s": time.perf_counter() - t0}))
 
 
+def rss_parts() -> dict:
+    """RssAnon (the process's own memory: tensors, heap) and RssFile (pages of memory-mapped files, such as a
+    safetensors checkpoint being read; clean, so the kernel may drop them under pressure), in bytes."""
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                if k in ("RssAnon", "RssFile")}
+
+
+class AnonPeak(threading.Thread):
+    """Samples RssAnon every few milliseconds (ru_maxrss counts file-backed pages too)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.running = rss_parts().get("RssAnon", 0), True
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, rss_parts().get("RssAnon", 0))
+            time.sleep(0.005)
+
+
 def load(path: str, load_in_4bit: bool = False) -> None:
     import torch
 
     import minillama
 
-    base = peak_rss_bytes()
+    base, anon_base = peak_rss_bytes(), rss_parts().get("RssAnon", 0)
+    sampler = AnonPeak()
+    sampler.start()
     t0 = time.perf_counter()
     model = minillama.load_model(path, load_in_4bit=load_in_4bit)
     load_s = time.perf_counter() - t0
-    after_load = peak_rss_bytes()
+    after_load, file_after_load = peak_rss_bytes(), rss_parts().get("RssFile", 0)
+    sampler.running = False
+    sampler.join()
     with torch.no_grad():  # touch every weight once (an mmap-backed Meta checkpoint is read lazily)
         model(torch.ones(1, 8, dtype=torch.long))
     print(json.dumps({"rss_before_bytes": base, "peak_after_load_bytes": after_load,
+                      "anon_before_bytes": anon_base, "anon_peak_load_bytes": sampler.peak,
+                      "file_rss_after_load_bytes": file_after_load,
                       "peak_after_forward_bytes": peak_rss_bytes(), "load_s": load_s,
                       "param_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(),
                                                                                   *model.buffers()]),
@@ -131,25 +159,31 @@ def extrapolate(a, counts: list[int]) -> None:
     if len(counts) < 2 or len(set(counts)) != len(counts):
         raise SystemExit(f"--n-layers {a.n_layers}: give at least two different layer counts, e.g. 2,4.")
     full = preset_args(a.preset).n_layers
-    cols = ("disk", "model", "before", "load", "peak", "time")
+    cols = ("disk", "model", "before", "load", "peak", "anon", "file")
     points = {}
     for n in counts:
         w, r, disk = measure(a, n)
         points[n] = dict(disk=disk, model=r["param_bytes"], before=r["rss_before_bytes"],
                          load=r["peak_after_load_bytes"] - r["rss_before_bytes"],
-                         peak=r["peak_after_forward_bytes"] - r["rss_before_bytes"], time=r["load_s"])
+                         peak=r["peak_after_forward_bytes"] - r["rss_before_bytes"], time=r["load_s"],
+                         anon=r["anon_peak_load_bytes"] - r["anon_before_bytes"], file=r["file_rss_after_load_bytes"])
     lo, hi = min(counts), max(counts)
     est = {c: points[lo][c] + (full - lo) * (points[hi][c] - points[lo][c]) / (hi - lo) for c in cols}
+    est["time"] = float("nan")  # load time is not linear on a shared machine: not extrapolated
     what = "4-bit (NF4 + DQ)" if a.load_in_4bit else "as saved"
     print(f"{a.preset} shapes, {a.format} bf16 checkpoint loaded {what} on {platform.machine()}, torch "
-          f"{r['torch']}; sizes in GiB (1024**3 bytes); peak = peak RSS (ru_maxrss) minus RSS before loading")
-    print("| layers | bf16 on disk | loaded model bytes | peak while loading | peak after a forward | peak / model "
-          "| load s |\n| --- | --- | --- | --- | --- | --- | --- |")
+          f"{r['torch']}; sizes in GiB (1024**3 bytes); peak RSS = ru_maxrss minus RSS before loading (it counts "
+          f"the pages of the memory-mapped checkpoint); anonymous = peak RssAnon minus RssAnon before (the process's "
+          f"own memory, sampled every 5 ms); file = RssFile after loading")
+    print("| layers | bf16 on disk | loaded model bytes | peak RSS | peak after a forward | peak anonymous | "
+          "anonymous / model | file | load s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, p in [*sorted(points.items()), (f"{full} (extrapolated per layer, not measured)", est)]:
         print(f"| {n} | {p['disk'] / GiB:.2f} | {p['model'] / GiB:.3f} | {p['load'] / GiB:.2f} | "
-              f"{p['peak'] / GiB:.2f} | {p['peak'] / p['model']:.2f} | {p['time']:.1f} |")
-    per = {c: (points[hi][c] - points[lo][c]) / (hi - lo) for c in ("model", "peak")}
-    print(f"per layer: {per['model'] / GiB:.3f} GiB of 4-bit model, {per['peak'] / GiB:.3f} GiB of peak RSS")
+              f"{p['peak'] / GiB:.2f} | {p['anon'] / GiB:.2f} | {p['anon'] / p['model']:.2f} | "
+              f"{p['file'] / GiB:.2f} | {p['time']:.0f} |")
+    per = {c: (points[hi][c] - points[lo][c]) / (hi - lo) for c in ("disk", "model", "peak", "anon")}
+    print(f"per layer: {per['disk'] / GiB:.3f} GiB bf16 on disk, {per['model'] / GiB:.3f} GiB of 4-bit model, "
+          f"{per['peak'] / GiB:.3f} GiB of peak RSS, {per['anon'] / GiB:.3f} GiB of peak anonymous RSS")
 
 
 if __name__ == "__main__":
