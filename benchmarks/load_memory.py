@@ -11,6 +11,13 @@ two points (every layer has the same shapes, so the cost per layer is the slope;
 not depend on the layer count: embeddings, output head, interpreter). For a machine whose disk or time does not
 allow the full 13.5 GB checkpoint; the extrapolated row says so.
 
+Two kinds of resident memory are reported apart: anonymous (tensors, the heap: what the loader itself holds) and
+file-backed (pages of the memory-mapped safetensors shards). Measured with llama2-7b shapes (1 and 3 layers, bf16
+HF shards, NF4 + double quantisation): the file-backed pages grow to the size of the checkpoint while it is being
+read (the shards stay mapped until load_model returns; the kernel may drop such clean pages under pressure), so
+ru_maxrss grows by about the bf16 size per layer; the anonymous peak grows by about the 4-bit size per layer plus
+allocator slack, above a constant for the quantiser's temporaries of the largest tensor.
+
 A random-weight checkpoint of the preset is written in bf16 (HF shards of 2 GiB, or Meta .pth), then a
 fresh process loads it with `minillama.load_model` and reports its peak resident memory (ru_maxrss).
 Building on the meta device and assigning the loaded tensors means the peak should be about one copy
