@@ -9,7 +9,7 @@ import minillama
 from minillama import get_preset
 from minillama.measuring.measure import MemoryTracker
 from minillama.measuring.memory import (CATEGORIES, LINEARS, estimate_memory, format_bytes, llama3_8b_budget,
-                              parameter_count)
+                              parameter_count, qlora_budget_table)
 from minillama.training.train import TrainConfig, make_optimizer
 
 GiB = 1024**3
@@ -247,3 +247,45 @@ def test_bad_input_raises_one_clear_sentence(kwargs, match):
         estimate_memory(get_preset("tiny"), **full)
     msg = str(err.value)
     assert msg.endswith(".") and msg.count(". ") == 0, msg
+
+
+# ---- the 7B / 8B budget table (qlora_budget_table) ---------------------------------------------------
+def test_budget_constants_follow_the_qlora_papers_formulas():
+    """Bits per weight of the 4-bit constants, against the QLoRA paper's formulas computed here: an fp32 absmax per
+    64 weights = 32/64 = 0.5; double quantisation: an 8-bit absmax per 64 weights plus an fp32 second-level
+    absmax per 256 of those = 8/64 + 32/(64*256) = 0.127. Ours also stores, once per tensor, the 16 fp32 levels
+    (64 bytes) and with double quantisation the 256-level fp32 map and the fp32 offset (1,028 bytes): together
+    at most 1,092 * 8 bits over the smallest linear of the model."""
+    plain, nested = 32 / 64, 8 / 64 + 32 / (64 * 256)
+    assert plain == 0.5 and round(nested, 3) == 0.127
+    rows = qlora_budget_table()
+    assert {r["preset"] for r in rows} == {"llama2-7b", "llama3-8b"}
+    for r in rows:
+        if r["const_bits"] is None:
+            assert "QLoRA" not in r["method"]
+            continue
+        smallest = min(i * o for i, o in get_preset(r["preset"]).linear_shapes().values())
+        dq = "double quant" in r["method"]
+        paper, per_tensor = (nested, 64 + 256 * 4 + 4) if dq else (plain, 64)
+        assert paper <= r["const_bits"] <= paper + 8 * per_tensor / smallest, r
+
+
+def test_budget_table_orders_the_methods_and_cites_the_figures():
+    rows = {(r["preset"], r["method"].split(" (")[0].split(" r=")[0]): r for r in qlora_budget_table()}
+    for preset in ("llama2-7b", "llama3-8b"):
+        args = get_preset(preset)
+        n, linear = args.num_params(), args.n_layers * sum(i * o for i, o in args.linear_shapes().values())
+        full, lora = rows[preset, "bf16 full fine-tuning"], rows[preset, "bf16 LoRA"]
+        q, dq = rows[preset, "QLoRA NF4"], rows[preset, "QLoRA NF4 + double quant"]
+        assert full["static"] == 2 * n + 2 * n + 8 * n  # bf16 weights and grads, two fp32 moments
+        # double quantisation saves (0.5 - 0.127) bits on every 4-bit weight, up to the per-tensor maps
+        saved = (q["parameters"] - dq["parameters"]) * 8 / linear
+        assert abs(saved - (0.5 - (8 / 64 + 32 / (64 * 256)))) < 2e-3
+        # the 4-bit base: half a byte per linear weight + constants, the rest in bf16
+        assert lora["parameters"] - q["parameters"] == pytest.approx(linear * (2 - 0.5 - 0.5 / 8), rel=1e-3)
+        assert full["static"] > lora["static"] > q["static"] > dq["static"]
+        assert q["gradients"] == lora["gradients"] and q["optimizer_state"] == lora["optimizer_state"]
+    assert "5,048 MB" in rows["llama2-7b", "QLoRA NF4 + double quant"]["published"]
+    assert "5.5 GB" in rows["llama3-8b", "QLoRA NF4 + double quant"]["published"]
+    assert "90.7 GB" in rows["llama3-8b", "bf16 full fine-tuning"]["published"]
+    assert all(r["why"] for r in rows.values() if r["published"])

@@ -1,8 +1,9 @@
 """QLoRA training (issue 13): `minillama train --load-in-4bit ... --lora-r R` on the shipped tiny model.
 
-The base's packed 4-bit bytes must come out of training bit-identical (only the adapters train), the loss on a
-fixed set of training examples must go down, a killed run resumed from its checkpoint must log exactly what
-the uninterrupted run logged (CPU, fp32), and a resume with other 4-bit settings is refused naming the field.
+The CLI loads the base streamed in 4 bits (never whole in 16 bits); its packed 4-bit bytes must come out of
+training bit-identical (only the adapters train), the loss on a fixed set of training examples must go down, a
+killed run resumed from its checkpoint must log exactly what the uninterrupted run logged (CPU, fp32), and a
+resume with other 4-bit settings is refused naming the field.
 """
 
 import json
@@ -25,12 +26,25 @@ def command(out, *extra):
             "--device", "cpu", "--quiet", "--load-in-4bit", *extra]
 
 
+@pytest.fixture
+def streamed_only(monkeypatch):
+    """The CLI must quantise while reading (load_model(..., load_in_4bit=True)): loading the 16-bit model first
+    or quantising it afterwards fails the test."""
+    import minillama.checkpoints.weights as W
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the 16-bit model was loaded (or quantised after loading) instead of streamed 4-bit")
+
+    monkeypatch.setattr(W, "load_model", refuse)
+    monkeypatch.setattr(T, "quantize_model", refuse)
+
+
 def log_of(out):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
             for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
-def test_qlora_trains_only_the_adapters_and_lowers_the_loss(tmp_path, monkeypatch):
+def test_qlora_trains_only_the_adapters_and_lowers_the_loss(tmp_path, monkeypatch, streamed_only):
     seen = {}
     real_train = T.train
 
@@ -65,7 +79,8 @@ def test_qlora_trains_only_the_adapters_and_lowers_the_loss(tmp_path, monkeypatc
         (True, "nf4", True, 64)
 
 
-def test_qlora_resume_is_exact_and_other_quant_settings_are_refused(tmp_path, killed_at_batch, capsys):
+def test_qlora_resume_is_exact_and_other_quant_settings_are_refused(tmp_path, killed_at_batch, capsys,
+                                                                   streamed_only):
     extra = ("--steps", "4", "--lr", "2e-3", "--save-every", "2", "--quant-type", "fp4", "--quant-blocksize", "32")
     assert main(command(tmp_path / "full", *extra)) == 0
     killed_at_batch(2)  # killed while fetching the batch of step 3: the last save was step 2

@@ -396,7 +396,6 @@ def cmd_train(args) -> int:
     from ..files import file_sha256
     from ..training.data import split_held_out
     from ..lora import trainable_parameters
-    from ..quant import quantize_model
     from ..training import distributed
     from ..training.train import TrainConfig, check_writable, extend_context, skipped_steps, train
 
@@ -405,10 +404,11 @@ def cmd_train(args) -> int:
     distributed.init(torch.device(device))  # joins torchrun's process group; nothing in one process
     if distributed.is_main():
         check_writable(Path(args.out))  # a full disk or a read-only --out is refused before the model loads
-    model = load_model(args.model, device=device, dtype=args.dtype)
-    if args.load_in_4bit:  # QLoRA: the blocks' linears in 4 bits right after loading (frozen from now on)
-        quantize_model(model, quant_type=args.quant_type, double_quant=args.double_quant,
-                       blocksize=args.quant_blocksize)
+    # QLoRA: the blocks' linears are quantised while the checkpoint is read (streamed: the 16-bit model is
+    # never whole in memory); they are frozen from now on
+    quant = dict(load_in_4bit=True, quant_type=args.quant_type, double_quant=args.double_quant,
+                 blocksize=args.quant_blocksize) if args.load_in_4bit else {}
+    model = load_model(args.model, device=device, dtype=args.dtype, **quant)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=model.args.vocab_size)
     scaling, max_seq_len = _context_flags(args, model)
     extend_context(model, scaling, max_seq_len)  # recorded in TrainConfig below, and in the saved adapter
