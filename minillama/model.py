@@ -138,6 +138,28 @@ class Attention(nn.Module):
         # END SOLUTION
 
 
+class SiLUMul(torch.autograd.Function):
+    """silu(a) * b that keeps only a and b for the backward pass. Autograd's plain `F.silu(a) * b` keeps a (for
+    silu), b and silu(a) (for the product): one [tokens, hidden] tensor per layer more. silu(a) is recomputed
+    in the backward instead (element-wise, cheap beside the matrix products)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        # d/da silu(a) * b = grad * b * silu'(a) (aten's silu_backward, in fp32 inside); d/db = grad * silu(a)
+        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """F.silu(a) * b, equal in value and gradients, keeping one tensor less for the backward (SiLUMul)."""
+    return SiLUMul.apply(a, b)
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -150,7 +172,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """w2(silu(w1 x) * w3 x)."""
         # BEGIN SOLUTION
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))  # = w2(F.silu(w1 x) * w3 x), keeping less for backward
         # END SOLUTION
 
 

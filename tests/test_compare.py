@@ -152,3 +152,21 @@ def test_gpu_lab_skips_what_does_not_fit_in_the_budget(tmp_path):
         assert "would not fit in the time left" in r["skipped"] and r["predicted_peak_memory_bytes"] > 0
     assert doc["environment"]["torch"] == torch.__version__
     assert "date_utc" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_equals_silu_times(dtype):
+    from minillama.model import silu_mul
+
+    gen = torch.Generator().manual_seed(2)
+    a = (3 * torch.randn(6, 10, generator=gen)).to(dtype).requires_grad_()
+    b = torch.randn(6, 10, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(6, 10, generator=gen).to(dtype)
+    ref = F.silu(a) * b
+    ref_grads = torch.autograd.grad(ref, (a, b), g)
+    got = silu_mul(a, b)
+    grads = torch.autograd.grad(got, (a, b), g)
+    tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, ref, **tol)
+    for x, y in zip(grads, ref_grads):
+        torch.testing.assert_close(x, y, **tol)

@@ -450,7 +450,7 @@ def _attention_saved(s: _Settings, x_rg: bool, save) -> bool:
 def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
     """Saved-for-backward terms of one TransformerBlock in forward order, whether its output requires
     grad, and the bytes of p = silu(w1 x) * w3 x if it is saved (freed first in the block's backward).
-    FFN: silu keeps w1 x, the product keeps w3 x and silu(w1 x) (c*N*hid each), w2 keeps p."""
+    FFN: silu_mul keeps w1 x and w3 x (c*N*hid each), w2 keeps p."""
     N, c, hid = s.N, s.c, s.args.ffn_hidden_dim
     terms = []
 
@@ -464,11 +464,9 @@ def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
     # out = h + feed_forward(ffn_norm(h)); FeedForward: w2(silu(w1 x) * w3 x)
     n2_rg = _rmsnorm(s, "ffn_norm", h_rg, save)
     f_rg = _linear_inputs(s, "ffn_norm(h)", s.r, n2_rg, ("w1", "w3"), save)
-    if f_rg["w1"]:  # silu keeps its input; silu(w1 x) * (w3 x): the grad w.r.t. silu(.) needs w3 x
-        save("FFN: w1 x (kept by silu)", c * N * hid, f"N*{hid}*{c}")
-        save("FFN: w3 x (kept by the product)", c * N * hid, f"N*{hid}*{c}")
-    if f_rg["w3"]:  # ... and its grad w.r.t. w3 x needs silu(w1 x)
-        save("FFN: silu(w1 x) (kept by the product)", c * N * hid, f"N*{hid}*{c}")
+    if f_rg["w1"] or f_rg["w3"]:  # model.silu_mul keeps w1 x and w3 x (silu(w1 x) is recomputed in backward)
+        save("FFN: w1 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
+        save("FFN: w3 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
     n_before = len(terms)
     w2_rg = _linear_inputs(s, "FFN product p", c, f_rg["w1"] or f_rg["w3"], ("w2",), save)
     p_bytes = sum(t[1] for t in terms[n_before:])  # all released once w2 (and its LoRA) ran backward
@@ -628,7 +626,7 @@ def train_moments(s: _Settings, params: int, grads: int, opt: int, opt_temp: int
     notes.add("temporary at the end of the forward", logits_tmp, chunk_formula + " + positions")
     notes.add("temporary at the start of the backward", loss_bwd, f"N*{d}*{s.r} (the loss's gradient w.r.t. norm(h))")
     notes.add("temporary in a block's backward", moments["backward of the first block"]["temporary"],
-              f"N*{d}*{r} (incoming grad) + 3*N*{hid}*{c} (grad_p, grad of silu(w1 x), grad of w3 x)"
+              f"N*{d}*{r} (incoming grad) + 4*N*{hid}*{c} (grad_p, grad of w1 x, silu(w1 x) recomputed, grad of w3 x)"
               + (" + the largest new gradient (accumulated in place)" if s.grad_accum > 1 else ""))
     return moments
 
@@ -652,7 +650,7 @@ def _block_backward(s: _Settings, i: int, saved: _Saved, grads: int) -> dict[str
     last and the first block bound every block). The head's saved tensors are gone; activations of blocks
     <= i remain (with checkpointing: their inputs, plus block i recomputed), less p and w2's autocast copy,
     freed by then. Temporary, at the FFN product's backward: the incoming grad r*N*d and grad_p,
-    grad_silu, grad_w3x (3*c*N*hid); a 4-bit w2's backward dequantises it (_dequant_bytes) beside the incoming
+    grad_w1x, silu(w1 x) recomputed, grad_w3x (4*c*N*hid); a 4-bit w2's backward dequantises it (_dequant_bytes) beside the incoming
     grad and the grad of w2's output (c*N*d)."""
     N, d, hid, r, c = s.N, s.args.dim, s.args.ffn_hidden_dim, s.r, s.c
     terms, p_i, _ = saved.blocks[i]
@@ -663,7 +661,7 @@ def _block_backward(s: _Settings, i: int, saved: _Saved, grads: int) -> dict[str
         act = sum(saved.per_block[: i + 1]) + sum(saved.amp_blocks[: i + 1])
     amp_w2 = 2 * d * hid if (s.amp and saved.amp_blocks[0]) else 0
     act += s.cos_sin - p_i - amp_w2
-    tmp = r * N * d + 3 * c * N * hid
+    tmp = r * N * d + 4 * c * N * hid  # silu_mul's backward: grad_p, grad_w1x, silu(w1 x) recomputed, grad_w3x
     if s.quant4:  # w2's backward runs on a dequantised copy of its weight beside the incoming grad
         tmp = max(tmp, r * N * d + c * N * d + _dequant_bytes(s, d * hid))
     g, g_tmp = _gradients_in_backward(s, i, grads)
