@@ -148,6 +148,28 @@ class Attention(nn.Module):
         # END SOLUTION
 
 
+class SiLUMul(torch.autograd.Function):
+    """silu(a) * b that keeps only a and b for the backward pass. Autograd's plain `F.silu(a) * b` keeps a (for
+    silu), b and silu(a) (for the product): one [tokens, hidden] tensor per layer more. silu(a) is recomputed
+    in the backward instead (element-wise, cheap beside the matrix products)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        # d/da silu(a) * b = grad * b * silu'(a) (aten's silu_backward, in fp32 inside); d/db = grad * silu(a)
+        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """F.silu(a) * b, equal in value and gradients, keeping one tensor less for the backward (SiLUMul)."""
+    return SiLUMul.apply(a, b)
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -160,7 +182,9 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """w2(silu(w1 x) * w3 x)."""
         # BEGIN SOLUTION a1
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if torch.is_grad_enabled():  # the same value, keeping one tensor less for the backward pass
+            return self.w2(silu_mul(self.w1(x), self.w3(x)))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # no backward: w1 x is freed before w3 x is made
         # END SOLUTION
 
 
@@ -176,6 +200,64 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, start_pos: int = 0):
         h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+# The loss without the [B, T, vocab] logits. The plain way (logits = output(h), then F.cross_entropy on an fp32
+# copy) keeps the fp32 log-softmax of every position alive until the backward pass: with a 32,000-word
+# vocabulary that is 128 KB per token, more than a whole block's activations in Llama-2-7B. Here the logits are
+# made a chunk of positions at a time, and the gradient of the loss with respect to h (and to the head's
+# weight) is computed right away, while the chunk is at hand: only those are kept for the backward pass.
+LOSS_CHUNK_ELEMENTS = 2**23  # logits per chunk (32 MiB in fp32)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(h @ weight.T, targets) (fp32 log-softmax, -100 ignored) chunk by chunk; see above."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, reduction: str, chunk: int):
+        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        valid = targets != -100
+        count = valid.sum()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            h_c, t_c, v_c = h[i:i + chunk], targets[i:i + chunk], valid[i:i + chunk]
+            logits = F.linear(h_c, weight).float()  # the model's dtype, then fp32 for the softmax
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, t_c.clamp(min=0)[:, None])[:, 0]
+            total += ((lse - picked) * v_c).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            # d loss / d logits = softmax - one_hot(target), zero for ignored positions (computed in place)
+            g = logits.sub_(lse[:, None]).exp_()
+            g[torch.arange(len(t_c), device=g.device), t_c.clamp(min=0)] -= 1
+            g *= v_c[:, None]
+            if grad_h is not None:
+                grad_h[i:i + chunk] = g.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w += g.t().to(h_c.dtype) @ h_c
+        scale = 1.0 / count if reduction == "mean" else torch.ones((), device=h.device)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w, scale)
+        return total * scale if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, scale = ctx.saved_tensors
+        g = grad_out * scale
+        return (None if grad_h is None else grad_h * g.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * g).to(ctx.weight_dtype), None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                         chunk: Optional[int] = None) -> torch.Tensor:
+    """F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction=reduction), equal
+    in value and gradients, without materialising the logits: h [N, dim], weight [vocab, dim], targets [N].
+    chunk: positions per chunk (default: LOSS_CHUNK_ELEMENTS // vocab)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy(reduction={reduction!r}): expected 'mean' or 'sum'.")
+    chunk = chunk or max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    return LinearCrossEntropy.apply(h, weight, targets, reduction, chunk)
 
 
 class Transformer(nn.Module):
@@ -215,11 +297,12 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
-        logits = self.output(h)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                               reduction=reduction)
+            return self.output(h)
+        if type(self.output) is not nn.Linear:  # a wrapped head (an adapter on it): the plain way
+            return F.cross_entropy(self.output(h).float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                   reduction=reduction)
+        return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), reduction)
 
     def set_checkpointing(self, every: int = 1) -> None:
         """Gradient checkpointing of every `every`-th transformer block in training (0: off)."""

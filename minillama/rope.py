@@ -181,11 +181,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     (a + ib) * (cos + i sin) = (a cos - b sin) + i (a sin + b cos).
     """
     # BEGIN SOLUTION a1
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, T, H, head_dim/2, 2]
-    a, b = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    # One complex multiplication, as Meta does: the pairs read as complex numbers in place (no copy in fp32).
+    # Written out with real tensors (a*cos - b*sin, a*sin + b*cos, then a stack) it is the same arithmetic in
+    # seven strided element-wise ops and as many in the backward pass: several times slower on the CPU.
+    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [B, T, H, head_dim/2]
+    rot = torch.complex(cos, sin)[:, None, :]  # [T, 1, head_dim/2]: broadcast over heads
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
     # END SOLUTION
 
 

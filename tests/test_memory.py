@@ -219,7 +219,7 @@ def test_estimate_structure_and_units():
     assert sum(est.at_peak.values()) == est.peak_bytes == max(est.moments.values())
     assert est.peak_bytes < sum(est.by_category.values())  # gradients are None at the start of backward
     assert est.notes and all(isinstance(line, str) for line in est.notes)
-    assert any("log_softmax" in line for line in est.notes)
+    assert any("linear_cross_entropy" in line for line in est.notes)  # the loss keeps its gradients only
     assert format_bytes(512) == "512 B" and format_bytes(3 * 1024**2 // 2) == "1.50 MiB"
     assert format_bytes(int(1.23 * GiB)) == "1.23 GiB"
     inf = estimate_memory(get_preset("tiny"), batch=4, seq_len=128, mode="inference")

@@ -429,11 +429,17 @@ def _state_dict_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_hf(sd: dict, args: ModelArgs, out: Path, max_shard_bytes: Optional[int]) -> None:
+def hf_state_dict(sd: dict, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Our state dict in HF's names and q/k row order (LlamaForCausalLM.load_state_dict takes it)."""
     hf = {}
     for name, t in sd.items():
         heads = qk_heads(name, args)
         hf[meta_to_hf_name(name)] = (permute_meta_to_hf(t, heads) if heads else t).contiguous()
+    return hf
+
+
+def _write_hf(sd: dict, args: ModelArgs, out: Path, max_shard_bytes: Optional[int]) -> None:
+    hf = hf_state_dict(sd, args)
     dtype = next(iter(sd.values())).dtype
     with open(out / "config.json", "w") as f:
         json.dump(args_to_hf_config(args, dtype), f, indent=2)

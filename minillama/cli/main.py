@@ -461,9 +461,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench_compare(args) -> int:
+    """bench --compare hf: every row through minillama and through transformers + PEFT, side by side."""
+    from ..config import get_preset
+    from ..measuring.compare import Settings, format_compare, run_compare
+
+    if args.model is not None:
+        raise ValueError("--compare hf builds both models with the same random weights; drop --model PATH.")
+    get_preset(args.preset)  # an unknown preset fails here, with the list of known ones
+    keys = ("batch", "seq_len", "long_seq_len", "new_tokens", "repeats")
+    _check_positive(args, *keys)
+    sizes = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    s = Settings.defaults(args.preset, _device(args.device), dtype=args.dtype, **sizes)
+    rows = run_compare(s, args.rows, out_dir=args.out)
+    print()
+    print(format_compare(rows, "md", settings=s))
+    print(f"\nwrote {args.out}/results.json, results.csv, table.md, speed.png, memory.png")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from ..measuring.bench import format_effects, format_table, model_factory, run_grid, technique_effects
 
+    if args.compare:
+        return cmd_bench_compare(args)
     device = _device(args.device)
     path = args.model
     if path is None and args.preset == "tiny" and not args.random_weights:
@@ -604,6 +625,15 @@ def _add_bench(sub) -> None:
     m.add_argument("--device", default="auto")
     m.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: as loaded / fp32)")
     m.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median)")
+    m.add_argument("--compare", choices=("hf",), default=None,
+                   help="hf: each row through minillama and through transformers + PEFT side by side "
+                        "(same random weights, data and settings); --grid is then not used")
+    m.add_argument("--rows", default=None, help="with --compare: comma-separated rows (default: all), of "
+                   "lora-qv, lora-all, full, inference, qlora-qv, lora-qv-long, lora-qv-ckpt, lora-all-ckpt")
+    m.add_argument("--batch", type=int, default=None, help="with --compare (default: 4 on CPU, 2 on CUDA)")
+    m.add_argument("--seq-len", type=int, default=None, help="with --compare (default: 128 on CPU, 512 on CUDA)")
+    m.add_argument("--long-seq-len", type=int, default=None, help="with --compare: the long-context row")
+    m.add_argument("--new-tokens", type=int, default=None, help="with --compare: tokens generated (inference)")
     m.set_defaults(func=cmd_bench)
 
 

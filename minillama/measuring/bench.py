@@ -555,6 +555,25 @@ def format_effects(effects: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_csv(rows: list[dict], path) -> None:
+    """The rows as CSV: each dict-valued field (memory by category, ...) becomes one column per key,
+    named `<field>_<key>` (`*_by_category` fields: `<first word>_<category>_bytes`)."""
+    flat = []
+    for r in rows:
+        r = dict(r)
+        for key in [k for k, v in r.items() if isinstance(v, dict)]:
+            short = key.split("_")[0] + "_{}_bytes" if key.endswith("_by_category") else key + "_{}"
+            for sub, v in r.pop(key).items():
+                r[short.format(sub)] = v
+        flat.append(r)
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(flat)
+    atomic_write_text(path, buf.getvalue())
+
+
 def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
     """results.json, results.csv, table.md, memory.png, runtime.png, flops.png in out_dir."""
     out = Path(out_dir)
@@ -563,19 +582,7 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
                                        ("memory", "memory.png"), ("runtime", "runtime.png"),
                                        ("flops", "flops.png"))}
     atomic_write_text(paths["json"], json.dumps(rows, indent=2, default=str))
-    flat = []
-    for r in rows:  # CSV: one column per category
-        r = dict(r)
-        for key in ("memory_by_category", "predicted_by_category"):
-            for cat, v in (r.pop(key, None) or {}).items():
-                r[f"{key.split('_')[0]}_{cat}_bytes"] = v
-        flat.append(r)
-    fields = list(dict.fromkeys(k for r in flat for k in r))
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    w.writerows(flat)
-    atomic_write_text(paths["csv"], buf.getvalue())
+    write_csv(rows, paths["csv"])
     effects = technique_effects(rows)
     text = format_table(rows, "md") + "\n"
     if effects:

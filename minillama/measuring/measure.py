@@ -325,6 +325,25 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def model_flops_per_token(args, seq_len: int, kind: str = "full") -> int:
+    """FLOPs per token by formula (the PaLM / nanoGPT convention for MFU; recomputation not counted).
+
+    N = the parameters of the matrix products (the seven linears of every block and the output head;
+    embeddings are a lookup). A multiply-add is 2 FLOPs, so the forward is 2N; the backward is 2N for the
+    gradient of the activations and 2N for the weights' gradients. kind="full": 6N (everything trains);
+    "lora": 4N (a frozen base has no weight gradients; the adapters are a rounding error); "inference": 2N.
+    Attention adds 2 * 2 * seq_len * (n_heads * head_dim) per layer in the forward (q k^T and p v, unmasked,
+    as count_flops counts it), three times that in training.
+    """
+    if kind not in ("full", "lora", "inference"):
+        raise ValueError(f"model_flops_per_token(kind={kind!r}): expected 'full', 'lora' or 'inference'.")
+    n = sum(o * i for o, i in args.linear_shapes().values()) * args.n_layers + args.vocab_size * args.dim
+    attention = 4 * seq_len * args.n_heads * args.head_dim * args.n_layers
+    if kind == "inference":
+        return 2 * n + attention
+    return (6 if kind == "full" else 4) * n + 3 * attention
+
+
 # ---- one measurement ----------------------------------------------------------------------------
 @dataclass
 class Measurement:
@@ -374,6 +393,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def track_memory(step_fn: Callable[[], object], model: torch.nn.Module,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[MemoryTracker, Optional[int], Optional[int]]:
+    """One call of step_fn() under a MemoryTracker; on CUDA also torch.cuda.max_memory_allocated and
+    max_memory_reserved of that call (None on other devices). Returns (tracker, max_allocated, max_reserved)."""
+    device = _model_device(model)
+    if device.type == "cuda":
+        gc.collect()  # garbage from the warm-up would otherwise count in max_memory_allocated
+        torch.cuda.reset_peak_memory_stats(device)
+    tracker = MemoryTracker(model, optimizer)
+    with tracker:
+        step_fn()
+        _sync(device)
+    if device.type != "cuda":
+        return tracker, None, None
+    return tracker, torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+
+
 def measure(step_fn: Callable[[], object], *, model: torch.nn.Module,
             optimizer: Optional[torch.optim.Optimizer] = None, tokens_per_step: int, name: str = "",
             warmup: int = 1, repeats: int = 3, meta: Optional[dict] = None) -> Measurement:
@@ -397,18 +433,7 @@ def measure(step_fn: Callable[[], object], *, model: torch.nn.Module,
         step_fn()
     _sync(device)
 
-    if device.type == "cuda":
-        gc.collect()  # garbage from the warm-up would otherwise count in max_memory_allocated
-        torch.cuda.reset_peak_memory_stats(device)
-    tracker = MemoryTracker(model, optimizer)
-    with tracker:
-        step_fn()
-        _sync(device)
-    max_allocated = max_reserved = None
-    if device.type == "cuda":
-        max_allocated = torch.cuda.max_memory_allocated(device)
-        max_reserved = torch.cuda.max_memory_reserved(device)
-
+    tracker, max_allocated, max_reserved = track_memory(step_fn, model, optimizer)
     flops = count_flops(step_fn)
 
     times = []

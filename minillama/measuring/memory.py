@@ -451,7 +451,7 @@ def _attention_saved(s: _Settings, x_rg: bool, save) -> bool:
 def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
     """Saved-for-backward terms of one TransformerBlock in forward order, whether its output requires
     grad, and the bytes of p = silu(w1 x) * w3 x if it is saved (freed first in the block's backward).
-    FFN: silu keeps w1 x, the product keeps w3 x and silu(w1 x) (c*N*hid each), w2 keeps p."""
+    FFN: silu_mul keeps w1 x and w3 x (c*N*hid each), w2 keeps p."""
     N, c, hid = s.N, s.c, s.args.ffn_hidden_dim
     terms = []
 
@@ -465,11 +465,9 @@ def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
     # out = h + feed_forward(ffn_norm(h)); FeedForward: w2(silu(w1 x) * w3 x)
     n2_rg = _rmsnorm(s, "ffn_norm", h_rg, save)
     f_rg = _linear_inputs(s, "ffn_norm(h)", s.r, n2_rg, ("w1", "w3"), save)
-    if f_rg["w1"]:  # silu keeps its input; silu(w1 x) * (w3 x): the grad w.r.t. silu(.) needs w3 x
-        save("FFN: w1 x (kept by silu)", c * N * hid, f"N*{hid}*{c}")
-        save("FFN: w3 x (kept by the product)", c * N * hid, f"N*{hid}*{c}")
-    if f_rg["w3"]:  # ... and its grad w.r.t. w3 x needs silu(w1 x)
-        save("FFN: silu(w1 x) (kept by the product)", c * N * hid, f"N*{hid}*{c}")
+    if f_rg["w1"] or f_rg["w3"]:  # model.silu_mul keeps w1 x and w3 x (silu(w1 x) is recomputed in backward)
+        save("FFN: w1 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
+        save("FFN: w3 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
     n_before = len(terms)
     w2_rg = _linear_inputs(s, "FFN product p", c, f_rg["w1"] or f_rg["w3"], ("w2",), save)
     p_bytes = sum(t[1] for t in terms[n_before:])  # all released once w2 (and its LoRA) ran backward
@@ -477,9 +475,10 @@ def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
 
 
 def _head_saved(s: _Settings, x_rg: bool) -> list[tuple[str, int, str]]:
-    """Saved-for-backward terms of the final norm, the output head and the loss (x_rg: the last block's
-    output requires grad): the head's input N*d (to train the head) and cross-entropy's fp32
-    log_softmax output 4*N*V with the int64 targets 8*N."""
+    """Saved-for-backward terms of the final norm and of the loss (x_rg: the last block's output requires
+    grad). The loss is model.linear_cross_entropy: it computes its gradients in the forward and keeps only
+    them: d loss / d norm(h) (r*N*d, when norm(h) requires grad) and, when the head trains, d loss / d weight
+    in fp32 (4*V*d)."""
     N, d, V, r = s.N, s.args.dim, s.args.vocab_size, s.r
     head: list[tuple[str, int, str]] = []
 
@@ -487,15 +486,24 @@ def _head_saved(s: _Settings, x_rg: bool) -> list[tuple[str, int, str]]:
         head.append((name, int(n), formula))
 
     nf_rg = _rmsnorm(s, "norm (final)", x_rg, hsave)
-    if s.full:
-        if s.amp:
-            hsave("output: autocast copy of norm(h)", 2 * N * d, f"N*{d}*2 (kept by F.linear)")
-        else:
-            hsave("output: norm(h)", r * N * d, f"N*{d}*{r} (kept by F.linear for the weight's grad)")
     if nf_rg or s.full:
-        hsave("cross_entropy: log_softmax output (fp32)", 4 * N * V, f"N*{V}*4 (kept by log_softmax)")
-        hsave("cross_entropy: targets", 8 * N, "N*8 (int64, kept by nll_loss)")
+        hsave("loss: gradient w.r.t. norm(h)", r * N * d, f"N*{d}*{r} (kept by linear_cross_entropy)")
+    if s.full:
+        hsave("loss: gradient w.r.t. the head's weight (fp32)", 4 * V * d, f"{V}*{d}*4 (kept by linear_cross_entropy)")
     return head
+
+
+def loss_chunk_bytes(s: _Settings) -> tuple[int, str]:
+    """linear_cross_entropy's transient for one chunk of Nc positions (model.LOSS_CHUNK_ELEMENTS // V): the
+    chunk's logits c*Nc*V, their fp32 copy 4*Nc*V when c < 4 (the softmax and its gradient are made in place),
+    and, when c < 4, the gradient cast back to the weight's dtype for the matrix products c*Nc*V."""
+    from ..model import LOSS_CHUNK_ELEMENTS
+
+    V, c = s.args.vocab_size, s.c
+    nc = min(s.N, max(1, LOSS_CHUNK_ELEMENTS // V))
+    n = c * nc * V + (4 * nc * V + c * nc * V if c < 4 else 0)
+    return n, f"{nc}*{V}*{c} (one chunk of logits)" + (f" + {nc}*{V}*4 (fp32) + {nc}*{V}*{c} (gradient cast)"
+                                                      if c < 4 else "")
 
 
 def _amp_weight_copies(s: _Settings, block_in_rg: list[bool]) -> tuple[list[int], int]:
@@ -587,8 +595,8 @@ def _merged_block_terms(blocks: list, amp_blocks: list[int]) -> list[tuple[str, 
 def train_moments(s: _Settings, params: int, grads: int, opt: int, opt_temp: int, saved: _Saved,
                   notes: _Notes) -> dict[str, dict[str, int]]:
     """Live bytes by category at five moments of a training step:
-      end of forward:     activations + logits (c*N*V, + their fp32 copy 4*N*V when c < 4) + positions
-      start of backward:  activations + 2 * 4*N*V (nll_loss_backward's and log_softmax_backward's grads)
+      end of forward:     activations + one chunk of logits in linear_cross_entropy (loss_chunk_bytes) + positions
+      start of backward:  activations + the loss's gradient w.r.t. norm(h) (r*N*d; and the head's, full FT)
       backward of the last / first block (_block_backward), and the optimizer step: parameters + gradients
       + state + the optimizer's temporary. Gradients are None in forward and backward (set_to_none),
       except last step's in the forward with grads_in_forward, and all of them with grad_accum > 1."""
@@ -596,31 +604,30 @@ def train_moments(s: _Settings, params: int, grads: int, opt: int, opt_temp: int
     grads_fwd = grads if s.grad_accum > 1 else 0  # set_to_none zeroing: no .grad during forward/backward
     base = {"parameters": params, "gradients": grads_fwd, "optimizer_state": opt}
     activations = saved.total
-    # the end of the forward: log_softmax's output is allocated while the logits (and, in bf16/fp16,
-    # their fp32 .float() copy) still live
-    logits_tmp = c * N * V + (4 * N * V if c < 4 else 0) + s.positions
+    # the end of the forward: one chunk of logits inside linear_cross_entropy
+    chunk, chunk_formula = loss_chunk_bytes(s)
+    logits_tmp = chunk + s.positions
     if s.checkpointing:  # autocast's cache still holds the blocks' weight copies until autocast exits
         logits_tmp += sum(saved.amp_blocks) if s.full else 0
+    # the loss's backward: its saved gradients times the incoming scalar (new tensors; the head's becomes .grad)
+    d = s.args.dim
+    loss_bwd = s.r * N * d
     moments = {
         "cross-entropy forward (end of forward)": {**base, "gradients": grads if s.grads_in_forward else grads_fwd,
                                                    "activations": activations, "temporary": logits_tmp},
-        # the first ops of the backward: nll_loss_backward's fp32 [N, V] grad and log_softmax_backward's
-        # fp32 [N, V] grad, beside every saved tensor (the log_softmax output included)
-        "cross-entropy backward (start of backward)": {**base, "activations": activations,
-                                                       "temporary": 2 * 4 * N * V}}
+        "cross-entropy backward (start of backward)": {**base, "activations": activations, "temporary": loss_bwd,
+                                                       "gradients": grads_fwd + (V * d * s.pb if s.full else 0)}}
     for i, label in ((L - 1, "backward of the last block"), (0, "backward of the first block")):
         moments[label] = {**base, **_block_backward(s, i, saved, grads)}
     if s.quant4:
         moments["4-bit w2 of the last block (forward)"] = _dequant_forward_moment(s, base, saved, notes)
     moments["optimizer step"] = {"parameters": params, "gradients": grads, "optimizer_state": opt,
                                  "activations": 0, "temporary": opt_temp}
-    d, hid, r = s.args.dim, s.args.ffn_hidden_dim, s.r
-    notes.add("temporary at the end of the forward", logits_tmp, f"N*{V}*{c} (logits)"
-              + (f" + N*{V}*4 (their fp32 .float() copy)" if c < 4 else "") + " + positions")
-    notes.add("temporary at the start of the backward", 2 * 4 * N * V,
-              f"2 * N*{V}*4 (nll_loss_backward's and log_softmax_backward's fp32 gradients)")
+    hid, r = s.args.ffn_hidden_dim, s.r
+    notes.add("temporary at the end of the forward", logits_tmp, chunk_formula + " + positions")
+    notes.add("temporary at the start of the backward", loss_bwd, f"N*{d}*{s.r} (the loss's gradient w.r.t. norm(h))")
     notes.add("temporary in a block's backward", moments["backward of the first block"]["temporary"],
-              f"N*{d}*{r} (incoming grad) + 3*N*{hid}*{c} (grad_p, grad of silu(w1 x), grad of w3 x)"
+              f"N*{d}*{r} (incoming grad) + 4*N*{hid}*{c} (grad_p, grad of w1 x, silu(w1 x) recomputed, grad of w3 x)"
               + (" + the largest new gradient (accumulated in place)" if s.grad_accum > 1 else ""))
     return moments
 
@@ -647,7 +654,7 @@ def _block_backward(s: _Settings, i: int, saved: _Saved, grads: int) -> dict[str
     last and the first block bound every block). The head's saved tensors are gone; activations of blocks
     <= i remain (with checkpointing: their inputs, plus block i recomputed), less p and w2's autocast copy,
     freed by then. Temporary, at the FFN product's backward: the incoming grad r*N*d and grad_p,
-    grad_silu, grad_w3x (3*c*N*hid); a 4-bit w2's backward dequantises it (_dequant_bytes) beside the incoming
+    grad_w1x, silu(w1 x) recomputed, grad_w3x (4*c*N*hid); a 4-bit w2's backward dequantises it (_dequant_bytes) beside the incoming
     grad and the grad of w2's output (c*N*d)."""
     N, d, hid, r, c = s.N, s.args.dim, s.args.ffn_hidden_dim, s.r, s.c
     terms, p_i, _ = saved.blocks[i]
@@ -658,7 +665,7 @@ def _block_backward(s: _Settings, i: int, saved: _Saved, grads: int) -> dict[str
         act = sum(saved.per_block[: i + 1]) + sum(saved.amp_blocks[: i + 1])
     amp_w2 = 2 * d * hid if (s.amp and saved.amp_blocks[0]) else 0
     act += s.cos_sin - p_i - amp_w2
-    tmp = r * N * d + 3 * c * N * hid
+    tmp = r * N * d + 4 * c * N * hid  # silu_mul's backward: grad_p, grad_w1x, silu(w1 x) recomputed, grad_w3x
     if s.quant4:  # w2's backward runs on a dequantised copy of its weight beside the incoming grad
         tmp = max(tmp, r * N * d + c * N * d + _dequant_bytes(s, d * hid))
     g, g_tmp = _gradients_in_backward(s, i, grads)
@@ -756,15 +763,17 @@ def _attention_live(s: _Settings, notes: _Notes) -> dict[str, int]:
 
 
 def _logits_live(s: _Settings, notes: _Notes) -> int:
-    """Logits: r*N*d (norm(h)) + c*N*V (+ 2*N*d, autocast's copy of norm(h)); eval adds the loss: the fp32
-    copy of the logits (4*N*V when c < 4), log_softmax 4*N*V and the int64 targets 8*N."""
+    """Logits: r*N*d (norm(h)) + c*N*V (+ 2*N*d, autocast's copy of norm(h)); eval computes the loss instead
+    (linear_cross_entropy): norm(h) and one chunk of logits (loss_chunk_bytes), never all of them."""
     a = s.args
     N, d, V, r, c = s.N, a.dim, a.vocab_size, s.r, s.c
-    logits = r * N * d + c * N * V + (2 * N * d if s.amp else 0)  # + autocast's copy of norm(h)
     if s.mode == "eval":
-        logits += (4 * N * V if c < 4 else 0) + 4 * N * V + 8 * N
-    notes.add("temporary: logits moment", logits, f"N*{d}*{r} (norm(h)) + N*{V}*{c} (logits)"
-              + (" + fp32 copy and log_softmax (eval)" if s.mode == "eval" else ""))
+        chunk, formula = loss_chunk_bytes(s)
+        logits = r * N * d + chunk + (2 * N * d if s.amp else 0)
+        notes.add("temporary: loss moment", logits, f"N*{d}*{r} (norm(h)) + {formula}")
+    else:
+        logits = r * N * d + c * N * V + (2 * N * d if s.amp else 0)  # + autocast's copy of norm(h)
+        notes.add("temporary: logits moment", logits, f"N*{d}*{r} (norm(h)) + N*{V}*{c} (logits)")
     return logits + _autocast_cache(s, a.n_layers * s.per_layer_linear + V * d)
 
 

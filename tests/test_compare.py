@@ -1,0 +1,173 @@
+"""`minillama bench --compare hf`, the GPU lab script, and the loss that never holds the whole logits."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillama.cli.main import main
+from minillama.config import get_preset
+from minillama.measuring import compare
+from minillama.measuring.compare import ROWS, Settings, compare_row, run_compare
+from minillama.measuring.measure import model_flops_per_token
+from minillama.model import linear_cross_entropy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk", [None, 3, 7])
+def test_linear_cross_entropy_equals_f_cross_entropy(reduction, chunk):
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2 * 9, 16, generator=gen, requires_grad=True)
+    w = (0.5 * torch.randn(50, 16, generator=gen)).requires_grad_()
+    t = torch.randint(0, 50, (18,), generator=gen)
+    t[[0, 5, 6, 17]] = -100
+    ref = F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-100, reduction=reduction)
+    ref_gh, ref_gw = torch.autograd.grad(3 * ref, (h, w))
+    got = linear_cross_entropy(h, w, t, reduction, chunk)
+    gh, gw = torch.autograd.grad(3 * got, (h, w))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_frozen_head_and_no_grad():
+    gen = torch.Generator().manual_seed(1)
+    h, w = torch.randn(8, 16, generator=gen, requires_grad=True), torch.randn(40, 16, generator=gen)
+    t = torch.randint(0, 40, (8,), generator=gen)
+    ref = F.cross_entropy(F.linear(h, w), t)
+    torch.testing.assert_close(torch.autograd.grad(linear_cross_entropy(h, w, t), h)[0],
+                               torch.autograd.grad(ref, h)[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk=3), ref.detach(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        linear_cross_entropy(h, w, t, "none")
+
+
+def test_model_flops_formula_llama2_7b():
+    args = get_preset("llama2-7b")
+    n = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 32000 * 4096  # the matrix-product parameters
+    attention = 32 * 4 * 512 * 4096
+    assert model_flops_per_token(args, 512, "full") == 6 * n + 3 * attention
+    assert model_flops_per_token(args, 512, "lora") == 4 * n + 3 * attention
+    assert model_flops_per_token(args, 512, "inference") == 2 * n + attention
+
+
+SMALL = dict(batch=1, seq_len=16, long_seq_len=24, new_tokens=4, repeats=1, warmup=0)
+FIELDS = ["tokens_per_s_ratio", "peak_memory_ratio", "minillama_loss", "hf_loss", "losses_agree",
+          "model_flops_per_step", "predicted_peak_memory_bytes", "device_name", "dtype"]
+PER_IMPL = ["tokens_per_s", "step_time_s", "peak_memory_bytes", "memory_by_category", "flops_per_step", "mfu",
+            "cuda_peak_bytes", "loss"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_compare_tiny_grid_every_field_and_losses_agree(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    names = ["lora-qv", "lora-all-ckpt", "full", "inference", "lora-qv-long"]
+    rows = run_compare(Settings.defaults("tiny", "cpu", **SMALL), names, out_dir=tmp_path, progress=lambda s: None)
+    assert [r["name"] for r in rows] == [n for n in ROWS if n in names]  # in ROWS' order
+    rows = {r["name"]: r for r in rows}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        for key in FIELDS + [f"{impl}_{k}" for impl in ("minillama", "hf") for k in PER_IMPL]:
+            assert key in r, (r["name"], key)
+        assert r["losses_agree"], (r["name"], r["minillama_loss"], r["hf_loss"])
+        assert abs(r["minillama_loss"] / r["hf_loss"] - 1) < 1e-4
+        assert r["minillama_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
+        assert sum(r["minillama_memory_by_category"].values()) == r["minillama_peak_memory_bytes"]
+        assert r["minillama_flops_per_step"] > 0 and r["hf_flops_per_step"] > 0
+    inference = rows["inference"]
+    assert inference["prefill_tokens_per_s_ratio"] > 0 and inference["generated_tokens_agree"] == 1.0
+    assert rows["lora-qv-long"]["seq_len"] == 24 and rows["lora-qv-long"]["batch"] == 1
+    assert rows["full"]["trainable_params"] == rows["full"]["params"]  # full fine-tuning
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert {r["name"] for r in doc["rows"]} == set(names) and doc["settings"]["seq_len"] == 16
+    for f in ("results.csv", "table.md", "speed.png", "memory.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert "minillama_activations_bytes" in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
+def test_missing_package_skips_only_its_rows(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    s = Settings.defaults("tiny", "cpu", **SMALL)
+    row = compare_row(ROWS["lora-qv"], s)
+    assert "needs peft, which is not installed" in row["skipped"] and "tokens_per_s_ratio" not in row
+    assert "peft" not in ROWS["full"].needs and "peft" not in ROWS["inference"].needs
+
+
+def test_out_of_memory_row_is_recorded_and_the_next_runs(monkeypatch):
+    def fake_run_row(row, s):
+        if row.name == "lora-qv":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return {"tokens_per_s_ratio": 1.0}
+
+    monkeypatch.setattr(compare, "run_row", fake_run_row)
+    rows = run_compare(Settings.defaults("tiny", "cpu", **SMALL), "lora-qv,full", progress=lambda s: None)
+    assert rows[0]["error"].startswith("out of memory: CUDA out of memory")
+    assert rows[0]["predicted_peak_memory_bytes"] > 0
+    assert rows[1]["status"] == "ok"
+
+
+def test_other_errors_are_not_swallowed(monkeypatch):
+    monkeypatch.setattr(compare, "run_row", lambda row, s: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        compare_row(ROWS["full"], Settings())
+
+
+def test_cli_compare_bad_input(tmp_path, capsys):
+    assert main(["bench", "--compare", "hf", "--rows", "lora-qv,nope", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown row(s) ['nope']" in capsys.readouterr().err
+    assert main(["bench", "--compare", "hf", "--model", "x", "--out", str(tmp_path / "b")]) == 2
+    assert main(["bench", "--compare", "hf", "--batch", "0", "--out", str(tmp_path / "c")]) == 2
+    assert "--batch 0 is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_cli_compare_one_row(tmp_path, capsys):
+    pytest.importorskip("peft")
+    out = tmp_path / "cmp"
+    assert main(["bench", "--compare", "hf", "--preset", "tiny", "--device", "cpu", "--rows", "lora-qv",
+                 "--batch", "1", "--seq-len", "16", "--repeats", "1", "--out", str(out)]) == 0
+    assert "| lora-qv |" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["rows"][0]["losses_agree"]
+
+
+def test_gpu_lab_skips_what_does_not_fit_in_the_budget(tmp_path):
+    out = tmp_path / "lab"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_lab.py"), "--out", str(out),
+                           "--device", "cpu", "--preset", "tiny", "--budget-s", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in doc["rows"]] == list(ROWS)
+    for r in doc["rows"]:
+        assert "would not fit in the time left" in r["skipped"] and r["predicted_peak_memory_bytes"] > 0
+    assert doc["environment"]["torch"] == torch.__version__
+    assert "date_utc" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_equals_silu_times(dtype):
+    from minillama.model import silu_mul
+
+    gen = torch.Generator().manual_seed(2)
+    a = (3 * torch.randn(6, 10, generator=gen)).to(dtype).requires_grad_()
+    b = torch.randn(6, 10, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(6, 10, generator=gen).to(dtype)
+    ref = F.silu(a) * b
+    ref_grads = torch.autograd.grad(ref, (a, b), g)
+    got = silu_mul(a, b)
+    grads = torch.autograd.grad(got, (a, b), g)
+    tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, ref, **tol)
+    for x, y in zip(grads, ref_grads):
+        torch.testing.assert_close(x, y, **tol)
