@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..course.paths import corpora_dir, tiny_model_dir
+from ..progress import progress_bar, set_progress
 
 
 def _device(name: str) -> str:
@@ -124,14 +125,29 @@ def cmd_demo(args) -> int:
         model.set_max_seq_len(a.max_seq_len)
         print(f"\nperplexity of held-out stories by context length (the same first 512 tokens of "
               f"{rows[0]['docs']} long stories):")
-        print(" context | perplexity")
-        for r in rows:
-            note = f"  (beyond the trained {a.max_seq_len}: no RoPE scaling)" if r["context"] > a.max_seq_len else ""
-            print(f"{r['context']:>8} | {r['ppl']:10.3f}{note}")
+        print("\n".join(ppl_table(rows, a.max_seq_len)))
         pk = passkey_accuracy(model, tok, context=a.max_seq_len, trials=20)
         print(f"passkey retrieval at {a.max_seq_len} tokens: {pk['accuracy']:.2f} over {pk['trials']} trials")
     print("\ndemo: OK")
     return 0
+
+
+def aligned_table(header: list[str], rows: list[list[str]], notes: Optional[list[str]] = None) -> list[str]:
+    """Lines of a plain-text table: cells right-aligned under their header, columns joined by " | ";
+    notes[i] (if any) is appended to row i."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths))]
+    for i, r in enumerate(rows):
+        lines.append(" | ".join(c.rjust(w) for c, w in zip(r, widths)) + (notes[i] if notes else ""))
+    return lines
+
+
+def ppl_table(rows: list[dict], trained: int, nll: bool = False) -> list[str]:
+    """The perplexity rows of `eval ppl` and `demo` (one per context), contexts beyond `trained` marked."""
+    header = ["context", "perplexity"] + (["nll/token"] if nll else [])
+    cells = [[str(r["context"]), f"{r['ppl']:.3f}"] + ([f"{r['nll']:.4f}"] if nll else []) for r in rows]
+    notes = [f"  (beyond the trained {trained}: no RoPE scaling)" if r["context"] > trained else "" for r in rows]
+    return aligned_table(header, cells, notes)
 
 
 def _contexts(text: str) -> list[int]:
@@ -172,22 +188,20 @@ def cmd_eval(args) -> int:
             data = Path(args.corpora or corpora_dir()) / EVAL_CORPORA[args.data]
         docs = [tok.encode(t) for t in read_jsonl_texts(data)][: args.max_docs]
         scored = args.scored_tokens or max(contexts)
-        for c in contexts:
-            r = perplexity(model, docs, c, scored_tokens=scored)
+        for c in progress_bar(contexts, desc="eval ppl", unit="context"):
+            r = perplexity(model, docs, c, scored_tokens=scored, progress=True)
             r["beyond_trained_context"] = c > trained
             rows.append(r)
-        header = f"perplexity of {data} ({rows[0]['docs']} docs, {rows[0]['tokens']} scored tokens), trained context {trained}"
-        lines = [f"{r['context']:>8} | {r['ppl']:10.3f} | {r['nll']:.4f}" + ("  (beyond trained context)"
-                 if r["beyond_trained_context"] else "") for r in rows]
-        table = [header, " context | perplexity | nll/token"] + lines
+        table = [f"perplexity of {data} ({rows[0]['docs']} docs, {rows[0]['tokens']} scored tokens), "
+                 f"trained context {trained}"] + ppl_table(rows, trained, nll=True)
     else:
-        for c in contexts:
-            rows.append(passkey_accuracy(model, tok, context=c, trials=args.trials, seed=args.seed))
-        table = [f"passkey retrieval, {args.trials} trials per context, trained context {trained}",
-                 " context | prompt tokens | " + " | ".join(f"depth {d}" for d in rows[0]["per_depth"]) + " | overall"]
-        for r in rows:
-            table.append(f"{r['context']:>8} | {r['prompt_tokens']:>13} | "
-                         + " | ".join(f"{a:7.2f}" for a in r["per_depth"].values()) + f" | {r['accuracy']:.2f}")
+        for c in progress_bar(contexts, desc="eval passkey", unit="context"):
+            rows.append(passkey_accuracy(model, tok, context=c, trials=args.trials, seed=args.seed, progress=True))
+        table = [f"passkey retrieval, {args.trials} trials per context, trained context {trained}"]
+        table += aligned_table(["context", "prompt tokens", *(f"depth {d}" for d in rows[0]["per_depth"]), "overall"],
+                               [[str(r["context"]), str(r["prompt_tokens"]),
+                                 *(f"{a:.2f}" for a in r["per_depth"].values()), f"{r['accuracy']:.2f}"]
+                                for r in rows])
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -454,6 +468,8 @@ def _add_course(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minillama", description="minillama: LLaMA-2 from scratch, fine-tuned on one GPU.")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they go to stderr, and only when it is a terminal)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="print the environment (paste it into bug reports)").set_defaults(func=cmd_doctor)
     _add_generate(sub)
@@ -480,6 +496,7 @@ def _missing_folders(path: Optional[str]) -> list[Path]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    set_progress(not args.no_progress)
     new_folders = _missing_folders(getattr(args, "out", None))
     try:
         return args.func(args)
