@@ -36,12 +36,6 @@ def test_doctor_reads_bf16_support_from_cpu_flags(text, expected):
     assert cpu_bf16_support(text).startswith(expected)
 
 
-def test_doctor_prints_the_cpu_bf16_row(capsys):
-    assert main(["doctor"]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"^bf16 autocast \(CPU\)\s+(native|emulated, slow|unknown)", out, re.M), out
-
-
 def test_bitsandbytes_kernels_warning_is_hidden_and_counted():
     logger = logging.getLogger(BNB_KERNELS_LOGGER)
     seen = io.StringIO()
@@ -67,7 +61,7 @@ def _columns(line: str) -> list[int]:
 
 @needs_tiny
 def test_eval_tables_line_up_with_their_header(capsys):
-    assert main(["--no-progress", "eval", "passkey", "--context", "128,256", "--trials", "5", "--device", "cpu"]) == 0
+    assert main(["--no-progress", "eval", "passkey", "--context", "128,160", "--trials", "5", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     assert lines[0].split("|")[0].strip() == "context" and len(lines) == 3
     assert all(_columns(line) == _columns(lines[0]) for line in lines), "\n".join(lines)
