@@ -85,7 +85,8 @@ def test_train_log_and_bar_name_what_they_count(tmp_path, capsys):
     assert rec["target_tokens"] < rec["tokens"]
     assert rec["tokens_per_s"] > rec["target_tokens_per_s"] > 0
     text = progress_text(rec)
-    assert "tok/s processed" in text and "target tok/s" in text and re.search(r"peak mem [\d,]+ MiB", text)
+    assert f"{rec['tokens_per_s']:,.0f} tok/s ({rec['target_tokens_per_s']:,.0f} target)" in text
+    assert re.search(r"peak [\d,]+ MiB", text)
     assert f"val_loss {rec['val_loss']:.3f}" in text
 
 

@@ -593,9 +593,10 @@ def val_key(name: str) -> str:
 
 
 def progress_text(rec: dict) -> str:
-    """The progress bar's summary of one log record, every number with its unit."""
-    text = (f"loss {rec['loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s processed, "
-            f"{rec['target_tokens_per_s']:,.0f} target tok/s | peak mem {rec['mem_mib']:,.0f} MiB")
+    """The progress bar's summary of one log record, every number with its unit: processed tokens per second
+    (padding included) and, in brackets, those of them with a label (the loss's own tokens)."""
+    text = (f"loss {rec['loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s ({rec['target_tokens_per_s']:,.0f} "
+            f"target) | peak {rec['mem_mib']:,.0f} MiB")
     return text + "".join(f" | {k} {v:.3f}" for k, v in rec.items() if k.startswith("val_loss"))
 
 
