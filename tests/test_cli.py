@@ -1,5 +1,6 @@
 """The command line as a user drives it."""
 
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ def test_doctor_reports_the_environment(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert torch.__version__ in out and "cuda available" in out and "bitsandbytes" in out
+    assert re.search(r"^bf16 autocast \(CPU\)\s+(native|emulated, slow|unknown)", out, re.M), out
 
 
 def test_demo_runs(capsys):

@@ -63,7 +63,7 @@ def test_a_few_steps_reduce_loss(small_data, tmp_path):
     model = small_model(tok.vocab_size)
     cfg = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=30, save_every=30)
     log = train(model, (x, y), {"train": (x, y)}, cfg, tmp_path, tokenizer=tok, progress=False)
-    assert log[-1]["val_train"] < 0.7 * log[0]["loss"]
+    assert log[-1]["val_loss_train"] < 0.7 * log[0]["loss"]
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 31))
     assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(lines[0])

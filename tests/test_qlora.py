@@ -16,7 +16,7 @@ from minillama.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY, CORPORA = REPO / "data" / "tiny", REPO / "data" / "corpora"
-TIMING = ("tokens_per_s", "mem_mib")
+TIMING = ("tokens_per_s", "target_tokens_per_s", "mem_mib")
 pytestmark = pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="the shipped tiny model is missing")
 
 

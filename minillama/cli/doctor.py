@@ -3,11 +3,77 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import platform
 import sys
+from typing import Optional
 
 import torch
+
+# bitsandbytes (0.49+) logs this when it is imported on a CPU with AVX512-BF16: it tries to fetch an optional
+# faster 4-bit matmul from the Hugging Face Hub through the `kernels` package, which the course does not install.
+BNB_KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS_NOTE = ("its optional faster CPU 4-bit matmul (the `kernels` package, fetched from the Hugging Face "
+                    "Hub) is not installed, so bitsandbytes uses its built-in CPU code: harmless, the course "
+                    "does not need it")
+
+
+class _KernelsWarningFilter(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" record, and counts it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels" in record.getMessage():
+            self.seen += 1
+            return False
+        return True
+
+
+def silence_bitsandbytes_kernels_warning() -> _KernelsWarningFilter:
+    """Hide bitsandbytes' `kernels` warning (call before bitsandbytes, or peft, is imported); returns the
+    filter, whose `.seen` counts the warnings it hid. Installed once per process."""
+    logger = logging.getLogger(BNB_KERNELS_LOGGER)
+    found = [f for f in logger.filters if isinstance(f, _KernelsWarningFilter)]
+    if found:
+        return found[0]
+    flt = _KernelsWarningFilter()
+    logger.addFilter(flt)
+    return flt
+
+
+def read_cpuinfo() -> Optional[str]:
+    """The text of /proc/cpuinfo, or None where there is none (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpu_bf16_support(cpuinfo: Optional[str]) -> str:
+    """How bf16 autocast runs on this CPU, from the text of /proc/cpuinfo (None: unknown).
+
+    x86: native with the avx512_bf16 (AVX512-BF16) or amx_bf16 (AMX) instruction flags, else emulated
+    (bf16 numbers converted to fp32 and back around every operation: slower than fp32). Arm (aarch64):
+    native with the bf16 feature (Armv8.6, e.g. Neoverse V1).
+    """
+    if cpuinfo is None:
+        return "unknown (no /proc/cpuinfo to read the CPU's flags from; Apple silicon and Windows: not detected)"
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 and Arm spell the list differently
+            flags.update(value.split())
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or (["bf16"] if "bf16" in flags else [])
+    if native:
+        return f"native ({', '.join(native)}): bf16 autocast is fast on this CPU"
+    if not flags:
+        return "unknown (no CPU flags found in /proc/cpuinfo)"
+    return "emulated, slow (no avx512_bf16 or amx_bf16 flag): on this CPU fp32 is faster than bf16 autocast"
 
 
 def _version(module: str) -> str:
@@ -44,13 +110,17 @@ def report() -> list[tuple[str, str]]:
             rows.append((f"cuda:{i}", f"{p.name}, {p.total_memory / 1024**3:.1f} GiB, compute capability "
                                       f"{p.major}.{p.minor}"))
         rows.append(("cuda version", str(torch.version.cuda)))
-        rows.append(("bf16 supported", str(torch.cuda.is_bf16_supported())))
+        rows.append(("bf16 supported (GPU)", str(torch.cuda.is_bf16_supported())))
     else:
         mps = getattr(torch.backends, "mps", None)
         rows.append(("mps available", str(bool(mps and mps.is_available()))))
-        rows.append(("bf16 supported", "on CPU: yes (emulated, slow)"))
+    rows.append(("bf16 autocast (CPU)", cpu_bf16_support(read_cpuinfo())))
+    kernels = silence_bitsandbytes_kernels_warning()
+    seen = kernels.seen
     for mod in ("numpy", "sentencepiece", "safetensors", "bitsandbytes", "transformers", "peft"):
         rows.append((mod, _version(mod)))
+        if mod == "bitsandbytes" and kernels.seen > seen:
+            rows.append(("bitsandbytes note", BNB_KERNELS_NOTE))
     rows.append(("jupyter kernels", _jupyter_kernels()))
     return rows
 

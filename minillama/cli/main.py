@@ -12,6 +12,7 @@ import torch
 
 from ..course.paths import corpora_dir, tiny_model_dir
 from .plan import add_plan_parser
+from ..progress import progress_bar, set_progress
 
 
 def _device(name: str) -> str:
@@ -125,14 +126,29 @@ def cmd_demo(args) -> int:
         model.set_max_seq_len(a.max_seq_len)
         print(f"\nperplexity of held-out stories by context length (the same first 512 tokens of "
               f"{rows[0]['docs']} long stories):")
-        print(" context | perplexity")
-        for r in rows:
-            note = f"  (beyond the trained {a.max_seq_len}: no RoPE scaling)" if r["context"] > a.max_seq_len else ""
-            print(f"{r['context']:>8} | {r['ppl']:10.3f}{note}")
+        print("\n".join(ppl_table(rows, a.max_seq_len)))
         pk = passkey_accuracy(model, tok, context=a.max_seq_len, trials=20)
         print(f"passkey retrieval at {a.max_seq_len} tokens: {pk['accuracy']:.2f} over {pk['trials']} trials")
     print("\ndemo: OK")
     return 0
+
+
+def aligned_table(header: list[str], rows: list[list[str]], notes: Optional[list[str]] = None) -> list[str]:
+    """Lines of a plain-text table: cells right-aligned under their header, columns joined by " | ";
+    notes[i] (if any) is appended to row i."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(header, widths))]
+    for i, r in enumerate(rows):
+        lines.append(" | ".join(c.rjust(w) for c, w in zip(r, widths)) + (notes[i] if notes else ""))
+    return lines
+
+
+def ppl_table(rows: list[dict], trained: int, nll: bool = False) -> list[str]:
+    """The perplexity rows of `eval ppl` and `demo` (one per context), contexts beyond `trained` marked."""
+    header = ["context", "perplexity"] + (["nll/token"] if nll else [])
+    cells = [[str(r["context"]), f"{r['ppl']:.3f}"] + ([f"{r['nll']:.4f}"] if nll else []) for r in rows]
+    notes = [f"  (beyond the trained {trained}: no RoPE scaling)" if r["context"] > trained else "" for r in rows]
+    return aligned_table(header, cells, notes)
 
 
 def _contexts(text: str) -> list[int]:
@@ -662,6 +678,8 @@ def _add_course(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minillama", description="minillama: LLaMA-2 from scratch, fine-tuned on one GPU.")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they go to stderr, and only when it is a terminal)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="print the environment (paste it into bug reports)").set_defaults(func=cmd_doctor)
     _add_generate(sub)
@@ -689,6 +707,7 @@ def _missing_folders(path: Optional[str]) -> list[Path]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    set_progress(not args.no_progress)
     new_folders = _missing_folders(getattr(args, "out", None))
     try:
         return args.func(args)

@@ -47,6 +47,7 @@ import torch
 
 from ..checkpoints import load_model
 from ..files import atomic_write_text
+from ..progress import progress_bar
 from .corpora import REPHRASED_TEMPLATES, TRAINED_TEMPLATES, facts_training_text
 from ..training.data import pack_documents, read_jsonl_texts
 from ..evaluation.evaluate import passkey_accuracy
@@ -237,9 +238,10 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
                    ranks: Sequence[int] = (8, 64), epochs: Sequence[int] = (10, 100),
                    lrs: Sequence[float] = (1e-4, 1e-3), stack: bool = True, stack_rank: int = 64,
                    stack_epochs: int = 100, n_facts: Optional[int] = None, n_stories: int = 4,
-                   passkey_trials: int = 20, targets=("wq", "wv"), seed: int = 0, log=print) -> dict:
+                   passkey_trials: int = 20, targets=("wq", "wv"), seed: int = 0, log=print,
+                   progress: bool = True) -> dict:
     """Run the sweep (rank x epochs x lr, one ten-fact adapter each) and the stacking comparison.
-
+    progress: a bar over the training runs on stderr (only where stderr is a terminal).
     Paths default to the shipped tiny model, facts.json and stories_val.jsonl.
     Returns {"meta", "base", "rows"}; every row has the keys of ROW_KEYS.
     """
@@ -277,6 +279,8 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
             f"{info['final_loss']:.3f}; {_fmt_metrics(after)}")
         return out
 
+    runs = len(lrs) * (len(ranks) * len(epochs) + bool(stack))  # a stacking run trains ten one-fact adapters
+    bar = progress_bar(desc="knowledge sweep", total=runs, unit="run", progress=progress)
     with tempfile.TemporaryDirectory(prefix="minillama-knowledge-") as tmp:
         for lr in lrs:
             for r in ranks:
@@ -290,12 +294,15 @@ def run_experiment(model_path=None, facts_path=None, stories_path=None, *,
                     with use_adapter(model, "facts"):
                         after = evaluate(model, facts)
                     row("single", r, ep, lr, info, after, params)
+                    bar.update()
             if not stack:
                 continue
             torch.manual_seed(seed)
             for kind, info, after, params in _stacking(fresh(), tok, facts, evaluate, stack_rank, stack_epochs, lr,
                                                        targets, Path(tmp), seed):
                 row(kind, stack_rank, stack_epochs, lr, info, after, params)
+            bar.update()
+    bar.close()
 
     meta = {"model": str(model_path), "facts": len(facts), "qa_prompts": len(recall_items(facts)["qa"]),
             "controls": len(controls), "stories": len(stories),
@@ -370,13 +377,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--passkey-trials", type=int, default=20)
     p.add_argument("--targets", default="wq,wv", help='comma-separated linears, or "all"')
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr, only on a terminal)")
     a = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     targets = "all" if a.targets == "all" else tuple(t for t in a.targets.split(",") if t)
     results = run_experiment(a.model, a.facts, a.stories, ranks=ints(a.ranks), epochs=ints(a.epochs),
                              lrs=[float(v) for v in a.lrs.split(",") if v], stack=not a.no_stack,
                              stack_rank=a.stack_rank, stack_epochs=a.stack_epochs, n_facts=a.n_facts,
-                             passkey_trials=a.passkey_trials, targets=targets, seed=a.seed)
+                             passkey_trials=a.passkey_trials, targets=targets, seed=a.seed,
+                             progress=not a.no_progress)
     out = Path(a.out)
     table = format_table(results)
     for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("table.md", table)):

@@ -180,12 +180,13 @@ def build_tiny(out_dir="data/tiny", corpora_dir="data/corpora", *, steps: int = 
     model.eval()
     save_model(model, out_dir, tokenizer=tok)
 
-    val_loss = {k: evaluate_loss(model, vx, vy, 32) for k, (vx, vy) in val.items()}
+    val_loss = {k: evaluate_loss(model, vx, vy, 32, progress=progress, desc=f"evaluate {k}")
+                for k, (vx, vy) in val.items()}
     story_docs = [tok.encode(t) for t in read_jsonl_texts(corpora_dir / "stories_val.jsonl")]
     model.set_max_seq_len(1024)  # evaluate beyond the trained 256 without RoPE scaling
-    ppl = [perplexity(model, story_docs, c, scored_tokens=1024) for c in (64, 128, 256, 512, 1024)]
+    ppl = [perplexity(model, story_docs, c, scored_tokens=1024, progress=progress) for c in (64, 128, 256, 512, 1024)]
     model.set_max_seq_len(args.max_seq_len)
-    pk = passkey_accuracy(model, tok, context=args.max_seq_len, trials=100)
+    pk = passkey_accuracy(model, tok, context=args.max_seq_len, trials=100, progress=progress)
     prompts = ["Once upon a time, there was a girl called Lily.", "One day, Tom went for a walk to the"]
     samples = [(p, tok.decode(tok.encode(p, bos=False) + generate(model, tok.encode(p), 60)[0])) for p in prompts]
 

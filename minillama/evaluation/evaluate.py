@@ -21,6 +21,7 @@ from ..course.corpora import make_passkey
 from ..generate import generate
 from ..measuring.memory import estimate_memory, kv_cache_bytes
 from ..model import Transformer
+from ..progress import progress_bar
 
 GiB = 1024**3
 
@@ -65,11 +66,11 @@ def check_fits(model: Transformer, batch: int, seqlen: int, what: str, *, mode: 
 
 @torch.no_grad()
 def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, scored_tokens: int,
-               batch_size: Optional[int] = None) -> dict:
+               batch_size: Optional[int] = None, progress: bool = False) -> dict:
     """Chunked perplexity of `docs` (token lists that start with BOS) with windows of `context` tokens.
 
     Only documents with more than `scored_tokens` tokens are used, each cut to scored_tokens + 1 tokens,
-    so every context length scores exactly the same tokens.
+    so every context length scores exactly the same tokens. progress=True: a bar over the windows (stderr).
     """
     if context <= 0 or context > model.args.max_seq_len:
         raise ValueError(f"context={context} is invalid: expected 1 .. max_seq_len={model.args.max_seq_len}.")
@@ -91,6 +92,8 @@ def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, 
             windows.setdefault(len(w), []).append(w)
     nll, count = 0.0, 0
     model.eval()
+    bar = progress_bar(desc=f"perplexity @ {context}", total=sum(map(len, windows.values())), unit="window",
+                       progress=progress, leave=False)
     for rows in windows.values():
         for i in range(0, len(rows), batch_size):
             t = torch.tensor(rows[i:i + batch_size], device=device)
@@ -98,6 +101,8 @@ def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, 
             nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(),
                                                            reduction="sum"))
             count += t[:, 1:].numel()
+            bar.update(t.shape[0])
+    bar.close()
     mean = nll / count
     return {"context": context, "nll": mean, "ppl": math.exp(mean), "tokens": count, "docs": len(docs)}
 
@@ -119,8 +124,9 @@ def passkey_prompt_filler(tokenizer, context: int, answer_tokens: int = 8) -> in
 
 @torch.no_grad()
 def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, seed: int = 1234,
-                     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), batch_size: int = 25) -> dict:
-    """Share of trials where greedy decoding reproduces the key, per depth and overall.
+                     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), batch_size: int = 25,
+                     progress: bool = False) -> dict:
+    """Share of trials where greedy decoding reproduces the key, per depth and overall (progress: a bar).
 
     Trial i hides a key at depth depths[i % len(depths)]. Score the prompts in batches of batch_size with
     generate(model, prompts, max_new_tokens=8) (greedy); a trial is correct when the decoded answer, with
@@ -139,7 +145,8 @@ def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, s
     prompts = [tokenizer.encode(it["prompt"], bos=True) for it in items]
     # BEGIN SOLUTION a5
     correct = []
-    for i in range(0, trials, batch_size):
+    for i in progress_bar(range(0, trials, batch_size), desc=f"passkey @ {context}", progress=progress, leave=False,
+                          unit="batch"):
         outs = generate(model, prompts[i:i + batch_size], max_new_tokens=8)
         for it, out in zip(items[i:i + batch_size], outs):
             correct.append(tokenizer.decode(out).strip().startswith(it["answer"]))

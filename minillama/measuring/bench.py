@@ -253,10 +253,10 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
 def run_grid(make_model: Callable[[], torch.nn.Module], grid: str, *, preset: str, out_dir=None,
              warmup: int = 1, repeats: int = 3, progress: bool = True) -> list[dict]:
     """Run every configuration of a grid in this process; a row that runs out of memory is recorded as such."""
-    rows = []
-    configs = grid_configs(grid)
-    name_width = max(len(config_name(c)) for c in configs)  # so the rows printed one by one line up
-    for cfg in configs:
+    rows, configs = [], grid_configs(grid)
+    if progress:
+        print(f"grid {grid!r}: {len(configs)} rows, each printed as it is measured (MiB = 1024**2 bytes)", flush=True)
+    for i, cfg in enumerate(configs, 1):
         try:
             row = run_config(make_model, cfg, preset=preset, warmup=warmup, repeats=repeats)
         except torch.OutOfMemoryError as e:
@@ -269,10 +269,16 @@ def run_grid(make_model: Callable[[], torch.nn.Module], grid: str, *, preset: st
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             atomic_write_text(Path(out_dir) / "results.json", json.dumps(rows, indent=2, default=str))
         if progress:
-            print(format_table([row], "text", header=len(rows) == 1, name_width=name_width))
+            print(f"row {i}/{len(configs)}: {row_line(row)}", flush=True)
     if out_dir is not None:
         write_results(rows, out_dir)
     return rows
+
+
+def row_line(row: dict) -> str:
+    """One measured row on one line, each value after its column's name (the table's columns, empty ones left out)."""
+    cells = [(h, f(row)) for h, f in COLUMNS]
+    return cells[0][1] + ": " + ", ".join(f"{h} {v}" for h, v in cells[1:] if v)
 
 
 # ---- tables and plots --------------------------------------------------------------------------

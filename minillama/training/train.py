@@ -48,11 +48,11 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..checkpoints import load_model, save_model
 from ..checkpoints.weights import args_to_hf_config
 from ..files import atomic_directory, atomic_write_text, open_nofollow, run_lock
+from ..progress import progress_bar
 from . import distributed
 from .data import IGNORE_INDEX, as_dataset, batches
 from ..model import Transformer
@@ -247,6 +247,11 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimize
     return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
+CPU_FP16_WARNING = ("fp16 autocast on the CPU runs, but most CPUs have no fp16 matrix units, so it is many times "
+                    "slower than fp32: on the CPU use --amp bf16 (fast where `minillama doctor` says bf16 is "
+                    "native) or --amp off; fp16 with a GradScaler is meant for CUDA GPUs.")
+
+
 def resolve_amp(amp: str, device: torch.device, *, strict: bool = False) -> str:
     """The autocast mode to use on `device`: `amp`, or "off" (with a warning) where the device lacks it.
 
@@ -260,6 +265,8 @@ def resolve_amp(amp: str, device: torch.device, *, strict: bool = False) -> str:
     elif amp == "fp16" and not torch.amp.is_autocast_available(device.type):
         problem = f"fp16 autocast is not available on device type {device.type!r}"
     if problem is None:
+        if amp == "fp16" and device.type == "cpu":
+            warnings.warn(CPU_FP16_WARNING, stacklevel=2)
         return amp
     if strict:
         raise ValueError(f"{problem}; choose --amp off or another mode.")
@@ -351,14 +358,15 @@ def train_step(model, optimizer, scaler, micro_batches, cfg: TrainConfig, amp: s
 
 
 @torch.no_grad()
-def evaluate_loss(model: Transformer, inputs, targets=None, batch_size: int = 16, amp: str = "off") -> float:
+def evaluate_loss(model: Transformer, inputs, targets=None, batch_size: int = 16, amp: str = "off",
+                  progress: bool = False, desc: str = "evaluate") -> float:
     """Mean cross-entropy per target token over the rows of (inputs, targets) or of an SFTDataset."""
     data = as_dataset((inputs, targets) if targets is not None else inputs)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
+    for i in progress_bar(range(0, len(data), batch_size), desc=desc, progress=progress, leave=False, unit="batch"):
         x, y = (t.to(device) for t in data.batch(list(range(i, min(i + batch_size, len(data))))))
         with _autocast(device, amp):
             total += float(model(x, y, reduction="sum"))
@@ -633,9 +641,11 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
 
     train_data: packed rows (inputs, targets) or an SFTDataset; val_data: {name: the same kinds}.
     Writes out_dir/log.jsonl (per optimizer step: step, loss, lr, tokens (positions processed so far,
-    padding included), target_tokens (positions with a label so far), tokens_per_s (target tokens per
-    second of this step), grad_norm, skipped, mem_mib, and val_<name> every eval_every steps) and out_dir/checkpoint/ every save_every
-    steps and at the end. resume=True continues from out_dir/checkpoint: same batches, same schedule,
+    padding included), target_tokens (positions with a label so far), tokens_per_s and
+    target_tokens_per_s (the same two counts per second of this step), grad_norm, skipped, mem_mib (peak:
+    CUDA allocated, or the process's resident set on CPU), and every eval_every steps the held-out loss
+    per target token: val_loss for the set named "val", val_loss_<name> for another) and
+    out_dir/checkpoint/ every save_every steps and at the end. resume=True continues from out_dir/checkpoint: same batches, same schedule,
     same RNG, so the log continues as the uninterrupted run's would (on CPU, exactly).
     Under torchrun (several processes) `strategy` picks DDP or FSDP (training/distributed.py); rank 0 alone
     holds the run folder's lock and writes the log and the checkpoints. stop_at=k stops after step k with a
@@ -710,7 +720,8 @@ def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConf
                    start_step=start * cfg.grad_accum)
     runner.train()
     end = cfg.steps if stop_at is None else max(start, min(stop_at, cfg.steps))
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train")
+    bar = progress_bar(range(start, end), initial=start, total=cfg.steps, progress=progress, desc="train",
+                       unit="step")
     tokens_seen, targets_seen = (kept[-1].get(k, 0) for k in ("tokens", "target_tokens")) if kept else (0, 0)
     for step in bar:
         t0 = time.perf_counter()
@@ -732,26 +743,42 @@ def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConf
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        tokens_seen += int(distributed.all_reduce_sum(sum(x.numel() for x, _ in micro), device))  # padding included
+        # positions processed on every rank, padding included
+        processed = int(distributed.all_reduce_sum(sum(x.numel() for x, _ in micro), device))
+        tokens_seen += processed
         targets_seen += out["tokens"]
         rec = {"step": step + 1, "loss": round(out["loss"], 6), "lr": lr, "tokens": tokens_seen,
-               "target_tokens": targets_seen, "tokens_per_s": round(out["tokens"] / dt, 1), "grad_norm": _finite_or_none(out["grad_norm"]),
+               "target_tokens": targets_seen, "tokens_per_s": round(processed / dt, 1),
+               "target_tokens_per_s": round(out["tokens"] / dt, 1), "grad_norm": _finite_or_none(out["grad_norm"]),
                "skipped": out["skipped"], "mem_mib": round(_memory_mib(device), 1)}
         if scaler.is_enabled():
             rec["scale"] = scaler.get_scale()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             for name, vd in val_data.items():  # every rank evaluates (FSDP needs all of them in the forward)
-                rec[f"val_{name}"] = round(evaluate_loss(runner, vd, batch_size=cfg.batch_size, amp=amp), 6)
+                rec[val_key(name)] = round(evaluate_loss(runner, vd, batch_size=cfg.batch_size, amp=amp,
+                                                         progress=progress, desc=f"evaluate {name}"), 6)
             runner.train()
         records.append(rec)
         if main:
             with open_nofollow(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{rec['mem_mib']:.0f}M",
-                        **{k: f"{v:.3f}" for k, v in rec.items() if k.startswith("val_")})
+        bar.set_postfix_str(progress_text(rec), refresh=False)
         if (step + 1) % cfg.save_every == 0 or step + 1 in (cfg.steps, stop_at):
             _save(out_dir, runner, optimizer, scaler, step + 1, cfg, tokenizer, strategy)
     return records
+
+
+def val_key(name: str) -> str:
+    """The log field of the held-out loss on evaluation set `name`: val_loss for "val", else val_loss_<name>."""
+    return "val_loss" if name == "val" else f"val_loss_{name}"
+
+
+def progress_text(rec: dict) -> str:
+    """The progress bar's summary of one log record, every number with its unit: processed tokens per second
+    (padding included) and, in brackets, those of them with a label (the loss's own tokens)."""
+    text = (f"loss {rec['loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s ({rec['target_tokens_per_s']:,.0f} "
+            f"target) | peak {rec['mem_mib']:,.0f} MiB")
+    return text + "".join(f" | {k} {v:.3f}" for k, v in rec.items() if k.startswith("val_loss"))
 
 
 def _finite_or_none(x: Optional[float]) -> Optional[float]:
