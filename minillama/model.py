@@ -214,9 +214,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """cross_entropy(h @ weight.T, targets) (fp32 log-softmax, -100 ignored) chunk by chunk; see above."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, reduction: str, chunk: int):
-        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+    def forward(ctx, h, weight, targets, reduction: str, chunk: int, need_h: bool, need_w: bool):
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         valid = targets != -100
         count = valid.sum()
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -246,7 +246,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, scale = ctx.saved_tensors
         g = grad_out * scale
         return (None if grad_h is None else grad_h * g.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * g).to(ctx.weight_dtype), None, None, None)
+                None if grad_w is None else (grad_w * g).to(ctx.weight_dtype), None, None, None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
@@ -257,7 +257,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy(reduction={reduction!r}): expected 'mean' or 'sum'.")
     chunk = chunk or max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
-    return LinearCrossEntropy.apply(h, weight, targets, reduction, chunk)
+    # Gradients only where a backward pass can follow: not under torch.no_grad (evaluation), not for frozen tensors
+    grad = torch.is_grad_enabled()
+    return LinearCrossEntropy.apply(h, weight, targets, reduction, chunk, grad and h.requires_grad,
+                                    grad and weight.requires_grad)
 
 
 class Transformer(nn.Module):

@@ -126,15 +126,14 @@ def test_eval_context_beyond_memory_is_refused_before_allocating(tiny, tok, monk
 
 def test_eval_memory_check_predicts_what_perplexity_allocates(tiny):
     # forward_bytes (the memory model's eval peak less the weights) against MemoryTracker's exact count of
-    # perplexity's own forward: logits, their fp32 view, cross-entropy; tolerance 10% as in test_memory.py
+    # perplexity's own forward (the model's chunked loss); tolerance 10% as in test_memory.py
     from minillama.evaluation.evaluate import forward_bytes
     from minillama.measuring.measure import MemoryTracker
 
     t = torch.randint(0, tiny.args.vocab_size, (4, 129), generator=torch.Generator().manual_seed(0))
     tracker = MemoryTracker(tiny)
     with torch.no_grad(), tracker:
-        logits = tiny(t[:, :-1]).float()
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
+        tiny(t[:, :-1], t[:, 1:], reduction="sum")
     measured = tracker.peak_bytes - tracker.by_category()["parameters"]
     assert abs(forward_bytes(tiny, 4, 128, "eval") / measured - 1) < 0.10, (forward_bytes(tiny, 4, 128), measured)
 

@@ -97,9 +97,8 @@ def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, 
     for rows in windows.values():
         for i in range(0, len(rows), batch_size):
             t = torch.tensor(rows[i:i + batch_size], device=device)
-            logits = model(t[:, :-1]).float()
-            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(),
-                                                           reduction="sum"))
+            # the model's own loss: chunk by chunk, never the [B, T, vocab] logits (model.linear_cross_entropy)
+            nll += float(model(t[:, :-1], t[:, 1:], reduction="sum"))
             count += t[:, 1:].numel()
             bar.update(t.shape[0])
     bar.close()
