@@ -183,32 +183,31 @@ def _eval_rows(args, name: str, model, tok, contexts: list[int], depths: list[fl
 
 
 def _eval_table(what: str, rows: list[dict], trained: int) -> list[str]:
-    """The printed table of `minillama eval WHAT`: one line per variant (ppl) or per variant and context."""
+    """The printed table of `minillama eval WHAT`: one line per variant (ppl) or per variant and context,
+    every column right-aligned under its header (aligned_table)."""
     if what == "ppl":
         contexts = list(dict.fromkeys(r["context"] for r in rows))
         by = {}
         for r in rows:
             by.setdefault(r["variant"], {})[r["context"]] = r["ppl"]
         head = f"perplexity ({rows[0]['docs']} docs, {rows[0]['tokens']} scored tokens), trained context {trained}"
-        return [head, f"{'variant':>16} | " + " | ".join(f"{c:>8}" for c in contexts)] + [
-            f"{v:>16} | " + " | ".join(f"{p.get(c, float('nan')):8.3f}" for c in contexts) for v, p in by.items()]
+        return [head] + aligned_table(["variant", *map(str, contexts)],
+                                      [[v, *(f"{p.get(c, float('nan')):.3f}" for c in contexts)] for v, p in by.items()])
     if what == "passkey":
-        head = [f"passkey retrieval, {rows[0]['trials']} keys per context, trained context {trained}",
-                f"{'variant':>16} | context | prompt tokens | "
-                + " | ".join(f"depth {d}" for d in rows[0]["per_depth"]) + " | overall"]
-        return head + [f"{r['variant']:>16} | {r['context']:>7} | {r['prompt_tokens']:>13} | "
-                       + " | ".join(f"{a:9.2f}" for a in r["per_depth"].values()) + f" | {r['accuracy']:.2f}"
-                       for r in rows]
+        head = f"passkey retrieval, {rows[0]['trials']} keys per context, trained context {trained}"
+        return [head] + aligned_table(
+            ["variant", "context", "prompt tokens", *(f"depth {d}" for d in rows[0]["per_depth"]), "overall"],
+            [[r["variant"], str(r["context"]), str(r["prompt_tokens"]), *(f"{a:.2f}" for a in r["per_depth"].values()),
+              f"{r['accuracy']:.2f}"] for r in rows])
     if what == "phrases":
         pos = list(rows[0]["per_position"])
-        return [f"secret phrases repeated, {rows[0]['trials']} per position, trained context {trained}",
-                f"{'variant':>16} | context | " + " | ".join(f"{p:>6}" for p in pos)] + [
-            f"{r['variant']:>16} | {r['context']:>7} | " + " | ".join(f"{a:6.2f}" for a in r["per_position"].values())
-            for r in rows]
-    return [f"KV cache (pre-allocated) and decoding speed, batch {rows[0]['batch']}, {rows[0]['dtype']}",
-            f"{'variant':>16} | context | measured MiB | predicted MiB | decode tokens/s"] + [
-        f"{r['variant']:>16} | {r['context']:>7} | {r['measured_bytes'] / 2**20:12.2f} | "
-        f"{r['predicted_bytes'] / 2**20:13.2f} | {r['decode_tokens_per_s']:.1f}" for r in rows]
+        return [f"secret phrases repeated, {rows[0]['trials']} per position, trained context {trained}"] + aligned_table(
+            ["variant", "context", *pos],
+            [[r["variant"], str(r["context"]), *(f"{a:.2f}" for a in r["per_position"].values())] for r in rows])
+    return [f"KV cache (pre-allocated) and decoding speed, batch {rows[0]['batch']}, {rows[0]['dtype']}"] + aligned_table(
+        ["variant", "context", "measured MiB", "predicted MiB", "decode tokens/s"],
+        [[r["variant"], str(r["context"]), f"{r['measured_bytes'] / 2**20:.2f}", f"{r['predicted_bytes'] / 2**20:.2f}",
+          f"{r['decode_tokens_per_s']:.1f}"] for r in rows])
 
 
 def _eval_outputs(args, rows: list[dict], device: str) -> None:
