@@ -58,7 +58,7 @@ ASSIGNMENTS = (
         ("hidden/test_a4_quant.py::test_pack_unpack_match_a_slow_formula", 1),
         ("hidden/test_a4_quant.py::test_linear4bit_forward_and_backward_match_the_formula", 2),
     )),
-    Assignment("a5", "a5_long_context", "Long context", "07_long_context.ipynb", (
+    Assignment("a5", "a5_long_context", "Long context", "07_longer_context.ipynb", (
         ("tests/test_rope_scaling.py::test_logits_equal_hf_beyond_the_window", 2),
         ("tests/test_rope_scaling.py::test_scale_one_equals_unscaled", 1),
         ("hidden/test_a5_long_context.py::test_inv_freq_equals_transformers", 3),
