@@ -200,9 +200,12 @@ def hostile_submission(folder: Path, at_import: str, body) -> Path:
     source = (ROOT / "minillama" / "model.py").read_text()
     anchor = "from .rope import apply_rope, rope_cos_sin\n"
     source = source.replace(anchor, anchor + at_import)
-    if body is not None:
+    if body is not None:  # the whole a1 block of FeedForward.forward becomes `body`
         indented = "\n".join("        " + line for line in body.split("\n"))
-        source = source.replace("        " + SOLUTION_LINE, indented)
+        marker = "# BEGIN SOLUTION a1\n"
+        begin = source.index(marker, source.index("class FeedForward")) + len(marker)
+        end = source.index("        # END SOLUTION", begin)
+        source = source[:begin] + indented + "\n" + source[end:]
     (folder / "minillama").mkdir(parents=True)
     (folder / "minillama" / "model.py").write_text(source)
     return folder
