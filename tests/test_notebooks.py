@@ -1,6 +1,7 @@
 """Notebooks are committed clean (nbmake executes them as part of the test command)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,17 @@ def test_notebook_is_committed_without_outputs(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_cites_only_what_is_in_the_repository(path):
+    """Every Markdown file a notebook names exists in the repository, every `../` path stays inside it, and no
+    absolute path to a machine's folders appears: a student has only the repository."""
     text = path.read_text()
-    for outside in ("REFERENCE.md", "../shared", "/work/shared"):
-        assert outside not in text, f"{path.name} points outside the repository ({outside}): cite docs/references.md"
+    repo = path.resolve().parent.parent
+    known = {p.name for p in repo.rglob("*.md") if ".venv" not in p.parts}
+    for name in re.findall(r"[\w./-]*\w\.md\b", text):
+        assert Path(name).name in known, f"{path.name} cites {name}, which is not in the repository: use docs/references.md"
+    for rel in re.findall(r"\.\./[\w./-]+", text):
+        target = (path.parent / rel).resolve()
+        assert target.is_relative_to(repo), f"{path.name} points outside the repository ({rel})"
+    assert not re.search(r"(?<![\w.])/(work|home|root|tmp|Users)/", text), f"{path.name} holds an absolute machine path"
 
 
 # Notebook 02 loads these instead of rerunning the long sweep (MINILLAMA_FULL=1 reruns it).
