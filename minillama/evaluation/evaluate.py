@@ -106,6 +106,16 @@ def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, 
     return {"context": context, "nll": mean, "ppl": math.exp(mean), "tokens": count, "docs": len(docs)}
 
 
+def check_retrieval_fits(model: Transformer, context: int, trials: int, batch_size: int, what: str) -> None:
+    """Refuse a retrieval evaluation (passkey, phrases) the model cannot run: a context beyond its max_seq_len,
+    or generation that would not fit in memory. Cheap, before building any filler: generate() sets up a KV
+    cache of about `context` positions for up to batch_size prompts."""
+    if context > model.args.max_seq_len:
+        raise ValueError(f"context={context} is longer than the model's max_seq_len={model.args.max_seq_len}.")
+    check_fits(model, min(batch_size, trials), context, f"{what} at context {context}", mode="inference",
+               kv_cache=context)
+
+
 def passkey_prompt_filler(tokenizer, context: int, answer_tokens: int = 8) -> int:
     """The largest number of filler sentences whose passkey prompt (plus the answer) fits in `context`."""
     def length(n):
@@ -134,11 +144,7 @@ def passkey_accuracy(model: Transformer, tokenizer, context: int, trials: int, s
     """
     if trials <= 0:
         raise ValueError(f"trials={trials} is invalid: expected a positive integer.")
-    if context > model.args.max_seq_len:
-        raise ValueError(f"context={context} is longer than the model's max_seq_len={model.args.max_seq_len}.")
-    # Cheap, before building any filler: generate() sets up a KV cache of about `context` positions.
-    check_fits(model, min(batch_size, trials), context, f"passkey at context {context}", mode="inference",
-               kv_cache=context)
+    check_retrieval_fits(model, context, trials, batch_size, "passkey")
     n_filler = passkey_prompt_filler(tokenizer, context)
     items = [make_passkey(seed * 1_000_003 + i, n_filler, depths[i % len(depths)]) for i in range(trials)]
     prompts = [tokenizer.encode(it["prompt"], bos=True) for it in items]

@@ -26,7 +26,7 @@ from ..generate import generate
 from ..measuring.memory import kv_cache_bytes
 from ..model import Transformer
 from ..rope import ROPE_TYPES, check_scaling, scaling_type
-from .evaluate import check_fits, passkey_accuracy, perplexity
+from .evaluate import check_fits, check_retrieval_fits, passkey_accuracy, perplexity
 
 POSITIONS = {"start": 0.0, "middle": 0.5, "end": 1.0}  # where the phrase sits, as a depth in the filler
 PHRASE_INTRO = "There is a secret phrase hidden in this text. Find it and remember it."
@@ -99,10 +99,7 @@ def phrases_accuracy(model: Transformer, tokenizer, context: int, trials: int, s
     each planted in filler that fills `context` tokens. Deterministic from `seed`."""
     if not isinstance(trials, int) or trials <= 0:
         raise ValueError(f"trials={trials!r} is invalid: expected a positive integer (phrases per position).")
-    if context > model.args.max_seq_len:
-        raise ValueError(f"context={context} is longer than the model's max_seq_len={model.args.max_seq_len}.")
-    check_fits(model, min(batch_size, trials), context, f"phrases at context {context}", mode="inference",
-               kv_cache=context)
+    check_retrieval_fits(model, context, trials, batch_size, "phrases")
     n_filler = phrase_filler(tokenizer, context)
     rng = random.Random(seed)
     items = [(pos, make_phrase(rng)) for pos in positions for _ in range(trials)]
