@@ -45,6 +45,7 @@ from .config import parse_dtype
 QUANT_TYPES = ("nf4", "fp4")
 BACKENDS = ("minillama", "bnb")
 NESTED_BLOCKSIZE = 256  # double quantisation: blocks of 256 absmax values, as in QLoRA and bitsandbytes
+QUANTIZE_CHUNK = 1 << 20  # quantize_4bit works on this many values at a time (bounds its temporaries to ~26 MB)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The linears that get 4 bits, by parent module (Meta's names; the same seven LoRA can target).
 QUANTIZED_LINEARS = {"attention": ("wq", "wk", "wv", "wo"), "feed_forward": ("w1", "w2", "w3")}
@@ -230,12 +231,23 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     Returns (packed uint8 [(numel + 1) // 2, 1], QuantState); dequantize_4bit inverts it. double_quant=True
     stores the absmax in 8 bits too (mean subtracted, blocks of 256, the dynamic map). `name` names the
     tensor in error messages (e.g. "layers.0.attention.wq.weight").
+
+    The work goes QUANTIZE_CHUNK values at a time (whole blocks, so the result is the same as in one go):
+    quantize_blocks' fp32 and index temporaries take about 26 bytes per value, 13x a bf16 weight, and a
+    loader that streams a 7B model layer by layer should not need 1 GB of them for one 11008 x 4096 matrix.
     """
     _check_blocksize(blocksize)
     _check_weight(w, name)
     code = codebook(quant_type, w.device)
-    idx, absmax = quantize_blocks(w, code, blocksize)
-    packed = pack_4bit(idx, pad=int(nearest_code(code.new_zeros(1), code)))
+    pad = int(nearest_code(code.new_zeros(1), code))
+    flat, n = w.reshape(-1), w.numel()
+    step = max(1, QUANTIZE_CHUNK // blocksize) * blocksize  # a multiple of the block size, so even
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
+    for start in range(0, n, step):  # only the last chunk can end in a shorter block
+        idx, chunk_absmax = quantize_blocks(flat[start:start + step], code, blocksize)
+        packed[start // 2:(start + idx.numel() + 1) // 2] = pack_4bit(idx, pad)
+        absmax[start // blocksize:start // blocksize + chunk_absmax.numel()] = chunk_absmax
     state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
                        code=code)
     return packed, (_double_quantize(state) if double_quant else state)
@@ -290,11 +302,13 @@ def _check_weight(w: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} has dtype {w.dtype}: 4-bit quantisation expects fp32, fp16 or bf16.")
     if w.numel() == 0:
         raise ValueError(f"{name} is empty (shape {list(w.shape)}): there is nothing to quantise.")
+    lo, hi = torch.aminmax(w)  # NaN propagates and inf is an extreme: one pass, no temporary as big as w
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return
     bad = ~torch.isfinite(w)
-    if bool(bad.any()):
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name} has {int(bad.sum())} NaN or inf values (the first at index {first}): "
-                         f"4-bit quantisation needs finite weights.")
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    raise ValueError(f"{name} has {int(bad.sum())} NaN or inf values (the first at index {first}): "
+                     f"4-bit quantisation needs finite weights.")
 
 
 def _check_backend(backend) -> None:

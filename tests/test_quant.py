@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from minillama import create_model, get_preset
+from minillama import create_model, get_preset, quant
 from minillama.generate import generate
 from minillama.lora import LoRALinear, apply_lora, merge_lora
 from minillama.quant import (NF4_CODE, QUANTIZED_LINEARS, BnbLinear4bit, Linear4bit, QuantState, codebook,
@@ -107,6 +107,20 @@ def test_bit_exact_with_bitsandbytes(quant_type, dtype, blocksize):
             assert torch.equal(code[unpack(packed, n)], code[unpack(ref, n)]), (shape, blocksize)
         expected = formula(ref, ref_state.absmax, code, blocksize, shape, dtype)
         assert torch.equal(dequantize_4bit(packed, state), expected), (shape, blocksize)
+
+
+@pytest.mark.parametrize("blocksize", (32, 64, 256))
+def test_chunked_quantisation_is_bit_exact_with_bitsandbytes(monkeypatch, blocksize):
+    # quantize_4bit works QUANTIZE_CHUNK values at a time (whole blocks); with chunks of 1 to 8 blocks every
+    # shape here spans several chunks, and odd shapes end in a short block and a padded byte
+    bnbf = bnb_functional()
+    for chunk in (1, 100, 8 * blocksize):
+        monkeypatch.setattr(quant, "QUANTIZE_CHUNK", chunk)
+        for shape in SHAPES:
+            w = weights(shape, torch.bfloat16)
+            packed, state = quantize_4bit(w, blocksize, "nf4")
+            ref, ref_state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+            assert torch.equal(packed, ref) and torch.equal(state.absmax, ref_state.absmax), (chunk, shape)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

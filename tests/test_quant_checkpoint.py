@@ -1,13 +1,16 @@
 """4-bit checkpoints: streamed quantisation while loading, transformers' 4-bit layout, round trips, bad input."""
 
 import json
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import minillama
 from minillama.checkpoints import load_model, save_model
+from minillama.checkpoints.quantized import read_tensor, release_pages, safetensors_entries
 from minillama.measuring.measure import MemoryTracker
 from minillama.quant import quantize_model
 
@@ -85,14 +88,63 @@ def test_transformers_bitsandbytes_load_our_4bit_checkpoint(tmp_path):
     assert (theirs - ours).abs().max().item() < 1e-4
 
 
-def test_streamed_load_peak_below_16bit_model(tmp_path):
+# What quantize_blocks keeps alive per value while it quantises a chunk, counted from its steps: the fp32 copy
+# (4 bytes), the zero-padded blocks (4), |w| or the scaled values (4), the clamped values (4), the bucket
+# index (int32, 4) and the code index (int64, 8), then the uint8 codes and their packed pairs (2): 30 < 32.
+QUANTISER_BYTES_PER_VALUE = 32
+
+
+@pytest.mark.parametrize("fmt", ["hf", "native"])
+@pytest.mark.parametrize("chunk", [None, 1024])
+def test_streamed_load_peak_is_the_4bit_model_plus_one_16bit_tensor(tmp_path, monkeypatch, fmt, chunk):
+    if chunk:  # the quantiser's working memory made small: what is left is the loader's own
+        monkeypatch.setattr(minillama.quant, "QUANTIZE_CHUNK", chunk)
     model = fresh(torch.bfloat16, args=TINY)  # embeddings and head (16-bit) are 1/4 of it, not most of it
     size16 = sum(p.numel() * p.element_size() for p in model.parameters())
-    save_model(model, tmp_path / "hf", format="hf")
-    with MemoryTracker(torch.nn.Module(), device="cpu") as tracker:
-        q = load_model(tmp_path / "hf", load_in_4bit=True)
+    linears = [m.weight for m in model.modules() if type(m) is torch.nn.Linear and m is not model.output]
+    one16 = max(w.numel() * w.element_size() for w in linears)  # one 16-bit weight: the read buffer
+    work = QUANTISER_BYTES_PER_VALUE * min(minillama.quant.QUANTIZE_CHUNK, max(w.numel() for w in linears))
+    save_model(model, tmp_path / fmt, format=fmt)
+    with MemoryTracker(torch.nn.Module(), device="cpu") as tracker:  # every tensor the load allocates
+        q = load_model(tmp_path / fmt, load_in_4bit=True)
     size4 = sum(t.numel() * t.element_size() for t in [*q.parameters(), *q.buffers()])
-    assert size4 <= tracker.peak_bytes < size16
+    assert size4 <= tracker.peak_bytes <= size4 + one16 + work
+    assert tracker.peak_bytes < size16
+
+
+def test_safetensors_reader_equals_safetensors(tmp_path):
+    # the streamed loader reads safetensors files itself (plain reads, no memory map): compare every dtype,
+    # a scalar and an empty tensor with the safetensors library's own reader
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{d}": (torch.randn(3, 5, generator=g) * 100).to(d) for d in
+               (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                torch.int8, torch.uint8, torch.bool)}
+    tensors.update(scalar=torch.tensor(2.5), empty=torch.zeros(0, 4))
+    f = tmp_path / "x.safetensors"
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    entries = safetensors_entries(f)
+    assert set(entries) == set(tensors)
+    with safe_open(str(f), framework="pt") as sf:
+        for name, entry in entries.items():
+            t, ref = read_tensor(f, entry), sf.get_tensor(name)
+            assert t.dtype == ref.dtype and t.shape == ref.shape and torch.equal(t, ref), name
+    f.write_bytes(f.read_bytes()[:-3])  # truncated: the last tensor's bytes run past the end
+    with pytest.raises(ValueError, match="is not a readable safetensors file .* data_offsets"):
+        safetensors_entries(f)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssFile from /proc/self/status")
+def test_release_pages_drops_mapped_pages_and_keeps_the_values(tmp_path):
+    def rss_file():
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssFile"))
+    w = torch.randn(4 << 20, generator=torch.Generator().manual_seed(0))  # 16 MiB
+    torch.save({"w": w}, tmp_path / "w.pth")
+    t = torch.load(tmp_path / "w.pth", mmap=True, weights_only=True)["w"]
+    assert torch.equal(t, w)  # every page read: resident, file-backed
+    before = rss_file()
+    release_pages(t)
+    assert before - rss_file() > 15 << 20
+    assert torch.equal(t, w)  # read again from the file
 
 
 def test_bad_inputs(tmp_path):

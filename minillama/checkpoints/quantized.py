@@ -1,9 +1,10 @@
 """4-bit checkpoints: load a 16-bit checkpoint straight into 4 bits, and save / load 4-bit models.
 
 Streamed loading (`load_model(path, load_in_4bit=True)`): the model is built on the `meta` device, then the
-checkpoint is read one tensor at a time (safetensors are opened lazily, Meta's .pth memory-mapped); each of
-the seven linears of a block is quantised as soon as it is read and its 16-bit copy dropped, so the peak is
-about the 4-bit model plus one 16-bit tensor (and the quantiser's temporaries for it), never the 16-bit model.
+checkpoint is read one tensor at a time (safetensors with plain reads into a buffer of its own; Meta's .pth
+memory-mapped, each weight's pages released once it is quantised); each of the seven linears of a block is
+quantised as soon as it is read and its 16-bit copy dropped, so the peak is about the 4-bit model plus one
+16-bit tensor (plus the quantiser's temporaries for QUANTIZE_CHUNK values), never the 16-bit model.
 
 Saved layout: the one transformers + bitsandbytes write for a 4-bit model. A quantised linear's
 `<module>.weight` is the packed uint8 [(numel + 1) // 2, 1], next to `<module>.weight.absmax`,
@@ -22,13 +23,14 @@ and on load q/k keep fp32 constants (exactly those of the file). Without double 
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -68,11 +70,89 @@ def _weight_name(key: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Reading one tensor at a time
 # ---------------------------------------------------------------------------------------------
+# A safetensors file is an 8-byte little-endian header length N, N bytes of JSON ({name: {"dtype", "shape",
+# "data_offsets": [begin, end]}}, plus an optional "__metadata__"), then the raw little-endian bytes, offsets
+# counted from the end of the header (little-endian, as on every machine PyTorch runs on). Streaming reads each tensor's bytes with a plain read into a fresh
+# buffer: once quantised, the buffer is freed and nothing of the 16-bit weight stays in memory. (safe_open
+# memory-maps the file instead; the pages it touches stay resident, as file-backed memory, until the file is
+# closed, so a streamed 7B load would end up holding the whole 13 GB checkpoint as well.)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_entries(f: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """{name: (dtype, shape, first byte, end byte)} of a safetensors file, offsets from the file's start."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{f} is not a readable safetensors file ({why}); is it truncated or corrupt?")
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise bad(f"its header claims {n:,} bytes of a {size:,}-byte file")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"its header is not JSON: {e}") from None
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[e["dtype"]], list(e["shape"]), e["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has the entry {json.dumps(e)[:80]}") from None
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if not 0 <= begin <= end <= size - 8 - n or end - begin != nbytes:
+            raise bad(f"tensor {name!r} has data_offsets {[begin, end]} for {nbytes:,} bytes")
+        out[name] = (dtype, shape, 8 + n + begin, 8 + n + end)
+    return out
+
+
+def read_tensor(f: Path, entry: tuple[torch.dtype, list[int], int, int]) -> torch.Tensor:
+    """One tensor of a safetensors file (an entry of safetensors_entries), read into memory of its own."""
+    dtype, shape, begin, end = entry
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    view, done = memoryview(buf.numpy()), 0
+    with open(f, "rb", buffering=0) as fh:
+        fh.seek(begin)
+        while done < len(view):  # one read may return less than asked (e.g. over 2 GB on Linux)
+            got = fh.readinto(view[done:])
+            if not got:
+                raise ValueError(f"{f} ends inside tensor data: is it truncated?")
+            done += got
+    return buf.view(dtype).reshape(shape)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor that is a view into a memory-mapped file (torch.load(mmap=True)),
+    once it has been read: the kernel reads them again from the file if they are ever touched, so nothing
+    is lost, and resident memory stops growing with every weight read. Only the pages lying wholly inside
+    the tensor are dropped (its neighbours may still be in use). Where madvise is missing (Windows), no-op."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or t.device.type != "cpu" or not t.numel():
+        return
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return
+    first = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first:
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), ctypes.c_int(advice))
+
+
 def _open_stream(path: Path, fmt: str):
-    """(args, config dict, weight names in Meta's naming, get(name) -> one tensor read now)."""
+    """(args, config dict, weight names in Meta's naming, get(name) -> one tensor read now, release(name): done
+    with it). Safetensors: plain reads of each tensor. Meta's .pth shards: torch.load(mmap=True) maps them,
+    and release drops the pages of a weight once it is quantised (release_pages)."""
     if fmt == "meta":
         args, files, shards, keys = weights.open_meta(path)
-        return args, {}, keys, lambda k: weights.join_meta_weight(k, files, shards)
+
+        def release(key: str) -> None:
+            for shard in shards:
+                release_pages(shard[key])
+        return args, {}, keys, lambda k: weights.join_meta_weight(k, files, shards), release
     cfg = read_json(path / "config.json")
     if fmt == "native":
         args = ModelArgs.from_dict({k: v for k, v in cfg.items() if k not in ("format", "quantization_config")},
@@ -81,28 +161,26 @@ def _open_stream(path: Path, fmt: str):
     else:
         args = weights.hf_config_to_args(cfg, source=str(path / "config.json"))
         files = weights.hf_weight_files(path)
-    where = {}  # Meta name -> (open file, name in it)
+    where = {}  # Meta name -> (file, its entry)
     for f in files:
         if not f.exists():
             raise FileNotFoundError(f"Checkpoint shard {f} is missing.")
-        sf = safe_open(str(f), framework="pt")
-        for name in sf.keys():
+        for name, entry in safetensors_entries(f).items():
             prefix, suffix = _weight_name(name)
             meta = prefix if fmt == "native" else hf_to_meta_name(prefix)
             if meta is None and name.endswith("rotary_emb.inv_freq"):
                 continue
             if meta is None:
                 raise ValueError(f"{path}: weight {name!r} is not part of a LLaMA model.")
-            where[meta + suffix] = (sf, name)
+            where[meta + suffix] = (f, entry)
     if "output.weight" not in where and cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in where:
         where["output.weight"] = where["tok_embeddings.weight"]
 
     def get(key: str) -> torch.Tensor:
-        sf, name = where[key]
-        t = sf.get_tensor(name)
+        t = read_tensor(*where[key])
         heads = qk_heads(key, args) if fmt == "hf" and t.is_floating_point() and not _weight_name(key)[1] else None
         return permute_hf_to_meta(t, heads) if heads else t
-    return args, cfg, list(where), get
+    return args, cfg, list(where), get, lambda key: None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +210,7 @@ def load_model(path: PathLike, *, device="cpu", dtype=None, max_seq_len: Optiona
     _check_backend(backend)
     dtype, compute_dtype, path = parse_dtype(dtype), parse_dtype(compute_dtype), Path(path)
     fmt = weights.detect_format(path)
-    args, cfg, keys, get = _open_stream(path, fmt)
+    args, cfg, keys, get, release = _open_stream(path, fmt)
     if max_seq_len is not None or rope_scaling is not None:
         args = args.replace(**{k: v for k, v in (("max_seq_len", max_seq_len), ("rope_scaling", rope_scaling))
                                if v is not None})
@@ -156,6 +234,7 @@ def load_model(path: PathLike, *, device="cpu", dtype=None, max_seq_len: Optiona
             parent = model.get_submodule(key.rsplit(".", 2)[0])
             make = _load_packed if packed else _quantize_read
             setattr(parent, sites[key][1], make(path, key, expected[key], keys, get, fmt, args, options))
+            release(key)  # its 16-bit bytes are no longer needed (Meta's mapped pages; a no-op for safetensors)
             continue
         t = get(key)
         weights._check_weights(path, {key: expected[key]}, {key: t}, cfg_name)
