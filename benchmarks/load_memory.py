@@ -12,11 +12,23 @@ not depend on the layer count: embeddings, output head, interpreter). For a mach
 allow the full 13.5 GB checkpoint; the extrapolated row says so.
 
 Two kinds of resident memory are reported apart: anonymous (tensors, the heap: what the loader itself holds) and
-file-backed (pages of the memory-mapped safetensors shards). Measured with llama2-7b shapes (1 and 3 layers, bf16
-HF shards, NF4 + double quantisation): the file-backed pages grow to the size of the checkpoint while it is being
-read (the shards stay mapped until load_model returns; the kernel may drop such clean pages under pressure), so
-ru_maxrss grows by about the bf16 size per layer; the anonymous peak grows by about the 4-bit size per layer plus
-allocator slack, above a constant for the quantiser's temporaries of the largest tensor.
+file-backed (pages of mapped files: the libraries, and a checkpoint read through a memory map). The 4-bit loader
+reads safetensors with plain reads into a buffer per tensor, and releases the mapped pages of each Meta weight
+once it is quantised (checkpoints/quantized.py), so neither kind grows with the 16-bit checkpoint.
+
+Measured on x86_64, torch 2.13 CPU, llama2-7b shapes, NF4 + double quantisation, extrapolated to 32 layers (4-bit
+model 3.600 GiB; one layer in 16 bits 0.377 GiB; model + one layer 3.977 GiB):
+- HF shards, --n-layers 1,2,4: peak RSS 3.89 GiB (anonymous 3.87, file-backed 0.09: the libraries); the
+  anonymous memory held after loading grows 0.103 GiB per layer against 0.097 GiB of 4-bit weights.
+- Meta .pth, --n-layers 1,3: peak RSS 3.49 GiB (anonymous held 2.98, file-backed 0.58: the libraries and the
+  bf16 embeddings and head, which stay memory-mapped views of the file as the model's own weights).
+- Before (safetensors through safe_open's memory map, Meta pages never released, the quantiser working on a
+  whole matrix at once): peak RSS 17.09 GiB for HF (anonymous 4.76, file-backed 12.64: every page of the
+  checkpoint read stayed resident until load_model returned) and 18.29 GiB for Meta (5.97 + 12.64).
+A forward on 8 tokens afterwards peaks 0.96 GiB higher (HF): dequantize_4bit's temporaries for one 11008 x 4096
+weight (an int64 index, fp32 values), which belong to the forward, not to loading.
+Peak anonymous RSS is sampled every 5 ms and catches a varying part of the transients (one 16-bit weight
+being read, the quantiser's chunk): its per-layer slope is noisy by about 10 MB.
 
 A random-weight checkpoint of the preset is written in bf16 (HF shards of 2 GiB, or Meta .pth), then a
 fresh process loads it with `minillama.load_model` and reports its peak resident memory (ru_maxrss).
@@ -49,6 +61,11 @@ def preset_args(preset: str, n_layers: int = 0):
 
     args = minillama.get_preset(preset)
     return args.replace(n_layers=n_layers) if n_layers else args
+
+
+def layer_bytes_16bit(args) -> int:
+    """One transformer block in 16 bits: its seven linears and two norm weights, 2 bytes each."""
+    return 2 * (sum(i * o for i, o in args.linear_shapes().values()) + 2 * args.dim)
 
 
 def write(preset: str, fmt: str, out: str, n_layers: int = 0) -> None:
@@ -94,14 +111,15 @@ def load(path: str, load_in_4bit: bool = False) -> None:
     t0 = time.perf_counter()
     model = minillama.load_model(path, load_in_4bit=load_in_4bit)
     load_s = time.perf_counter() - t0
-    after_load, file_after_load = peak_rss_bytes(), rss_parts().get("RssFile", 0)
+    after_load, parts = peak_rss_bytes(), rss_parts()
     sampler.running = False
     sampler.join()
     with torch.no_grad():  # touch every weight once (an mmap-backed Meta checkpoint is read lazily)
         model(torch.ones(1, 8, dtype=torch.long))
     print(json.dumps({"rss_before_bytes": base, "peak_after_load_bytes": after_load,
                       "anon_before_bytes": anon_base, "anon_peak_load_bytes": sampler.peak,
-                      "file_rss_after_load_bytes": file_after_load,
+                      "anon_after_load_bytes": parts.get("RssAnon", 0),
+                      "file_rss_after_load_bytes": parts.get("RssFile", 0),
                       "peak_after_forward_bytes": peak_rss_bytes(), "load_s": load_s,
                       "param_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(),
                                                                                   *model.buffers()]),
@@ -142,18 +160,23 @@ def measure(a, n_layers: int = 0) -> tuple[dict, dict, int]:
 
 
 def print_table(a, w: dict, r: dict, disk: int) -> None:
+    layer16 = layer_bytes_16bit(preset_args(a.preset))
+    peak = r["peak_after_load_bytes"] - r["rss_before_bytes"]
     rows = [
         ("preset / format / dtype", f"{a.preset} / {a.format} / {r['dtype']}"),
         ("machine", f"{platform.machine()}, {platform.processor() or 'cpu'}; torch {r['torch']}"),
         ("checkpoint size on disk", f"{disk / GiB:.2f} GiB"),
-        ("parameter + buffer bytes" + (" (4-bit model)" if a.load_in_4bit else ""),
+        ("parameter + buffer bytes" + (" (the 4-bit model)" if a.load_in_4bit else ""),
          f"{r['param_bytes'] / GiB:.3f} GiB"),
+        ("one layer in 16 bits", f"{layer16 / GiB:.3f} GiB"),
         ("RSS before loading", f"{r['rss_before_bytes'] / GiB:.2f} GiB (python + torch)"),
-        ("peak RSS after load_model", f"{r['peak_after_load_bytes'] / GiB:.2f} GiB"),
-        ("peak RSS after a forward", f"{r['peak_after_forward_bytes'] / GiB:.2f} GiB"),
-        ("(peak - before) / size on disk", f"{(r['peak_after_forward_bytes'] - r['rss_before_bytes']) / disk:.3f}"),
-        ("(peak - before) / loaded model bytes",
-         f"{(r['peak_after_forward_bytes'] - r['rss_before_bytes']) / r['param_bytes']:.3f}"),
+        ("peak RSS of load_model (minus before)", f"{peak / GiB:.2f} GiB = "
+         f"{peak / (r['param_bytes'] + layer16):.2f} x (model + one 16-bit layer)"),
+        ("peak anonymous RSS of load_model (sampled, minus before)",
+         f"{(r['anon_peak_load_bytes'] - r['anon_before_bytes']) / GiB:.2f} GiB"),
+        ("file-backed RSS after load (libraries too)", f"{r['file_rss_after_load_bytes'] / GiB:.2f} GiB"),
+        ("anonymous held after load (minus before)", f"{(r['anon_after_load_bytes'] - r['anon_before_bytes']) / GiB:.2f} GiB"),
+        ("peak RSS after a forward (minus before)", f"{(r['peak_after_forward_bytes'] - r['rss_before_bytes']) / GiB:.2f} GiB"),
         ("load time", f"{r['load_s']:.1f} s (write took {w['write_s']:.1f} s)"),
     ]
     print("| quantity | value |\n| --- | --- |")
@@ -166,32 +189,39 @@ def extrapolate(a, counts: list[int]) -> None:
     if len(counts) < 2 or len(set(counts)) != len(counts):
         raise SystemExit(f"--n-layers {a.n_layers}: give at least two different layer counts, e.g. 2,4.")
     full = preset_args(a.preset).n_layers
-    cols = ("disk", "model", "before", "load", "peak", "anon", "file")
+    cols = ("disk", "model", "before", "load", "peak", "anon", "held", "file")
     points = {}
     for n in counts:
         w, r, disk = measure(a, n)
+        base_anon = r["anon_before_bytes"]
         points[n] = dict(disk=disk, model=r["param_bytes"], before=r["rss_before_bytes"],
                          load=r["peak_after_load_bytes"] - r["rss_before_bytes"],
                          peak=r["peak_after_forward_bytes"] - r["rss_before_bytes"], time=r["load_s"],
-                         anon=r["anon_peak_load_bytes"] - r["anon_before_bytes"], file=r["file_rss_after_load_bytes"])
+                         anon=r["anon_peak_load_bytes"] - base_anon, held=r["anon_after_load_bytes"] - base_anon,
+                         file=r["file_rss_after_load_bytes"])
     lo, hi = min(counts), max(counts)
     est = {c: points[lo][c] + (full - lo) * (points[hi][c] - points[lo][c]) / (hi - lo) for c in cols}
     est["time"] = float("nan")  # load time is not linear on a shared machine: not extrapolated
     what = "4-bit (NF4 + DQ)" if a.load_in_4bit else "as saved"
+    layer16 = layer_bytes_16bit(preset_args(a.preset))
     print(f"{a.preset} shapes, {a.format} bf16 checkpoint loaded {what} on {platform.machine()}, torch "
-          f"{r['torch']}; sizes in GiB (1024**3 bytes); peak RSS = ru_maxrss minus RSS before loading (it counts "
-          f"the pages of the memory-mapped checkpoint); anonymous = peak RssAnon minus RssAnon before (the process's "
-          f"own memory, sampled every 5 ms); file = RssFile after loading")
-    print("| layers | bf16 on disk | loaded model bytes | peak RSS | peak after a forward | peak anonymous | "
-          "anonymous / model | file | load s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"{r['torch']}; sizes in GiB (1024**3 bytes); one layer in 16 bits = {layer16 / GiB:.3f} GiB; peak RSS = "
+          f"ru_maxrss during load_model minus RSS before (anonymous and file-backed pages together); anonymous = "
+          f"RssAnon minus RssAnon before (the process's own memory: its peak sampled every 5 ms, and what is "
+          f"held once load_model returns); file = RssFile after loading (pages of mapped files: libraries, and a "
+          f"checkpoint that is read through a memory map)")
+    print("| layers | bf16 on disk | loaded model bytes | model + one 16-bit layer | peak RSS | peak anonymous | "
+          "anonymous held after load | file | peak after a forward | load s |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, p in [*sorted(points.items()), (f"{full} (extrapolated per layer, not measured)", est)]:
-        print(f"| {n} | {p['disk'] / GiB:.2f} | {p['model'] / GiB:.3f} | {p['load'] / GiB:.2f} | "
-              f"{p['peak'] / GiB:.2f} | {p['anon'] / GiB:.2f} | {p['anon'] / p['model']:.2f} | "
-              f"{p['file'] / GiB:.2f} | {p['time']:.0f} |")
-    per = {c: (points[hi][c] - points[lo][c]) / (hi - lo) for c in ("disk", "model", "peak", "anon")}
-    print(f"per layer: {per['disk'] / GiB:.3f} GiB bf16 on disk, {per['model'] / GiB:.3f} GiB of 4-bit model, "
-          f"{per['peak'] / GiB:.3f} GiB of peak RSS, {per['anon'] / GiB:.3f} GiB of peak anonymous RSS")
-
+        print(f"| {n} | {p['disk'] / GiB:.2f} | {p['model'] / GiB:.3f} | {(p['model'] + layer16) / GiB:.3f} | "
+              f"{p['load'] / GiB:.2f} | {p['anon'] / GiB:.2f} | {p['held'] / GiB:.2f} | {p['file'] / GiB:.2f} | "
+              f"{p['peak'] / GiB:.2f} | {p['time']:.0f} |")
+    per = {c: (points[hi][c] - points[lo][c]) / (hi - lo) for c in cols}
+    print(f"per layer: {per['disk'] / GiB:.3f} GiB bf16 on disk, {per['model'] / GiB:.3f} GiB of loaded model, "
+          f"{per['load'] / GiB:.3f} GiB of peak RSS, {per['anon'] / GiB:.3f} GiB of peak anonymous RSS (a sampled "
+          f"peak: the transient caught varies), {per['held'] / GiB:.3f} GiB of anonymous RSS held after load, "
+          f"{per['peak'] / GiB:.3f} GiB of peak RSS after a forward")
 
 if __name__ == "__main__":
     main()

@@ -270,6 +270,26 @@ def test_budget_constants_follow_the_qlora_papers_formulas():
         assert paper <= r["const_bits"] <= paper + 8 * per_tensor / smallest, r
 
 
+def test_qlora_paper_7b_base_reconstruction():
+    # LLaMA-7B from its paper's table: dim 4096, 32 layers, FFN 11008, vocabulary 32000 (= llama2-7b's shapes)
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    rest = 2 * 32000 * 4096 + (2 * 32 + 1) * 4096  # embeddings, head, norms
+    assert linear + rest == 6_738_415_616
+    mb = 1e6
+    ours = linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 + 2 * rest  # NF4 + double quant, the rest in bf16
+    candidates = {"all weights at 4 bits": (linear + rest) / 2, "NF4 + DQ, rest bf16": ours,
+                  "NF4 fp32 absmax, rest bf16": linear * 4.5 / 8 + 2 * rest,
+                  "NF4 + DQ, rest fp32": ours + 2 * rest, "NF4 fp32 absmax, rest fp32": linear * 4.5 / 8 + 4 * rest}
+    most = max(candidates.values())
+    assert most == candidates["NF4 fp32 absmax, rest fp32"] < 5048 * mb  # no count of tensors reaches the figure
+    assert round(most / mb) == 4692 and round((5048 * mb - most) / mb) == 356
+    row = next(r for r in qlora_budget_table() if r["preset"] == "llama2-7b" and "double quant" in r["method"])
+    bits = f"{5048 * mb * 8 / (linear + rest):.2f} bits/param"
+    for text in ("5,048 MB", bits, "4,692 MB", "356 MB short"):
+        assert text in row["published"], text
+    assert f"ours {ours / mb:,.0f} MB" in row["why"] and "4,692 MB, 356 MB short" in row["why"]
+
+
 def test_budget_table_orders_the_methods_and_cites_the_figures():
     rows = {(r["preset"], r["method"].split(" (")[0].split(" r=")[0]): r for r in qlora_budget_table()}
     for preset in ("llama2-7b", "llama3-8b"):
