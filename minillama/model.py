@@ -301,7 +301,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[i:i + chunk] = g.to(weight.dtype) @ weight
             if grad_w is not None:
-                grad_w += g.t().to(h_c.dtype) @ h_c
+                if h_c.dtype == grad_w.dtype:  # added inside the matrix product: no extra pass over grad_w
+                    grad_w.addmm_(g.t(), h_c)
+                else:
+                    grad_w += g.t().to(h_c.dtype) @ h_c
         scale = 1.0 / count if reduction == "mean" else torch.ones((), device=h.device)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w, scale)
