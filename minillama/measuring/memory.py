@@ -467,7 +467,8 @@ def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
         save("FFN: w1 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
         save("FFN: w3 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
     n_before = len(terms)
-    if s.full:  # a plain w2 runs in model.SiLUMulLinear, which recomputes p in its backward: nothing more kept
+    if s.full and not s.checkpointing:  # a plain trainable w2 runs in model.SiLUMulLinear, which recomputes p in
+        # its backward: nothing more kept (a checkpointed block keeps the plain way: FeedForward.recompute_product)
         w2_rg = {"w2": True}
     else:
         w2_rg = _linear_inputs(s, "FFN product p", c, f_rg["w1"] or f_rg["w3"], ("w2",), save)
