@@ -242,3 +242,31 @@ def test_model_keeps_fewer_tensors_for_backward_than_autograd_would():
     N = 2 * 8
     per_block = 2 * N * args.dim * 4 + N * args.ffn_hidden_dim * 4
     assert plain - ours == args.n_layers * per_block + N * args.dim * 4  # + the final norm's x_hat
+
+
+def test_checkpointing_recomputes_the_blocks_forward_up_to_w2():
+    """Full fine-tuning with every block checkpointed costs the blocks' forward FLOPs once more, less w2's
+    product (non-reentrant checkpointing stops recomputing once the last tensor to keep is back: w2's input).
+    SiLUMulLinear would keep its tensors only after its matrix product: it is left out of checkpointed blocks."""
+    from minillama.config import ModelArgs
+    from minillama.measuring.measure import count_flops
+    from minillama.model import create_model
+
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
+    model = create_model(args, seed=0)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def step_flops(every, recompute_product=None):
+        model.set_checkpointing(every)
+        for layer in model.layers:
+            if recompute_product is not None:
+                layer.feed_forward.recompute_product = recompute_product
+        return count_flops(lambda: model(tokens, tokens).backward())
+
+    plain, ckpt = step_flops(0), step_flops(1)
+    with torch.no_grad():
+        forward = count_flops(lambda: model(tokens))
+    head = 2 * tokens.numel() * args.dim * args.vocab_size
+    w2 = 2 * tokens.numel() * args.ffn_hidden_dim * args.dim
+    assert ckpt - plain == forward - head - args.n_layers * w2
+    assert step_flops(1, recompute_product=True) - ckpt == args.n_layers * w2  # what FeedForward avoids
