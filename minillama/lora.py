@@ -184,7 +184,9 @@ class LoRALinear(nn.Module):
                 continue
             A, B = self.lora_A[n], self.lora_B[n]
             xa = self.lora_dropout[n](x.to(A.weight.dtype))
-            out = out + (B(A(xa)) * (c * self.scaling[n])).to(out.dtype)
+            # The scaling multiplies the rank-r A x, not B's [tokens, out_features] result (as PEFT does):
+            # the same value, with r / out_features as many multiplications, forward and backward.
+            out = out + B(A(xa) * (c * self.scaling[n])).to(out.dtype)
         return out
         # END SOLUTION
 

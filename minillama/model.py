@@ -29,6 +29,32 @@ from .rope import apply_rope, rope_cos_sin
 CACHE_MODES = ("prealloc", "concat")  # "concat": ConcatKVCache, at the end of this file
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm.forward's formula with a hand-written backward that keeps only x and the fp32 1/rms ([..., 1]).
+    Autograd's version of the formula keeps x's fp32 copy (a new tensor when x is bf16) for pow and for the
+    product with 1/rms, and, when the weight trains, the normalised x_hat for the weight's gradient as well:
+    up to three [tokens, dim] tensors per norm instead of one. x_hat is recomputed in the backward instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x.float() * rstd).type_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = (x.float() * rstd).type_as(x)
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # y = weight * x_hat: sum over every position
+            grad_w = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype)
+        # y_hat = x * rstd: d/dx = rstd * (g - x_hat * mean(g * x_hat)), g the gradient w.r.t. x_hat (fp32)
+        g = (grad * weight).float()
+        x_hat = x_hat.float()
+        grad_x = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+        return grad_x.type_as(x), grad_w, None
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as Meta and HF do)."""
 
@@ -40,6 +66,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension of x: compute in fp32, cast back to x's dtype, then scale by weight."""
         # BEGIN SOLUTION a1
+        if torch.is_grad_enabled():  # the same value, keeping fewer tensors for the backward pass
+            return RMSNormFunction.apply(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.type_as(x)
@@ -161,13 +189,41 @@ class SiLUMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        # d/da silu(a) * b = grad * b * silu'(a) (aten's silu_backward, in fp32 inside); d/db = grad * silu(a)
-        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)
+        return _silu_mul_grads(grad, a, b)
+
+
+def _silu_mul_grads(grad, a, b):
+    """Gradients of silu(a) * b with respect to a and b, given the gradient of the product."""
+    # d/da silu(a) * b = grad * b * silu'(a) (aten's silu_backward, in fp32 inside); d/db = grad * silu(a)
+    grad_a = torch.ops.aten.silu_backward(grad * b, a)
+    if grad.dtype != a.dtype:
+        return grad_a, grad * F.silu(a)
+    return grad_a, F.silu(a).mul_(grad)  # in place in the fresh silu(a): one [tokens, hidden] temporary less
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """F.silu(a) * b, equal in value and gradients, keeping one tensor less for the backward (SiLUMul)."""
     return SiLUMul.apply(a, b)
+
+
+class SiLUMulLinear(torch.autograd.Function):
+    """F.linear(silu(a) * b, weight), keeping only a, b and the weight. w2's own backward would keep its
+    input, the product p = silu(a) * b ([tokens, hidden]), for the weight's gradient: the third tensor of that
+    size per layer. Here p is recomputed in the backward pass instead (one element-wise product more)."""
+
+    @staticmethod
+    def forward(ctx, a, b, weight):
+        ctx.save_for_backward(a, b, weight)
+        return F.linear(F.silu(a) * b, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, weight = ctx.saved_tensors
+        grad_w = None
+        if ctx.needs_input_grad[2]:  # p again (made in place: one temporary), used once and freed
+            grad_w = (grad.flatten(0, -2).t() @ F.silu(a).mul_(b).flatten(0, -2)).to(weight.dtype)
+        grad_p = grad @ weight.to(grad.dtype)  # under autocast the forward ran in grad's dtype
+        return *_silu_mul_grads(grad_p, a, b), grad_w
 
 
 class FeedForward(nn.Module):
@@ -178,11 +234,17 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        # SiLUMulLinear for a trainable plain w2, except in a checkpointed block (Transformer.set_checkpointing):
+        # there nothing is kept anyway, and its recomputation would have to redo w2's matrix product too
+        self.recompute_product = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """w2(silu(w1 x) * w3 x)."""
         # BEGIN SOLUTION a1
-        if torch.is_grad_enabled():  # the same value, keeping one tensor less for the backward pass
+        if torch.is_grad_enabled():  # the same value, keeping fewer tensors for the backward pass
+            w2 = self.w2
+            if self.recompute_product and type(w2) is nn.Linear and w2.bias is None and w2.weight.requires_grad:
+                return SiLUMulLinear.apply(self.w1(x), self.w3(x), w2.weight)  # p recomputed in backward
             return self.w2(silu_mul(self.w1(x), self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # no backward: w1 x is freed before w3 x is made
         # END SOLUTION
@@ -207,7 +269,15 @@ class TransformerBlock(nn.Module):
 # vocabulary that is 128 KB per token, more than a whole block's activations in Llama-2-7B. Here the logits are
 # made a chunk of positions at a time, and the gradient of the loss with respect to h (and to the head's
 # weight) is computed right away, while the chunk is at hand: only those are kept for the backward pass.
-LOSS_CHUNK_ELEMENTS = 2**23  # logits per chunk (32 MiB in fp32)
+LOSS_CHUNK_ELEMENTS = 2**23  # at most this many logits per chunk (32 MiB in fp32)
+LOSS_MIN_CHUNKS = 8  # and at least this many chunks: one chunk's logits stay an eighth of the whole
+
+
+def loss_chunk(n_positions: int, vocab_size: int) -> int:
+    """Positions per chunk of linear_cross_entropy: at most LOSS_CHUNK_ELEMENTS logits, and at most
+    1/LOSS_MIN_CHUNKS of the positions (a chunk's logits are the loss's transient at the top of the
+    activations; the matrix products of an eighth of the positions are still large)."""
+    return max(1, min(LOSS_CHUNK_ELEMENTS // vocab_size, -(-n_positions // LOSS_MIN_CHUNKS)))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -235,7 +305,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[i:i + chunk] = g.to(weight.dtype) @ weight
             if grad_w is not None:
-                grad_w += g.t().to(h_c.dtype) @ h_c
+                if h_c.dtype == grad_w.dtype:  # added inside the matrix product: no extra pass over grad_w
+                    torch.addmm(grad_w, g.t(), h_c, out=grad_w)  # (FlopCounterMode does not count addmm_)
+                else:
+                    grad_w += g.t().to(h_c.dtype) @ h_c
         scale = 1.0 / count if reduction == "mean" else torch.ones((), device=h.device)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w, scale)
@@ -253,10 +326,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk: Optional[int] = None) -> torch.Tensor:
     """F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction=reduction), equal
     in value and gradients, without materialising the logits: h [N, dim], weight [vocab, dim], targets [N].
-    chunk: positions per chunk (default: LOSS_CHUNK_ELEMENTS // vocab)."""
+    chunk: positions per chunk (default: loss_chunk(N, vocab))."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy(reduction={reduction!r}): expected 'mean' or 'sum'.")
-    chunk = chunk or max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    chunk = chunk or loss_chunk(h.shape[0], weight.shape[0])
     # Gradients only where a backward pass can follow: not under torch.no_grad (evaluation), not for frozen tensors
     grad = torch.is_grad_enabled()
     return LinearCrossEntropy.apply(h, weight, targets, reduction, chunk, grad and h.requires_grad,
@@ -312,6 +385,8 @@ class Transformer(nn.Module):
         if not isinstance(every, int) or every < 0:
             raise ValueError(f"checkpointing every={every!r}: expected 0 (off) or a positive integer.")
         self.checkpoint_every = every
+        for i, layer in enumerate(self.layers):
+            layer.feed_forward.recompute_product = not (every and i % every == 0)
 
     def set_attn_impl(self, impl: str) -> None:
         """Switch every layer between "sdpa" (fused kernel) and "math" (explicit softmax)."""

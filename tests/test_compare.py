@@ -171,3 +171,102 @@ def test_silu_mul_equals_silu_times(dtype):
     torch.testing.assert_close(got, ref, **tol)
     for x, y in zip(grads, ref_grads):
         torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_function_equals_autograd_of_the_formula(dtype):
+    """RMSNormFunction (keeps x and 1/rms only) against autograd through the plain formula, weight trainable."""
+    from minillama.model import RMSNormFunction
+
+    gen = torch.Generator().manual_seed(3)
+    x = (2 * torch.randn(3, 5, 16, generator=gen)).to(dtype).requires_grad_()
+    w = (1 + 0.3 * torch.randn(16, generator=gen)).to(dtype).requires_grad_()
+    g = torch.randn(3, 5, 16, generator=gen).to(dtype)
+    xf = x.float()
+    ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x)
+    got = RMSNormFunction.apply(x, w, 1e-5)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, ref, **tol)
+    for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_silu_mul_linear_equals_linear_of_silu_times(weight_trains):
+    """SiLUMulLinear (recomputes p = silu(a) * b in backward) against F.linear(F.silu(a) * b, w) by autograd."""
+    from minillama.model import SiLUMulLinear
+
+    gen = torch.Generator().manual_seed(4)
+    a = (3 * torch.randn(2, 6, 10, generator=gen)).requires_grad_()
+    b = torch.randn(2, 6, 10, generator=gen).requires_grad_()
+    w = torch.randn(7, 10, generator=gen).requires_grad_(weight_trains)
+    g = torch.randn(2, 6, 7, generator=gen)
+    ref = F.linear(F.silu(a) * b, w)
+    got = SiLUMulLinear.apply(a, b, w)
+    inputs = (a, b, w) if weight_trains else (a, b)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for x, y in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_model_keeps_fewer_tensors_for_backward_than_autograd_would():
+    """Full fine-tuning of a small model: RMSNormFunction and SiLUMulLinear keep, per block, 2 [tokens, dim]
+    tensors (the norms' x_hat) and 1 [tokens, hidden] tensor (w2's input p) less than the plain formulas
+    (counted with saved_tensors_hooks, each storage once, parameters excluded)."""
+    from minillama.config import ModelArgs
+    from minillama.model import create_model
+
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
+    model = create_model(args, seed=0)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes():
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(tokens, tokens)
+        return sum(seen.values())
+
+    ours = saved_bytes()
+    import minillama.model as M
+    with pytest.MonkeyPatch.context() as mp:  # the plain formulas, differentiated by autograd
+        mp.setattr(M.RMSNormFunction, "apply", lambda x, w, eps: w * (x * torch.rsqrt(
+            x.pow(2).mean(-1, keepdim=True) + eps)))
+        mp.setattr(M.SiLUMulLinear, "apply", lambda a, b, w: F.linear(M.silu_mul(a, b), w))
+        plain = saved_bytes()
+    N = 2 * 8
+    per_block = 2 * N * args.dim * 4 + N * args.ffn_hidden_dim * 4
+    assert plain - ours == args.n_layers * per_block + N * args.dim * 4  # + the final norm's x_hat
+
+
+def test_checkpointing_recomputes_the_blocks_forward_up_to_w2():
+    """Full fine-tuning with every block checkpointed costs the blocks' forward FLOPs once more, less w2's
+    product (non-reentrant checkpointing stops recomputing once the last tensor to keep is back: w2's input).
+    SiLUMulLinear would keep its tensors only after its matrix product: it is left out of checkpointed blocks."""
+    from minillama.config import ModelArgs
+    from minillama.measuring.measure import count_flops
+    from minillama.model import create_model
+
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
+    model = create_model(args, seed=0)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def step_flops(every, recompute_product=None):
+        model.set_checkpointing(every)
+        for layer in model.layers:
+            if recompute_product is not None:
+                layer.feed_forward.recompute_product = recompute_product
+        return count_flops(lambda: model(tokens, tokens).backward())
+
+    plain, ckpt = step_flops(0), step_flops(1)
+    with torch.no_grad():
+        forward = count_flops(lambda: model(tokens))
+    head = 2 * tokens.numel() * args.dim * args.vocab_size
+    w2 = 2 * tokens.numel() * args.ffn_hidden_dim * args.dim
+    assert ckpt - plain == forward - head - args.n_layers * w2
+    assert step_flops(1, recompute_product=True) - ckpt == args.n_layers * w2  # what FeedForward avoids

@@ -382,8 +382,9 @@ def test_techniques_grid_and_the_effects_it_derives():
     assert eff["gradient checkpointing"]["FLOPs per step"]["effect"] == "raises"
     assert eff["gradient accumulation"]["activations"]["effect"] == "reduces"
     assert eff["gradient accumulation"]["peak memory"]["effect"] == "reduces"
-    # full fine-tuning: accumulated gradients are alive in the next micro-batch's forward (the peak)
+    # full fine-tuning: accumulated gradients are alive in the next micro-batch's forward (the peak); without
+    # accumulation the peak holds at most the gradients the backward has made so far
     full = [e for e in bench.technique_effects([r for r in rows if r["lora"] == 0])
             if e["technique"] == "gradient accumulation"][0]
-    assert full["gradients"]["ratio"] == float("inf") and full["gradients"]["effect"] == "raises"
+    assert full["gradients"]["ratio"] > 1 and full["gradients"]["effect"] == "raises"
     assert "| LoRA | 4 |" in bench.format_effects(list(eff.values()))

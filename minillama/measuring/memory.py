@@ -368,14 +368,12 @@ def _sgd_bytes(s: _Settings, groups: list[list[int]], notes: _Notes) -> tuple[in
 
 # ---- 2. the training step: activations saved for backward, block by block ---------------------
 def _rmsnorm(s: _Settings, name: str, x_rg: bool, save) -> bool:
-    """RMSNorm.forward: xf = x.float(); xf * rsqrt(xf.pow(2).mean(-1) + eps); .type_as(x); weight * (.)"""
+    """RMSNorm.forward in training: model.RMSNormFunction keeps only its input x (in the stream's dtype) and
+    the fp32 1/rms; x_hat is recomputed in its backward, also when the weight trains."""
     N, d = s.N, s.args.dim
-    if x_rg:
-        # pow(2) and xf*rsqrt keep xf: x itself when the stream is fp32, else its fp32 .float() copy
-        save(f"{name}: fp32 input x", 4 * N * d, "N*d*4 (kept by xf.pow(2) and xf*rsqrt)")
-        save(f"{name}: rsqrt", 4 * N, "N*4 (fp32 [B,T,1], kept by xf*rsqrt)")
-    if s.full:  # weight * x_hat keeps x_hat (in the stream's dtype) for the weight's gradient
-        save(f"{name}: x_hat", s.r * N * d, f"N*d*{s.r} (kept by weight*x_hat for the weight's grad)")
+    if x_rg or s.full:
+        save(f"{name}: input x", s.r * N * d, f"N*d*{s.r} (kept by RMSNormFunction)")
+        save(f"{name}: rsqrt", 4 * N, "N*4 (fp32 [B,T,1], kept by RMSNormFunction)")
     return x_rg or s.full
 
 
@@ -469,7 +467,11 @@ def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
         save("FFN: w1 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
         save("FFN: w3 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
     n_before = len(terms)
-    w2_rg = _linear_inputs(s, "FFN product p", c, f_rg["w1"] or f_rg["w3"], ("w2",), save)
+    if s.full and not s.checkpointing:  # a plain trainable w2 runs in model.SiLUMulLinear, which recomputes p in
+        # its backward: nothing more kept (a checkpointed block keeps the plain way: FeedForward.recompute_product)
+        w2_rg = {"w2": True}
+    else:
+        w2_rg = _linear_inputs(s, "FFN product p", c, f_rg["w1"] or f_rg["w3"], ("w2",), save)
     p_bytes = sum(t[1] for t in terms[n_before:])  # all released once w2 (and its LoRA) ran backward
     return terms, h_rg or w2_rg["w2"], p_bytes
 
@@ -494,13 +496,13 @@ def _head_saved(s: _Settings, x_rg: bool) -> list[tuple[str, int, str]]:
 
 
 def loss_chunk_bytes(s: _Settings) -> tuple[int, str]:
-    """linear_cross_entropy's transient for one chunk of Nc positions (model.LOSS_CHUNK_ELEMENTS // V): the
+    """linear_cross_entropy's transient for one chunk of Nc positions (model.loss_chunk(N, V)): the
     chunk's logits c*Nc*V, their fp32 copy 4*Nc*V when c < 4 (the softmax and its gradient are made in place),
     and, when c < 4, the gradient cast back to the weight's dtype for the matrix products c*Nc*V."""
-    from ..model import LOSS_CHUNK_ELEMENTS
+    from ..model import loss_chunk
 
     V, c = s.args.vocab_size, s.c
-    nc = min(s.N, max(1, LOSS_CHUNK_ELEMENTS // V))
+    nc = min(s.N, loss_chunk(s.N, V))
     n = c * nc * V + (4 * nc * V + c * nc * V if c < 4 else 0)
     return n, f"{nc}*{V}*{c} (one chunk of logits)" + (f" + {nc}*{V}*4 (fp32) + {nc}*{V}*{c} (gradient cast)"
                                                       if c < 4 else "")
@@ -627,7 +629,7 @@ def train_moments(s: _Settings, params: int, grads: int, opt: int, opt_temp: int
     notes.add("temporary at the end of the forward", logits_tmp, chunk_formula + " + positions")
     notes.add("temporary at the start of the backward", loss_bwd, f"N*{d}*{s.r} (the loss's gradient w.r.t. norm(h))")
     notes.add("temporary in a block's backward", moments["backward of the first block"]["temporary"],
-              f"N*{d}*{r} (incoming grad) + 4*N*{hid}*{c} (grad_p, grad of w1 x, silu(w1 x) recomputed, grad of w3 x)"
+              f"N*{d}*{r} (incoming grad) + 3*N*{hid}*{c} (grad_p, grad of w1 x, silu(w1 x) made into grad of w3 x)"
               + (" + the largest new gradient (accumulated in place)" if s.grad_accum > 1 else ""))
     return moments
 
@@ -659,13 +661,13 @@ def _block_backward(s: _Settings, i: int, saved: _Saved, grads: int) -> dict[str
     N, d, hid, r, c = s.N, s.args.dim, s.args.ffn_hidden_dim, s.r, s.c
     terms, p_i, _ = saved.blocks[i]
     if s.checkpointing:
-        shared_x = sum(t[1] for t in terms if t[0] == "attention_norm: fp32 input x") if r == 4 else 0
+        shared_x = sum(t[1] for t in terms if t[0] == "attention_norm: input x")
         act = (i + 1) * r * N * d + saved.per_block[i] - shared_x + saved.amp_blocks[i]
     else:
         act = sum(saved.per_block[: i + 1]) + sum(saved.amp_blocks[: i + 1])
     amp_w2 = 2 * d * hid if (s.amp and saved.amp_blocks[0]) else 0
     act += s.cos_sin - p_i - amp_w2
-    tmp = r * N * d + 4 * c * N * hid  # silu_mul's backward: grad_p, grad_w1x, silu(w1 x) recomputed, grad_w3x
+    tmp = r * N * d + 3 * c * N * hid  # silu_mul's backward: grad_p, grad_w1x, silu(w1 x) made into grad_w3x
     if s.quant4:  # w2's backward runs on a dequantised copy of its weight beside the incoming grad
         tmp = max(tmp, r * N * d + c * N * d + _dequant_bytes(s, d * hid))
     g, g_tmp = _gradients_in_backward(s, i, grads)
