@@ -37,9 +37,10 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        xf = x.float()  # one fp32 copy (x itself when x is fp32), used twice and not kept
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x.float() * rstd).type_as(x)
+        return weight * (xf * rstd).type_as(x)
 
     @staticmethod
     def backward(ctx, grad):
