@@ -25,8 +25,9 @@ Categories (`minillama.measuring.measure.CATEGORIES`, the same as MemoryTracker'
 
 Moments. Memory is not the sum of the categories: the peak is the largest of a few moments of the step,
 each with its own live set (`MemoryEstimate.moments`):
-  train:     "cross-entropy backward" (all activations + 2 fp32 [N, V] gradients: nll_loss's and
-             log_softmax's), "cross-entropy forward", "backward of the last block", "optimizer step"
+  train:     "cross-entropy forward" (all activations + one chunk of logits in linear_cross_entropy),
+             "cross-entropy backward" (all activations + the loss's gradient w.r.t. the last hidden state),
+             "backward of the last block" / "of the first block", "optimizer step"
              (parameters + gradients + state + AdamW temporaries). Gradients are None during forward
              and backward when the step zeroes them with set_to_none before the next forward (bench.py);
              train.py zeroes them after the forward, so there last step's gradients live during the
