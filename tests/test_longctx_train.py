@@ -107,7 +107,7 @@ def test_the_sweep_on_a_micro_budget_writes_every_field_the_same_twice(tmp_path)
     shutil.copy(tiny_model_dir() / "tokenizer.model", model_dir / "tokenizer.model")
     cfg = SweepConfig(steps=1, batch_size=1, rank=2, warmup_steps=1, contexts=(16, 32, 64, 128), ppl_docs=1,
                       passkey_trials=1, phrases_trials=1, threads=1)
-    variants = ("base", "yarn-x4", "linear+lora", "linear+lora+emb-norms")
+    variants = ("base", "yarn-x4", "yarn+qlora", "linear+lora", "linear+lora+emb-norms")
     res = run_sweep(tmp_path / "a", cfg, variants, model_path=model_dir, corpora=corpora_dir(), command="test")
     meta = json.loads((tmp_path / "a" / "results.json").read_text())["meta"]
     assert {"device", "torch", "date", "wall_s", "cpu_s", "steps", "command", "context", "sweep"} <= set(meta)
@@ -121,9 +121,11 @@ def test_the_sweep_on_a_micro_budget_writes_every_field_the_same_twice(tmp_path)
     assert res["variants"]["yarn-x4"]["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
                                                           "original_max_position_embeddings": 32}
     assert "ppl @ 128" in (tmp_path / "a" / "README.md").read_text()
+    assert "| yarn+qlora | yarn x4 | wq,wv (NF4 base) |" in (tmp_path / "a" / "README.md").read_text()
+    assert [v["base_4bit"] for v in res["variants"].values()] == [None, None, "nf4, double quantisation", None, None]
     csv_lines = (tmp_path / "a" / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + len(variants) and csv_lines[0].startswith("variant,rope_scaling,targets,finetuned,ppl_16")
+    assert len(csv_lines) == 1 + len(variants) and csv_lines[0].startswith("variant,rope_scaling,targets,finetuned,base_4bit,ppl_16")
     # deterministic: a second run (two variants at once, in worker processes) writes the same adapters
-    run_sweep(tmp_path / "b", cfg, variants[2:], model_path=model_dir, corpora=corpora_dir(), command="test", jobs=2)
+    run_sweep(tmp_path / "b", cfg, variants[3:], model_path=model_dir, corpora=corpora_dir(), command="test", jobs=2)
     for f in ("adapter_model.safetensors", "adapter_config.json", "rope_config.json"):
         assert (tmp_path / "a/adapters/linear+lora" / f).read_bytes() == (tmp_path / "b/adapters/linear+lora" / f).read_bytes()

@@ -8,6 +8,7 @@ the same long documents made from the repo's own corpora (`long_training_docs`):
 * "linear+lora": Position Interpolation, every position divided by 4, LoRA on q/v;
 * "yarn+lora": YaRN (NTK-by-parts with its attention temperature), LoRA on q/v;
 * "linear+lora-all": linear interpolation, LoRA on all seven linears;
+* "yarn+qlora": YaRN with QLoRA, the base's block linears in NF4 with double quantisation, LoRA q/v;
 * optionally "linear+lora+emb-norms": LongLoRA's trainable embeddings and norms on top of q/v.
 
 Beside them, the rows without fine-tuning: "base" (the table extended, no scaling), "linear-x4",
@@ -68,17 +69,19 @@ except ImportError:  # pragma: no cover - depends on the branch
         return {c: passkey_accuracy(model, tokenizer, c, trials * len(depths), seed, depths)["per_depth"]
                 for c in contexts}
 
-# name: (rope scaling type or None, LoRA targets or None (no fine-tuning), embeddings and norms train too)
+# name: (rope scaling type or None, LoRA targets or None (no fine-tuning), embeddings and norms train too,
+#        the base's block linears in 4 bits (QLoRA: NF4 with double quantisation, as TrainConfig.load_in_4bit))
 VARIANTS = {
-    "base": (None, None, False),
-    "linear-x4": ("linear", None, False),
-    "ntk-x4": ("ntk", None, False),
-    "yarn-x4": ("yarn", None, False),
-    "extend+lora": (None, "wq,wv", False),
-    "linear+lora": ("linear", "wq,wv", False),
-    "yarn+lora": ("yarn", "wq,wv", False),
-    "linear+lora-all": ("linear", "all", False),
-    "linear+lora+emb-norms": ("linear", "wq,wv", True),
+    "base": (None, None, False, False),
+    "linear-x4": ("linear", None, False, False),
+    "ntk-x4": ("ntk", None, False, False),
+    "yarn-x4": ("yarn", None, False, False),
+    "extend+lora": (None, "wq,wv", False, False),
+    "linear+lora": ("linear", "wq,wv", False, False),
+    "yarn+lora": ("yarn", "wq,wv", False, False),
+    "linear+lora-all": ("linear", "all", False, False),
+    "yarn+qlora": ("yarn", "wq,wv", False, True),
+    "linear+lora+emb-norms": ("linear", "wq,wv", True, False),
 }
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "linear+lora+emb-norms")
 
@@ -137,12 +140,14 @@ def _scaling(kind: Optional[str], cfg: SweepConfig, window: int) -> Optional[dic
     return scaling_from_spec(f"{kind}:{cfg.factor}", window) if kind else None
 
 
-def finetune(model, rows, cfg: SweepConfig, targets: str, extras: bool, work: Path, progress: bool) -> dict:
-    """LoRA on `rows` with the sweep's budget; returns the first and last losses and the trainable count."""
+def finetune(model, rows, cfg: SweepConfig, targets: str, extras: bool, work: Path, progress: bool,
+             four_bit: bool = False) -> dict:
+    """LoRA (QLoRA with four_bit) on `rows` with the sweep's budget; returns the first and last losses and the
+    trainable count."""
     tc = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                      min_lr_ratio=0.1, weight_decay=0.0, lora_r=cfg.rank, lora_alpha=cfg.alpha,
                      lora_targets=targets, train_embeddings=extras, train_norms=extras, eval_every=cfg.steps,
-                     save_every=cfg.steps, seed=cfg.seed)
+                     save_every=cfg.steps, seed=cfg.seed, load_in_4bit=four_bit, double_quant=four_bit)
     log = train(model, rows, {}, tc, work, progress=progress)
     model.eval()
     return {"steps": cfg.steps, "first_loss": round(log[0]["loss"], 4), "final_loss": round(log[-1]["loss"], 4),
@@ -167,20 +172,20 @@ def run_variant(name: str, model_path, tok, rows, docs, cfg: SweepConfig, out: P
                 progress: bool) -> dict:
     """Load the base with the variant's scaling and a 1,024 position table, fine-tune it if the variant says
     so (its adapter to out/adapters/NAME), and evaluate it."""
-    kind, targets, extras = VARIANTS[name]
+    kind, targets, extras, four_bit = VARIANTS[name]
     window = load_model(model_path).args.max_seq_len
     scaling = _scaling(kind, cfg, window)
     model = load_model(model_path, rope_scaling=scaling, max_seq_len=window * cfg.factor)
     row = {"rope_scaling": scaling, "targets": targets, "finetuned": targets is not None,
-           "trains_embeddings_norms": extras}
+           "trains_embeddings_norms": extras, "base_4bit": "nf4, double quantisation" if four_bit else None}
     if targets is not None:
-        row["train"] = finetune(model, rows, cfg, targets, extras, work / name, progress)
+        row["train"] = finetune(model, rows, cfg, targets, extras, work / name, progress, four_bit)
         save_run_adapter(model, out / "adapters" / name)
     row.update(evaluate_variant(model, tok, docs, cfg))
     return row
 
 
-CSV_HEAD = ("variant", "rope_scaling", "targets", "finetuned")
+CSV_HEAD = ("variant", "rope_scaling", "targets", "finetuned", "base_4bit")
 
 
 def results_csv(results: dict) -> str:
@@ -194,8 +199,8 @@ def results_csv(results: dict) -> str:
     w.writerow(list(CSV_HEAD) + [f"ppl_{c}" for c in ppl_keys] + [f"passkey_{c}_depth_{d}" for c, d in pk_keys])
     for name, v in variants.items():
         rope = f"{v['rope_scaling']['rope_type']}:{v['rope_scaling']['factor']:g}" if v["rope_scaling"] else "none"
-        w.writerow([name, rope, v["targets"] or "", v["finetuned"]] + [v["ppl"][c] for c in ppl_keys]
-                   + [v["passkey"][c][d] for c, d in pk_keys])
+        w.writerow([name, rope, v["targets"] or "", v["finetuned"], v.get("base_4bit") or ""]
+                   + [v["ppl"][c] for c in ppl_keys] + [v["passkey"][c][d] for c, d in pk_keys])
     return buf.getvalue()
 
 
@@ -225,7 +230,8 @@ def tables(results: dict) -> str:
              "| --- | --- | --- | " + " | ".join("---" for _ in ctx) + " |"]
     for name, v in variants.items():
         rope = f"{v['rope_scaling']['rope_type']} x{v['rope_scaling']['factor']:g}" if v["rope_scaling"] else "none"
-        lines.append(f"| {name} | {rope} | {v['targets'] or '(no fine-tuning)'} | "
+        targets = (v["targets"] + (" (NF4 base)" if v.get("base_4bit") else "")) if v["targets"] else "(no fine-tuning)"
+        lines.append(f"| {name} | {rope} | {targets} | "
                      + " | ".join(f"{v['ppl'][c]:.3f}" for c in ctx) + " |")
     lines += ["", f"Passkey accuracy at {longest} tokens, by depth of the key:", "",
               "| variant | " + " | ".join(f"depth {d}" for d in depths) + " |",
