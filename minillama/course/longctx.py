@@ -322,7 +322,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for key in ("steps", "batch_size", "rank", "ppl_docs", "passkey_trials", "threads", "seed"):
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=getattr(d, key))
     p.add_argument("--jobs", type=int, default=2, help="variants at once, each in a process of --threads threads "
-                   "(default 2: the shipped sweep, about 17 minutes on 2 cores)")
+                   "(default 2: the shipped sweep, about 24 minutes on 2 cores)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--quiet", action="store_true")
 
