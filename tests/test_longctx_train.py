@@ -124,7 +124,8 @@ def test_the_sweep_on_a_micro_budget_writes_every_field_the_same_twice(tmp_path)
     assert "| yarn+qlora | yarn x4 | wq,wv (NF4 base) |" in (tmp_path / "a" / "README.md").read_text()
     assert [v["base_4bit"] for v in res["variants"].values()] == [None, None, "nf4, double quantisation", None, None]
     csv_lines = (tmp_path / "a" / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + len(variants) and csv_lines[0].startswith("variant,rope_scaling,targets,finetuned,base_4bit,ppl_16")
+    assert len(csv_lines) == 1 + len(variants)
+    assert csv_lines[0].startswith("variant,rope_scaling,targets,finetuned,base_4bit,ppl_16")
     # deterministic: a second run (two variants at once, in worker processes) writes the same adapters
     run_sweep(tmp_path / "b", cfg, variants[3:], model_path=model_dir, corpora=corpora_dir(), command="test", jobs=2)
     for f in ("adapter_model.safetensors", "adapter_config.json", "rope_config.json"):

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -69,19 +69,26 @@ except ImportError:  # pragma: no cover - depends on the branch
         return {c: passkey_accuracy(model, tokenizer, c, trials * len(depths), seed, depths)["per_depth"]
                 for c in contexts}
 
-# name: (rope scaling type or None, LoRA targets or None (no fine-tuning), embeddings and norms train too,
-#        the base's block linears in 4 bits (QLoRA: NF4 with double quantisation, as TrainConfig.load_in_4bit))
+
+class Variant(NamedTuple):
+    rope: Optional[str] = None      # rope scaling type (factor: SweepConfig.factor), None: the trained angles
+    targets: Optional[str] = None   # LoRA targets; None: no fine-tuning
+    extras: bool = False            # embeddings and norms train too (LongLoRA)
+    four_bit: bool = False          # QLoRA: the base's block linears in 4 bits (QLORA below)
+
+
+QLORA = {"quant_type": "nf4", "double_quant": True}  # TrainConfig settings of the 4-bit variants
 VARIANTS = {
-    "base": (None, None, False, False),
-    "linear-x4": ("linear", None, False, False),
-    "ntk-x4": ("ntk", None, False, False),
-    "yarn-x4": ("yarn", None, False, False),
-    "extend+lora": (None, "wq,wv", False, False),
-    "linear+lora": ("linear", "wq,wv", False, False),
-    "yarn+lora": ("yarn", "wq,wv", False, False),
-    "linear+lora-all": ("linear", "all", False, False),
-    "yarn+qlora": ("yarn", "wq,wv", False, True),
-    "linear+lora+emb-norms": ("linear", "wq,wv", True, False),
+    "base": Variant(),
+    "linear-x4": Variant("linear"),
+    "ntk-x4": Variant("ntk"),
+    "yarn-x4": Variant("yarn"),
+    "extend+lora": Variant(None, "wq,wv"),
+    "linear+lora": Variant("linear", "wq,wv"),
+    "yarn+lora": Variant("yarn", "wq,wv"),
+    "linear+lora-all": Variant("linear", "all"),
+    "yarn+qlora": Variant("yarn", "wq,wv", four_bit=True),
+    "linear+lora+emb-norms": Variant("linear", "wq,wv", extras=True),
 }
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "linear+lora+emb-norms")
 
@@ -147,7 +154,7 @@ def finetune(model, rows, cfg: SweepConfig, targets: str, extras: bool, work: Pa
     tc = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                      min_lr_ratio=0.1, weight_decay=0.0, lora_r=cfg.rank, lora_alpha=cfg.alpha,
                      lora_targets=targets, train_embeddings=extras, train_norms=extras, eval_every=cfg.steps,
-                     save_every=cfg.steps, seed=cfg.seed, load_in_4bit=four_bit, double_quant=four_bit)
+                     save_every=cfg.steps, seed=cfg.seed, load_in_4bit=four_bit, **(QLORA if four_bit else {}))
     log = train(model, rows, {}, tc, work, progress=progress)
     model.eval()
     return {"steps": cfg.steps, "first_loss": round(log[0]["loss"], 4), "final_loss": round(log[-1]["loss"], 4),
@@ -177,7 +184,8 @@ def run_variant(name: str, model_path, tok, rows, docs, cfg: SweepConfig, out: P
     scaling = _scaling(kind, cfg, window)
     model = load_model(model_path, rope_scaling=scaling, max_seq_len=window * cfg.factor)
     row = {"rope_scaling": scaling, "targets": targets, "finetuned": targets is not None,
-           "trains_embeddings_norms": extras, "base_4bit": "nf4, double quantisation" if four_bit else None}
+           "trains_embeddings_norms": extras,
+           "base_4bit": f"{QLORA['quant_type']}, double quantisation" if four_bit else None}
     if targets is not None:
         row["train"] = finetune(model, rows, cfg, targets, extras, work / name, progress, four_bit)
         save_run_adapter(model, out / "adapters" / name)
@@ -230,7 +238,9 @@ def tables(results: dict) -> str:
              "| --- | --- | --- | " + " | ".join("---" for _ in ctx) + " |"]
     for name, v in variants.items():
         rope = f"{v['rope_scaling']['rope_type']} x{v['rope_scaling']['factor']:g}" if v["rope_scaling"] else "none"
-        targets = (v["targets"] + (" (NF4 base)" if v.get("base_4bit") else "")) if v["targets"] else "(no fine-tuning)"
+        targets = v["targets"] or "(no fine-tuning)"
+        if v.get("base_4bit"):
+            targets += " (NF4 base)"
         lines.append(f"| {name} | {rope} | {targets} | "
                      + " | ".join(f"{v['ppl'][c]:.3f}" for c in ctx) + " |")
     lines += ["", f"Passkey accuracy at {longest} tokens, by depth of the key:", "",
