@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# main() imports minillama.course.longctx to build its parser, and that module takes `train` by name: imported
+# here first, it never binds the spy a test below puts in T.train (a later test would train with the spy).
+import minillama.course.longctx  # noqa: F401
 import minillama.training.train as T
 from minillama.cli.main import main
 
