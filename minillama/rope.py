@@ -184,6 +184,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # One complex multiplication, as Meta does: the pairs read as complex numbers in place (no copy in fp32).
     # Written out with real tensors (a*cos - b*sin, a*sin + b*cos, then a stack) it is the same arithmetic in
     # seven strided element-wise ops and as many in the backward pass: several times slower on the CPU.
+    if torch.compiler.is_compiling():  # torch.compile fuses this real form into one kernel; complex it cannot
+        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).type_as(x)
     xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [B, T, H, head_dim/2]
     rot = torch.complex(cos, sin)[:, None, :]  # [T, 1, head_dim/2]: broadcast over heads
     return torch.view_as_real(xc * rot).flatten(-2).type_as(x)

@@ -416,6 +416,11 @@ def cmd_train(args) -> int:
 
     device = distributed.rank_device(_device(args.device))  # under torchrun: cuda:LOCAL_RANK
     _check_train_flags(args)
+    if args.compile:
+        from ..training.train import compile_problem
+
+        if problem := compile_problem(device):
+            raise ValueError(f"--compile: {problem}; run without --compile.")
     distributed.init(torch.device(device))  # joins torchrun's process group; nothing in one process
     if distributed.is_main():
         check_writable(Path(args.out))  # a full disk or a read-only --out is refused before the model loads
@@ -450,7 +455,7 @@ def cmd_train(args) -> int:
                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
                       rope_scaling=scaling, max_seq_len=max_seq_len, train_embeddings=args.train_embeddings,
                       train_norms=args.train_norms, load_in_4bit=args.load_in_4bit, quant_type=args.quant_type, double_quant=args.double_quant,
-                      quant_blocksize=args.quant_blocksize, eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
+                      quant_blocksize=args.quant_blocksize, compile=args.compile, eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
                       data_sha256=file_sha256(args.data),  # a --resume on other data is refused, naming it
                       val_data_sha256=file_sha256(args.val_data) if args.val_data else "")
     say = print if distributed.is_main() else (lambda *a, **k: None)  # rank 0 speaks for the job
@@ -458,6 +463,7 @@ def cmd_train(args) -> int:
     say(f"{steps} optimizer steps of {per_step} examples/rows ({args.batch_size} x {args.grad_accum} accumulated"
         f"{f' x {distributed.world_size()} ranks' if distributed.world_size() > 1 else ''}), "
           f"amp={cfg.amp}, dtype={next(model.parameters()).dtype}, checkpointing={cfg.checkpointing}, "
+          f"{'compiled blocks, ' if cfg.compile else ''}"
           f"optimizer={cfg.optimizer}, lora_r={cfg.lora_r}, device={device}, context {model.args.max_seq_len}"
           f" (rope_scaling {model.args.rope_scaling})"
           + (f", 4-bit base {cfg.quant_type}{'+dq' if cfg.double_quant else ''} (blocksize {cfg.quant_blocksize})"
@@ -487,7 +493,12 @@ def cmd_bench_compare(args) -> int:
     keys = ("batch", "seq_len", "long_seq_len", "new_tokens", "repeats")
     _check_positive(args, *keys)
     sizes = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    s = Settings.defaults(args.preset, _device(args.device), dtype=args.dtype, **sizes)
+    s = Settings.defaults(args.preset, _device(args.device), dtype=args.dtype, compile=args.compile, **sizes)
+    if args.compile != "none":
+        from ..training.train import compile_problem
+
+        if problem := compile_problem(s.device):
+            raise ValueError(f"--compile {args.compile}: {problem}; run with --compile none.")
     rows = run_compare(s, args.rows, out_dir=args.out)
     print()
     print(format_compare(rows, "md", settings=s))
@@ -500,6 +511,8 @@ def cmd_bench(args) -> int:
 
     if args.compare:
         return cmd_bench_compare(args)
+    if args.compile != "none":
+        raise ValueError(f"--compile {args.compile} is for --compare hf; the grid runs minillama eager.")
     device = _device(args.device)
     path = args.model
     if path is None and args.preset == "tiny" and not args.random_weights:
@@ -601,6 +614,8 @@ def _add_train_techniques(t) -> None:
     t.add_argument("--quant-type", default="nf4", choices=list(QUANT_TYPES), help="4-bit code book")
     t.add_argument("--double-quant", action="store_true", help="the 4-bit constants in 8 bits too")
     t.add_argument("--quant-blocksize", type=int, default=64, help="values per 4-bit block (power of two, 32-4096)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (fused element-wise work; the first step compiles)")
 
 
 def _add_train(sub) -> None:
@@ -649,6 +664,9 @@ def _add_bench(sub) -> None:
     m.add_argument("--seq-len", type=int, default=None, help="with --compare (default: 128 on CPU, 512 on CUDA)")
     m.add_argument("--long-seq-len", type=int, default=None, help="with --compare: the long-context row")
     m.add_argument("--new-tokens", type=int, default=None, help="with --compare: tokens generated (inference)")
+    m.add_argument("--compile", default="none", choices=("none", "minillama", "both"),
+                   help="with --compare, training rows: torch.compile minillama's blocks (minillama), and HF's "
+                        "decoder layers too (both); default none: both eager")
     m.set_defaults(func=cmd_bench)
 
 

@@ -45,6 +45,7 @@ from .memory import estimate_memory, kv_cache_bytes
 
 MiB = 1024**2
 IMPLS = ("minillama", "hf")
+COMPILE_CHOICES = ("none", "minillama", "both")  # Settings.compile, --compile
 # |loss_minillama / loss_hf - 1| after the same steps: fp32 differs only by the order of additions; bf16 and
 # the 4-bit base by rounding at every op (each implementation rounds at other places).
 LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
@@ -92,6 +93,7 @@ class Settings:
     new_tokens: int = 32          # inference: tokens generated after the prompt
     full_layers: int = 8          # full fine-tuning runs a smaller shape: at most this many layers
     seed: int = 0
+    compile: str = "none"         # training rows: "minillama" compiles its blocks, "both" HF's decoder layers too
 
     @classmethod
     def defaults(cls, preset: str = "tiny", device="cpu", **overrides) -> "Settings":
@@ -185,10 +187,17 @@ def build_pair(row: Row, s: Settings):
         torch.manual_seed(s.seed)
         apply_lora(ours, r=s.r, alpha=2 * s.r, targets=row.targets)
         hf = peft_twin(ours, hf)
+    base = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
     if row.checkpointing:
         ours.set_checkpointing(1)
-        base = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if row.kind == "train" and s.compile != "none":  # after every technique: a module swapped later recompiles
+        from ..training.train import compile_blocks
+
+        compile_blocks(ours)
+        if s.compile == "both":  # the same in HF: each decoder layer compiled, in place
+            for layer in base.model.layers:
+                layer.compile()
     return ours, hf, args
 
 
@@ -254,14 +263,18 @@ def measure_pair(steps: dict, device: torch.device, warmup: int, repeats: int) -
         for _, _, fn in steps.values():
             fn()
     res = {}
-    for impl, (model, opt, fn) in steps.items():
-        other = sum(_resident_bytes(m, o) for k, (m, o, _) in steps.items() if k != impl)
-        tracker, max_alloc, _ = track_memory(fn, model, opt)
-        res[impl] = {"peak_memory_bytes": tracker.peak_bytes, "memory_by_category": tracker.by_category(),
-                     # the allocator's peak less what the other implementation keeps resident meanwhile
-                     "cuda_peak_bytes": None if max_alloc is None else max_alloc - other}
-    for impl, (_, _, fn) in steps.items():
-        res[impl]["flops_per_step"] = count_flops(fn)
+    # The tracker and the FLOP counter are dispatch modes, which torch.compile cannot run under: a compiled
+    # step would fall back to eager there and stay eager afterwards. So those two steps run eager on purpose
+    # (the same arithmetic, so the same FLOPs; the memory is then the eager step's) and the timed ones compiled.
+    with torch.compiler.set_stance("force_eager"):
+        for impl, (model, opt, fn) in steps.items():
+            other = sum(_resident_bytes(m, o) for k, (m, o, _) in steps.items() if k != impl)
+            tracker, max_alloc, _ = track_memory(fn, model, opt)
+            res[impl] = {"peak_memory_bytes": tracker.peak_bytes, "memory_by_category": tracker.by_category(),
+                         # the allocator's peak less what the other implementation keeps resident meanwhile
+                         "cuda_peak_bytes": None if max_alloc is None else max_alloc - other}
+        for impl, (_, _, fn) in steps.items():
+            res[impl]["flops_per_step"] = count_flops(fn)
     times = alternate_times({impl: fn for impl, (_, _, fn) in steps.items()}, device, repeats)
     for impl in steps:
         res[impl]["step_time_s"] = statistics.median(times[impl])
@@ -433,7 +446,8 @@ def row_header(row: Row, s: Settings) -> dict:
             "device_name": device_name(device), "dtype": dtype_name(s.torch_dtype()),
             "lora_r": s.r if row.kind == "train" and row.targets is not None else 0,
             "lora_targets": row.targets if isinstance(row.targets, str) or row.targets is None else ",".join(row.targets),
-            "checkpointing": row.checkpointing, "quant": "nf4" if row.quant else "none", **_versions()}
+            "checkpointing": row.checkpointing, "quant": "nf4" if row.quant else "none",
+            "compiled": s.compile if row.kind == "train" else "none", **_versions()}
 
 
 def compare_row(row: Row, s: Settings) -> dict:
@@ -520,6 +534,11 @@ def _cells(r: dict) -> list[str]:
 def describe_compare(rows: list[dict], s: Optional[Settings] = None) -> str:
     r = rows[0] if rows else {}
     sizes = f" | batch {s.batch}, seq {s.seq_len} (long: batch 1, seq {s.long_seq_len}), LoRA r={s.r}" if s else ""
+    compiled = s.compile if s else next((x["compiled"] for x in rows if x.get("compiled", "none") != "none"), "none")
+    if compiled != "none":  # say it in the header: a compiled row is not the stack as students run it
+        sizes += (" | training rows: minillama's blocks torch.compiled, HF "
+                  + ("decoder layers compiled too" if compiled == "both" else "eager (as it runs by default)")
+                  + "; their memory is counted in an eager step (the tracker cannot see inside compiled code)")
     return (f"device: {r.get('device_name', '?')} | dtype: {r.get('dtype', '?')} | torch {r.get('torch', '?')}, "
             f"transformers {r.get('transformers', '-')}, peft {r.get('peft', '-')}, bitsandbytes "
             f"{r.get('bitsandbytes', '-')} | preset: {r.get('preset', '?')}{sizes} | MiB = 1024**2 bytes; "

@@ -12,6 +12,9 @@ Each technique of the course is switched by TrainConfig and lives in one place h
   gradient equals one big batch's even when micro-batches hold different numbers of tokens.
 * Gradient checkpointing (`checkpointing` = k): every k-th transformer block recomputes its
   activations in the backward pass (`Transformer.set_checkpointing`).
+* torch.compile (`compile`): each transformer block's forward is compiled (`compile_blocks`): the same
+  arithmetic, with the element-wise work around the matrix products (RMSNorm, RoPE, SwiGLU, residuals) fused
+  into a few generated kernels. The first step pays the compilation; the blocks are plain again after train().
 * Optimizers: AdamW (torch), 8-bit AdamW and paged 8-bit AdamW (bitsandbytes), plain SGD.
 * Longer context (`rope_scaling`, `max_seq_len`): the model's RoPE scaling and position table are set
   before the first step (`extend_context`), and recorded with the run and the saved adapter. With LoRA,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib.util
 import json
 import math
 import pickle
@@ -37,6 +41,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import tempfile
 import time
 import warnings
@@ -89,6 +94,7 @@ class TrainConfig:
     load_in_4bit: bool = False    # QLoRA: the blocks' linears in 4 bits (needs lora_r > 0)
     quant_type: str = "nf4"       # "nf4" | "fp4"
     double_quant: bool = False    # the 4-bit constants themselves in 8 bits
+    compile: bool = False         # torch.compile each transformer block (compile_blocks)
     quant_blocksize: int = 64     # values per absmax block: a power of two from 32 to 4096
     eval_every: int = 250
     eval_rows: int = 64           # held-out rows per evaluation set
@@ -137,6 +143,7 @@ SETTINGS = {
        for key in ("data_sha256", "val_data_sha256")},
     "load_in_4bit": (lambda v: isinstance(v, bool), "True or False"),
     "train_embeddings": (lambda v: isinstance(v, bool), "True or False"),
+    "compile": (lambda v: isinstance(v, bool), "True or False"),
     "train_norms": (lambda v: isinstance(v, bool), "True or False"),
     "max_seq_len": (_integer(0), "an integer >= 0 (0: the model's own context)"),
     "rope_scaling": (lambda v: v is None or _valid_scaling(v), "None or a rope_scaling dict such as "
@@ -293,6 +300,41 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
         _unfreeze_extras(model, cfg)
     model.set_checkpointing(cfg.checkpointing)
+    if cfg.compile:
+        compile_blocks(model)
+    return model
+
+
+def compile_problem(device) -> Optional[str]:
+    """Why torch.compile cannot generate kernels for `device` here (None: it can). Inductor writes C++ for
+    the CPU, which needs a C++ compiler, and Triton for CUDA GPUs."""
+    kind = torch.device(device).type
+    if kind == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        return "torch.compile needs a C++ compiler for the CPU (g++ or clang++, or $CXX), and none is on PATH"
+    if kind == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile needs Triton for CUDA GPUs (pip install triton), and it is not installed"
+    if kind not in ("cpu", "cuda"):
+        return f"torch.compile is used here on cpu and cuda only, not on {kind}"
+    return None
+
+
+def compile_blocks(model: Transformer, enable: bool = True) -> Transformer:
+    """torch.compile each transformer block's forward, in place (enable=False: back to the plain forward).
+
+    Only the blocks: the same parameters, module names and state_dict (checkpoints and adapters are unchanged),
+    and every block shares one compiled graph (they run the same code). Apply it after LoRA / 4-bit / set_
+    checkpointing: a module replaced afterwards makes the block recompile. The loss and the optimizer stay eager.
+    Compiling a block's forward sets an instance attribute `forward` that shadows the class's; deleting it
+    restores the plain forward (used after training, so that generation does not recompile per position)."""
+    if enable:
+        problem = compile_problem(next(model.parameters()).device)
+        if problem:
+            raise RuntimeError(f"Cannot compile the model's blocks: {problem}; train without --compile.")
+    for block in model.layers:
+        if "forward" in vars(block):  # compiled before: start from the plain forward again
+            del block.forward
+        if enable:
+            block.forward = torch.compile(block.forward)
     return model
 
 
@@ -552,7 +594,7 @@ def _restore_weights(ckpt: Path, model, cfg: TrainConfig) -> dict:
                          f"is {cfg.batch_size} x {world} ranks = {cfg.batch_size * world} (set --batch-size "
                          f"{rows // world if rows % world == 0 else rows} or start a new --out).")
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "batch_size":
+        if f.name in ("batch_size", "compile"):  # compile changes how, not what, the steps compute
             continue
         if f.name in saved and saved[f.name] != getattr(cfg, f.name):
             raise ValueError(f"Cannot resume from {ckpt}: {f.name}={getattr(cfg, f.name)!r} differs from the "
@@ -653,11 +695,18 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
     """
     kw = dict(tokenizer=tokenizer, resume=resume, strict_amp=strict_amp, strategy=strategy, stop_at=stop_at)
     out_dir = Path(out_dir)
-    if not distributed.is_main():
-        return _train_locked(model, train_data, val_data, cfg, out_dir, progress=False, **kw)
-    check_writable(out_dir)
-    with run_lock(out_dir):  # one writer per run folder
-        return _train_locked(model, train_data, val_data, cfg, out_dir, progress=progress, **kw)
+    problem = compile_problem(next(model.parameters()).device) if cfg.compile else None
+    if problem:
+        raise RuntimeError(f"TrainConfig.compile: {problem}; train with compile=False (without --compile).")
+    try:
+        if not distributed.is_main():
+            return _train_locked(model, train_data, val_data, cfg, out_dir, progress=False, **kw)
+        check_writable(out_dir)
+        with run_lock(out_dir):  # one writer per run folder
+            return _train_locked(model, train_data, val_data, cfg, out_dir, progress=progress, **kw)
+    finally:
+        if cfg.compile:  # the plain blocks again: generation afterwards would recompile at every position
+            compile_blocks(model, enable=False)
 
 
 def _setup(model: Transformer, cfg: TrainConfig, out_dir: Path, *, resume: bool, strict_amp: bool, strategy: str):
@@ -672,6 +721,9 @@ def _setup(model: Transformer, cfg: TrainConfig, out_dir: Path, *, resume: bool,
                          f"GradScaler needs fp32 gradients); load the model in fp32 (with --amp fp16) or bf16.")
     strategy = distributed.resolve_strategy(strategy, base_trains=_base_trains(model), quantized=is_quantized(model),
                                             amp=amp)
+    if cfg.compile and strategy == "fsdp":
+        raise ValueError("TrainConfig.compile with FSDP is not supported here (FSDP wraps the blocks that "
+                         "compile_blocks compiles); use DDP, or train without --compile.")
     state = None
     if resume:
         ckpt = _find_checkpoint(out_dir)
