@@ -4,7 +4,8 @@
     python benchmarks/gpu_lab.py --out /tmp/lab --preset tiny --budget-s 60   # the CPU rehearsal (no CUDA)
 
 Runs the rows of minillama.measuring.compare.ROWS in their order of importance (LoRA q/v, LoRA all linears,
-full fine-tuning of a smaller shape, inference, QLoRA, long context, then the checkpointing rows). Before a row,
+full fine-tuning of a smaller shape, inference, QLoRA, long context, the checkpointing rows, then the same LoRA and
+full rows with minillama's blocks torch.compiled). Before a row,
 it checks that it fits: in time (the slowest row so far, plus a margin, must fit in what is left of the budget,
 which counts from the start of this process, imports included) and, on CUDA, in memory (the memory model's
 prediction for both implementations must fit in the free device memory). A row that does not fit, runs out of
@@ -96,10 +97,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--rows", default=None, help="comma-separated rows (default: all, in order of importance)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per implementation and row")
+    p.add_argument("--compile-hf", action="store_true",
+                   help="in the *-compiled rows, compile HF's decoder layers too (default: HF eager)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset = a.preset or ("llama2-7b" if device.startswith("cuda") else "tiny")
     extra = {"repeats": a.repeats} if a.repeats else {}
+    extra["compile_hf"] = a.compile_hf
     s = Settings.defaults(preset, device, **extra)
     env = environment(device)
     print(f"GPU lab: preset {preset} (random weights) on {device}, budget {a.budget_s:.0f} s; {env}", flush=True)

@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                       # tiny preset, LoRA r=16 on wq, wv, batch 4 x 128, CPU
     python benchmarks/profile_step.py --full --top 15       # full fine-tuning
     python benchmarks/profile_step.py --impl hf             # the same step through transformers + PEFT
+    python benchmarks/profile_step.py --row lora-qv-compiled   # minillama's blocks torch.compiled
 
 Builds the model (and its HF twin, for --impl hf) as `minillama bench --compare hf` does, takes two warm-up
 steps, then profiles `--steps` steps and prints the operators sorted by their own (self) CPU time, and by CUDA

@@ -493,12 +493,7 @@ def cmd_bench_compare(args) -> int:
     keys = ("batch", "seq_len", "long_seq_len", "new_tokens", "repeats")
     _check_positive(args, *keys)
     sizes = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    s = Settings.defaults(args.preset, _device(args.device), dtype=args.dtype, compile=args.compile, **sizes)
-    if args.compile != "none":
-        from ..training.train import compile_problem
-
-        if problem := compile_problem(s.device):
-            raise ValueError(f"--compile {args.compile}: {problem}; run with --compile none.")
+    s = Settings.defaults(args.preset, _device(args.device), dtype=args.dtype, compile_hf=args.compile_hf, **sizes)
     rows = run_compare(s, args.rows, out_dir=args.out)
     print()
     print(format_compare(rows, "md", settings=s))
@@ -511,8 +506,8 @@ def cmd_bench(args) -> int:
 
     if args.compare:
         return cmd_bench_compare(args)
-    if args.compile != "none":
-        raise ValueError(f"--compile {args.compile} is for --compare hf; the grid runs minillama eager.")
+    if args.compile_hf:
+        raise ValueError("--compile-hf is for --compare hf (its *-compiled rows); the grid runs minillama eager.")
     device = _device(args.device)
     path = args.model
     if path is None and args.preset == "tiny" and not args.random_weights:
@@ -659,14 +654,15 @@ def _add_bench(sub) -> None:
                    help="hf: each row through minillama and through transformers + PEFT side by side "
                         "(same random weights, data and settings); --grid is then not used")
     m.add_argument("--rows", default=None, help="with --compare: comma-separated rows (default: all), of "
-                   "lora-qv, lora-all, full, inference, qlora-qv, lora-qv-long, lora-qv-ckpt, lora-all-ckpt")
+                   "lora-qv, lora-all, full, inference, qlora-qv, lora-qv-long, lora-qv-ckpt, lora-all-ckpt, "
+                   "lora-qv-compiled, lora-all-compiled, full-compiled")
     m.add_argument("--batch", type=int, default=None, help="with --compare (default: 4 on CPU, 2 on CUDA)")
     m.add_argument("--seq-len", type=int, default=None, help="with --compare (default: 128 on CPU, 512 on CUDA)")
     m.add_argument("--long-seq-len", type=int, default=None, help="with --compare: the long-context row")
     m.add_argument("--new-tokens", type=int, default=None, help="with --compare: tokens generated (inference)")
-    m.add_argument("--compile", default="none", choices=("none", "minillama", "both"),
-                   help="with --compare, training rows: torch.compile minillama's blocks (minillama), and HF's "
-                        "decoder layers too (both); default none: both eager")
+    m.add_argument("--compile-hf", action="store_true",
+                   help="with --compare: in the *-compiled rows (minillama's blocks torch.compiled), compile HF's "
+                        "decoder layers too (default: HF eager, as it runs by default)")
     m.set_defaults(func=cmd_bench)
 
 

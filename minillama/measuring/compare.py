@@ -45,7 +45,6 @@ from .memory import estimate_memory, kv_cache_bytes
 
 MiB = 1024**2
 IMPLS = ("minillama", "hf")
-COMPILE_CHOICES = ("none", "minillama", "both")  # Settings.compile, --compile
 # |loss_minillama / loss_hf - 1| after the same steps: fp32 differs only by the order of additions; bf16 and
 # the 4-bit base by rounding at every op (each implementation rounds at other places).
 LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
@@ -61,6 +60,7 @@ class Row:
     checkpointing: bool = False                  # every block recomputed in the backward pass
     quant: bool = False                          # NF4 base (QLoRA)
     long: bool = False                           # Settings.long_seq_len instead of seq_len, batch 1
+    compiled: bool = False                       # minillama's blocks torch.compiled (training.train.compile_blocks)
     needs: tuple = ("transformers", "peft")
 
 
@@ -74,6 +74,10 @@ ROWS = {r.name: r for r in (
     Row("lora-qv-long", long=True),
     Row("lora-qv-ckpt", checkpointing=True),
     Row("lora-all-ckpt", targets="all", checkpointing=True),
+    # torch.compile: the same rows with minillama's blocks compiled (HF eager unless Settings.compile_hf)
+    Row("lora-qv-compiled", compiled=True),
+    Row("lora-all-compiled", targets="all", compiled=True),
+    Row("full-compiled", targets=None, compiled=True, needs=("transformers",)),
 )}
 
 
@@ -93,7 +97,7 @@ class Settings:
     new_tokens: int = 32          # inference: tokens generated after the prompt
     full_layers: int = 8          # full fine-tuning runs a smaller shape: at most this many layers
     seed: int = 0
-    compile: str = "none"         # training rows: "minillama" compiles its blocks, "both" HF's decoder layers too
+    compile_hf: bool = False      # compiled rows: HF's decoder layers compiled too (default: HF as students run it)
 
     @classmethod
     def defaults(cls, preset: str = "tiny", device="cpu", **overrides) -> "Settings":
@@ -191,11 +195,11 @@ def build_pair(row: Row, s: Settings):
     if row.checkpointing:
         ours.set_checkpointing(1)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if row.kind == "train" and s.compile != "none":  # after every technique: a module swapped later recompiles
+    if row.compiled:  # after every technique: a module swapped later would make the blocks recompile
         from ..training.train import compile_blocks
 
         compile_blocks(ours)
-        if s.compile == "both":  # the same in HF: each decoder layer compiled, in place
+        if s.compile_hf:  # the same in HF: each decoder layer compiled, in place
             for layer in base.model.layers:
                 layer.compile()
     return ours, hf, args
@@ -447,7 +451,12 @@ def row_header(row: Row, s: Settings) -> dict:
             "lora_r": s.r if row.kind == "train" and row.targets is not None else 0,
             "lora_targets": row.targets if isinstance(row.targets, str) or row.targets is None else ",".join(row.targets),
             "checkpointing": row.checkpointing, "quant": "nf4" if row.quant else "none",
-            "compiled": s.compile if row.kind == "train" else "none", **_versions()}
+            "compiled": compiled_side(row, s), **_versions()}
+
+
+def compiled_side(row: Row, s: Settings) -> str:
+    """Which implementations a row compiles: "none", "minillama" or "both"."""
+    return ("both" if s.compile_hf else "minillama") if row.compiled else "none"
 
 
 def compare_row(row: Row, s: Settings) -> dict:
@@ -457,6 +466,12 @@ def compare_row(row: Row, s: Settings) -> dict:
     if missing:
         out["skipped"] = f"needs {', '.join(missing)}, which is not installed here (pip install {' '.join(missing)})"
         return out
+    if row.compiled:
+        from ..training.train import compile_problem
+
+        if problem := compile_problem(s.device):
+            out["skipped"] = problem
+            return out
     try:
         out.update(run_row(row, s))
         out["status"] = "ok"
@@ -466,6 +481,8 @@ def compare_row(row: Row, s: Settings) -> dict:
         out["error"] = f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         out["predicted_peak_memory_bytes"] = predicted_peak(row, s)
     finally:
+        if row.compiled:  # the next row's models start afresh (dynamo keeps at most 8 graphs per function)
+            torch.compiler.reset()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -534,9 +551,9 @@ def _cells(r: dict) -> list[str]:
 def describe_compare(rows: list[dict], s: Optional[Settings] = None) -> str:
     r = rows[0] if rows else {}
     sizes = f" | batch {s.batch}, seq {s.seq_len} (long: batch 1, seq {s.long_seq_len}), LoRA r={s.r}" if s else ""
-    compiled = s.compile if s else next((x["compiled"] for x in rows if x.get("compiled", "none") != "none"), "none")
+    compiled = next((x["compiled"] for x in rows if x.get("compiled", "none") != "none"), "none")
     if compiled != "none":  # say it in the header: a compiled row is not the stack as students run it
-        sizes += (" | training rows: minillama's blocks torch.compiled, HF "
+        sizes += (" | *-compiled rows: minillama's blocks torch.compiled, HF "
                   + ("decoder layers compiled too" if compiled == "both" else "eager (as it runs by default)")
                   + "; their memory is counted in an eager step (the tracker cannot see inside compiled code)")
     return (f"device: {r.get('device_name', '?')} | dtype: {r.get('dtype', '?')} | torch {r.get('torch', '?')}, "

@@ -330,6 +330,8 @@ def compile_blocks(model: Transformer, enable: bool = True) -> Transformer:
         problem = compile_problem(next(model.parameters()).device)
         if problem:
             raise RuntimeError(f"Cannot compile the model's blocks: {problem}; train without --compile.")
+    if enable:  # all blocks of all models share one cache of graphs (per function), at most 8: start it afresh
+        torch.compiler.reset()
     for block in model.layers:
         if "forward" in vars(block):  # compiled before: start from the plain forward again
             del block.forward
