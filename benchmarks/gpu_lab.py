@@ -39,6 +39,7 @@ from minillama.measuring.compare import (Settings, compare_row, describe_compare
 
 FIRST_ROW_GUESS_S = {"cuda": 60.0, "cpu": 20.0}  # before any row has run: a guess of one row's seconds
 MARGIN = 1.2  # a row may take this much longer than the slowest row so far
+COMPILE_GUESS_S = {"cuda": 90.0, "cpu": 40.0}  # a *-compiled row takes this much more: its first step compiles
 
 
 def environment(device: str) -> dict:
@@ -58,9 +59,10 @@ def environment(device: str) -> dict:
 
 def fits(row, s: Settings, left_s: float, slowest_s: float) -> str:
     """'' if the row may run now, else why not (time or memory)."""
-    if slowest_s * MARGIN > left_s:
+    compiling = COMPILE_GUESS_S["cuda" if s.device.startswith("cuda") else "cpu"] if row.compiled else 0.0
+    if (slowest_s + compiling) * MARGIN > left_s:
         return (f"would not fit in the time left ({left_s:.0f} s of the budget; the slowest row so far took "
-                f"{slowest_s:.0f} s)")
+                f"{slowest_s:.0f} s" + (f", and compiling takes about {compiling:.0f} s more)" if compiling else ")"))
     if s.device.startswith("cuda"):
         need, free = predicted_peak(row, s), torch.cuda.mem_get_info(torch.device(s.device))[0]
         if need is not None and 2 * need > free:  # both implementations are resident at once

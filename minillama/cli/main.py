@@ -516,7 +516,8 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--preset {args.preset} needs --model PATH (its weights) or --random-weights.")
     make = model_factory(args.preset, model_path=path, random_weights=args.random_weights, device=device,
                          dtype=args.dtype)
-    rows = run_grid(make, args.grid, preset=args.preset, out_dir=args.out, repeats=args.repeats)
+    repeats = 3 if args.repeats is None else args.repeats
+    rows = run_grid(make, args.grid, preset=args.preset, out_dir=args.out, repeats=repeats)
     print()
     print(format_table(rows, "md"))
     effects = technique_effects(rows)
@@ -649,7 +650,8 @@ def _add_bench(sub) -> None:
     m.add_argument("--random-weights", action="store_true", help="build the preset with random weights")
     m.add_argument("--device", default="auto")
     m.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: as loaded / fp32)")
-    m.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median)")
+    m.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per row (median; default 3, with --compare 9 on CPU and 4 on CUDA)")
     m.add_argument("--compare", choices=("hf",), default=None,
                    help="hf: each row through minillama and through transformers + PEFT side by side "
                         "(same random weights, data and settings); --grid is then not used")
