@@ -119,3 +119,18 @@ def test_compile_bad_input(tmp_path, capsys, monkeypatch):
               tmp_path / "run", progress=False)
     assert not (tmp_path / "grid").exists() and not (tmp_path / "cmp").exists() and not (tmp_path / "run").exists()
     assert not any("forward" in vars(b) for b in model.layers)
+
+
+def test_a_compile_failure_costs_its_row_only(monkeypatch):
+    """A GPU slot is short: a compiler error (Triton, C++) is recorded in its row and the next row still runs;
+    the same error in an eager row is a bug and is raised."""
+    monkeypatch.setattr(T, "compile_problem", lambda device: None)
+
+    def fails(row, s):
+        raise RuntimeError("CppCompileError: C++ compile error\n(the compiler's log)")
+
+    monkeypatch.setattr(compare, "run_row", fails)
+    row = compare.compare_row(compare.ROWS["lora-qv-compiled"], SMALL)
+    assert row["error"] == "torch.compile failed: RuntimeError: CppCompileError: C++ compile error"
+    with pytest.raises(RuntimeError, match="CppCompileError"):
+        compare.compare_row(compare.ROWS["lora-qv"], SMALL)

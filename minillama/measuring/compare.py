@@ -476,10 +476,14 @@ def compare_row(row: Row, s: Settings) -> dict:
         out.update(run_row(row, s))
         out["status"] = "ok"
     except Exception as e:
-        if not is_out_of_memory(e):
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if is_out_of_memory(e):
+            out["error"] = f"out of memory: {first}"
+            out["predicted_peak_memory_bytes"] = predicted_peak(row, s)
+        elif row.compiled:  # the compiler's own failure (a Triton or C++ build error) costs this row only
+            out["error"] = f"torch.compile failed: {type(e).__name__}: {first[:300]}"
+        else:
             raise
-        out["error"] = f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        out["predicted_peak_memory_bytes"] = predicted_peak(row, s)
     finally:
         if row.compiled:  # the next row's models start afresh (dynamo keeps at most 8 graphs per function)
             torch.compiler.reset()
