@@ -134,3 +134,12 @@ def test_a_compile_failure_costs_its_row_only(monkeypatch):
     assert row["error"] == "torch.compile failed: RuntimeError: CppCompileError: C++ compile error"
     with pytest.raises(RuntimeError, match="CppCompileError"):
         compare.compare_row(compare.ROWS["lora-qv"], SMALL)
+
+
+def test_doctor_says_whether_compile_is_usable(monkeypatch):
+    from minillama.cli.doctor import compile_support
+
+    monkeypatch.setattr(T.shutil, "which", lambda name: "/usr/bin/g++")
+    assert compile_support("cpu").startswith("usable on cpu (train --compile")
+    monkeypatch.setattr(T.shutil, "which", lambda name: None)
+    assert compile_support("cpu").startswith("torch.compile needs a C++ compiler for the CPU")

@@ -76,6 +76,14 @@ def cpu_bf16_support(cpuinfo: Optional[str]) -> str:
     return "emulated, slow (no avx512_bf16 or amx_bf16 flag): on this CPU fp32 is faster than bf16 autocast"
 
 
+def compile_support(device: str) -> str:
+    """Whether torch.compile can generate kernels for `device` here (train --compile, the *-compiled rows)."""
+    from ..training.train import compile_problem
+
+    problem = compile_problem(device)
+    return f"usable on {device} (train --compile, bench --compare hf's *-compiled rows)" if not problem else problem
+
+
 def _version(module: str) -> str:
     try:
         return getattr(importlib.import_module(module), "__version__", "installed")
@@ -115,6 +123,7 @@ def report() -> list[tuple[str, str]]:
         mps = getattr(torch.backends, "mps", None)
         rows.append(("mps available", str(bool(mps and mps.is_available()))))
     rows.append(("bf16 autocast (CPU)", cpu_bf16_support(read_cpuinfo())))
+    rows.append(("torch.compile", compile_support("cuda" if torch.cuda.is_available() else "cpu")))
     kernels = silence_bitsandbytes_kernels_warning()
     seen = kernels.seen
     for mod in ("numpy", "sentencepiece", "safetensors", "bitsandbytes", "transformers", "peft"):
