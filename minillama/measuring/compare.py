@@ -485,8 +485,6 @@ def compare_row(row: Row, s: Settings) -> dict:
         else:
             raise
     finally:
-        if row.compiled:  # the next row's models start afresh (dynamo keeps at most 8 graphs per function)
-            torch.compiler.reset()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -94,8 +94,8 @@ class TrainConfig:
     load_in_4bit: bool = False    # QLoRA: the blocks' linears in 4 bits (needs lora_r > 0)
     quant_type: str = "nf4"       # "nf4" | "fp4"
     double_quant: bool = False    # the 4-bit constants themselves in 8 bits
-    compile: bool = False         # torch.compile each transformer block (compile_blocks)
     quant_blocksize: int = 64     # values per absmax block: a power of two from 32 to 4096
+    compile: bool = False         # torch.compile each transformer block (compile_blocks)
     eval_every: int = 250
     eval_rows: int = 64           # held-out rows per evaluation set
     save_every: int = 500
@@ -143,8 +143,8 @@ SETTINGS = {
        for key in ("data_sha256", "val_data_sha256")},
     "load_in_4bit": (lambda v: isinstance(v, bool), "True or False"),
     "train_embeddings": (lambda v: isinstance(v, bool), "True or False"),
-    "compile": (lambda v: isinstance(v, bool), "True or False"),
     "train_norms": (lambda v: isinstance(v, bool), "True or False"),
+    "compile": (lambda v: isinstance(v, bool), "True or False"),
     "max_seq_len": (_integer(0), "an integer >= 0 (0: the model's own context)"),
     "rope_scaling": (lambda v: v is None or _valid_scaling(v), "None or a rope_scaling dict such as "
                      "{'rope_type': 'linear', 'factor': 4.0} (see minillama.rope)"),
@@ -310,7 +310,7 @@ def compile_problem(device) -> Optional[str]:
     """Why torch.compile cannot generate kernels for `device` here (None: it can). Inductor writes C++ for
     the CPU, which needs a C++ compiler, and Triton for CUDA GPUs."""
     kind = torch.device(device).type
-    if kind == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+    if kind == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
         return "torch.compile needs a C++ compiler for the CPU (g++ or clang++, or $CXX), and none is on PATH"
     if kind == "cuda" and importlib.util.find_spec("triton") is None:
         return "torch.compile needs Triton for CUDA GPUs (pip install triton), and it is not installed"
@@ -331,8 +331,7 @@ def compile_blocks(model: Transformer, enable: bool = True) -> Transformer:
         problem = compile_problem(next(model.parameters()).device)
         if problem:
             raise RuntimeError(f"Cannot compile the model's blocks: {problem}; train without --compile.")
-    if enable:  # all blocks of all models share one cache of graphs (per function), at most 8: start it afresh
-        torch.compiler.reset()
+        torch.compiler.reset()  # all blocks of all models share one cache of graphs (at most 8): start it afresh
     for block in model.layers:
         if "forward" in vars(block):  # compiled before: start from the plain forward again
             del block.forward
