@@ -22,6 +22,9 @@ the highest score (the leftmost pair on a tie); HF's BPE joins the pair of lowes
 on a tie). Ranking every way of splitting a piece in two by that piece's score, best first, makes HF pick
 the pairs sentencepiece picks (tests/test_exports.py compares the two on many strings).
 
+Llama-3's byte-level BPE (`minillama.tokenizer.BPETokenizer`) is written as HF's own Llama-3 files are:
+`write_bpe_tokenizer` (its docstring says how), with the chat template of `encode_chat`.
+
 Only what this pipeline can express is converted: a BPE model with byte fallback, identity
 normalisation, whitespace kept, a dummy prefix, no user-defined pieces (Llama-2's settings, and those of
 `minillama tokenizer`). For anything else tokenizer.json is not written, with a warning saying why.
@@ -34,6 +37,8 @@ import struct
 import warnings
 from pathlib import Path
 from typing import Iterator
+
+from ..tokenizer import BOS, PATTERN, bytes_to_unicode
 
 # Piece types and model types of sentencepiece_model.proto (google/sentencepiece, src/sentencepiece_model.proto)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -160,6 +165,8 @@ def tokenizer_json(model: dict, bos: str) -> dict:
 def write_hf_tokenizer(tok, out: Path, model_max_length: int) -> None:
     """Write tokenizer.model, tokenizer_config.json, special_tokens_map.json and (when the model can be
     converted exactly) tokenizer.json for the minillama Tokenizer `tok` into directory `out`."""
+    if tok.chat_format == "llama3":
+        return write_bpe_tokenizer(tok, out, model_max_length)
     tok.save(out / "tokenizer.model")
     if tok.bos_id < 0 or tok.eos_id < 0:
         raise ValueError(f"{tok.path} has no BOS or no EOS piece: a Llama tokenizer needs both.")
@@ -188,3 +195,87 @@ def write_hf_tokenizer(tok, out: Path, model_max_length: int) -> None:
         return
     with open(out / "tokenizer.json", "w", encoding="utf-8") as f:
         json.dump(tokenizer_json(model, names["bos_token"]), f, indent=1, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama-3: byte-level BPE
+# ---------------------------------------------------------------------------------------------
+# Meta's chat format as a Jinja template (the one in HF's Llama-3 tokenizer_config.json): it renders the text
+# whose tokens are `BPETokenizer.encode_chat`'s, special tokens included.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+
+def bpe_merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """HF merges for tiktoken ranks, as transformers' TikTokenConverter makes them: every split of a token into
+    two tokens, ordered by the rank of the joined token, then by the ranks of its two halves. (tiktoken joins
+    the adjacent pair whose joined bytes rank lowest; these merges make HF's BPE pick the same pairs.)"""
+    merges = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
+def bos_post_processor(bos_id: int) -> dict:
+    """BOS in front, as encode(text, bos=True) (and byte-level offsets), as in HF's Llama-3 tokenizer.json."""
+    bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
+    return {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": BOS, "type_id": 1}},
+                  {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {BOS: {"id": BOS, "ids": [bos_id], "tokens": [BOS]}}}]}
+
+
+def bpe_tokenizer_json(tok) -> dict:
+    """tokenizer.json of a Llama-3 BPETokenizer: Meta's split pattern, byte-level pieces, BPE over its ranks
+    (ignore_merges: a piece that is a token is taken whole, as tiktoken does), BOS added by the post-processor."""
+    ranks, char = tok.ranks(), bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(char[b] for b in token)
+
+    special = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True} for name, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": special, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": PATTERN}, "behavior": "Isolated", "invert": False}, byte_level]},
+        "post_processor": bos_post_processor(tok.bos_id),
+        "decoder": {**byte_level, "trim_offsets": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {text(t): i for t, i in sorted(ranks.items(), key=lambda kv: kv[1])},
+                  "merges": [[text(a), text(b)] for a, b in bpe_merges_from_ranks(ranks)]},
+    }
+
+
+def write_bpe_tokenizer(tok, out: Path, model_max_length: int) -> None:
+    """HF's files for a Llama-3 BPETokenizer: tokenizer.json (the one it was read from, else converted from
+    Meta's ranks), tokenizer_config.json (with the chat template) and special_tokens_map.json.
+
+    split_special_tokens is left False, as in HF's own Llama-3 files, so that apply_chat_template's special
+    tokens are special: AutoTokenizer then reads "<|eot_id|>" inside a plain text as the special token, where
+    Meta's encode (and minillama's) reads it as text; pass split_special_tokens=True to get Meta's ids."""
+    if tok.path.name.endswith(".json"):  # the file it was read from, with BOS added as encode(bos=True) does
+        spec = {**json.loads(tok.path.read_text(encoding="utf-8")), "post_processor": bos_post_processor(tok.bos_id)}
+    else:
+        spec = bpe_tokenizer_json(tok)
+    names = {"bos_token": BOS, "eos_token": "<|end_of_text|>"}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"], "model_max_length": model_max_length,
+              "chat_template": LLAMA3_CHAT_TEMPLATE,
+              "added_tokens_decoder": {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                      "single_word", "special")}
+                                       for t in spec["added_tokens"]}}
+    with open(out / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(spec, f, indent=1, ensure_ascii=False)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2, ensure_ascii=False))
