@@ -129,6 +129,12 @@ class ModelArgs:
         return dataclasses.replace(self, **changes)
 
 
+def _llama3_scaling(factor: float) -> dict:
+    """Llama-3.1's RoPE scaling (Meta's apply_scaling; HF's rope_type "llama3") of its 8,192 trained positions."""
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+
+
 PRESETS: dict[str, ModelArgs] = {
     # The embedded course model (see data/tiny/MODEL_CARD.md when it is shipped).
     "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=32,
@@ -140,6 +146,18 @@ PRESETS: dict[str, ModelArgs] = {
     "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
                            multiple_of=1024, ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0,
                            max_seq_len=8192),
+    # Llama-3.1/3.2 as in Meta's params.json and HF's config.json: 128K context by `llama3` RoPE scaling of
+    # the 8,192 trained positions. The 3.2 models tie the output head to the embedding (HF's
+    # tie_word_embeddings, read by load_model); num_params() counts the head apart, as for an untied model.
+    "llama3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                             ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
+                             rope_scaling=_llama3_scaling(32.0)),
+    "llama3.2-3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                             ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
+                             rope_scaling=_llama3_scaling(32.0)),
+    "llama3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                             ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
+                             rope_scaling=_llama3_scaling(8.0)),
 }
 
 

@@ -68,13 +68,14 @@ def _prompts(tokens: Prompt) -> list[list[int]]:
 
 @torch.inference_mode()
 def generate(model: Transformer, tokens: Prompt, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: Optional[int] = None, seed: Optional[int] = None, *,
+             top_p: float = 1.0, eos_id: Union[int, Sequence[int], None] = None, seed: Optional[int] = None, *,
              stream: Optional[Callable[[int, int], None]] = None, cache_mode: str = "prealloc") -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens.
 
     tokens: one prompt (a list of ids) or a batch (a list of lists, lengths may differ).
     temperature: 0 is greedy (argmax); > 0 divides the logits before sampling with top_p.
-    eos_id: a row stops after producing it (the EOS itself is not returned).
+    eos_id: a row stops after producing it (the EOS itself is not returned); several ids stop it too
+            (a Llama-3 chat answer ends with <|eot_id|>, a text with <|end_of_text|>: tokenizer.stop_ids).
     seed: seeds a private generator, so sampling is reproducible and the global RNG is untouched.
     stream: called as stream(row, token_id) for every new token, e.g. to print as it is made (turn the ids
             into text with tokenizer.TextStream: a token decoded alone loses its leading space).
@@ -83,6 +84,7 @@ def generate(model: Transformer, tokens: Prompt, max_new_tokens: int, temperatur
     """
     check_sampling(temperature, top_p, max_new_tokens)
     prompts = _prompts(tokens)
+    stop = {eos_id} if isinstance(eos_id, numbers.Integral) else set(eos_id or ())  # the ids that end a row
     max_len = model.args.max_seq_len
     for i, p in enumerate(prompts):
         if len(p) > max_len:
@@ -121,7 +123,7 @@ def generate(model: Transformer, tokens: Prompt, max_new_tokens: int, temperatur
             produced = ~is_prompt[:, cur] & ~done & (cur - lengths < max_new_tokens)
             for i in produced.nonzero().flatten().tolist():
                 tok = int(nxt[i])
-                if eos_id is not None and tok == eos_id:
+                if tok in stop:
                     done[i] = True
                     continue
                 new[i].append(tok)

@@ -11,8 +11,9 @@ Steps, each skipped when already done, so running it again is cheap and safe:
    PyTorch's CPU wheel index, because the default Linux wheel from PyPI is the multi-GB CUDA build; anywhere
    else the default wheel comes with step 3. A torch already in the venv is kept as it is (CI installs one
    from its wheel cache first; pip then only needs PyPI, or nothing, for the rest);
-3. `pip install -c constraints.txt -e ".[dev,notebooks,quant]"`: the course and the versions of the
-   reference tools (transformers, peft, bitsandbytes) that its tests were run with;
+3. `pip install -c constraints.txt -e ".[dev,notebooks,quant,llama3]"`: the course and the versions of the
+   reference tools (transformers, peft, bitsandbytes) that its tests were run with, and of the Llama-3
+   tokenizers (tiktoken, tokenizers);
 4. `.venv/bin/minillama demo` (skip with --no-demo).
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH = "torch>=2.5"  # as in pyproject.toml
-EXTRAS = ".[dev,notebooks,quant]"
+EXTRAS = ".[dev,notebooks,quant,llama3]"
 
 
 def venv_program(venv: Path, name: str) -> Path:

@@ -17,7 +17,7 @@ except ImportError:  # Python 3.10
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE_TOOLS = ("transformers", "peft", "bitsandbytes")
+REFERENCE_TOOLS = ("transformers", "peft", "bitsandbytes", "tiktoken", "tokenizers")
 CONDA_TO_PIP = {"pytorch": "torch", "pytorch-cpu": "torch", "pytorch-gpu": "torch"}  # conda-forge's names
 
 

@@ -177,9 +177,31 @@ def read_alpaca(path) -> list[dict]:
     return out
 
 
+def chat_message(example: dict) -> str:
+    """The user's message of one example in a chat format: the instruction, then its input after a blank line."""
+    return example["instruction"] + (f"\n\n{example['input']}" if example.get("input") else "")
+
+
+def sft_ids(example: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one example, in the model's own format (tokenizer.chat_format):
+
+    - Llama-2 (sentencepiece): [BOS] + Alpaca's prompt, then the output + [EOS];
+    - Llama-3: Meta's chat format with the example as the user's message, ending with the open assistant
+      header (tokenizer.encode_chat), then the output (stripped, as Meta's ChatFormat strips) + <|eot_id|>:
+      prompt + response are exactly encode_dialog_prompt's ids of that user/assistant exchange, up to its end
+      of turn, and the model learns to end its turn, where generation stops.
+    The response is encoded on its own so the prompt/response boundary is a token boundary.
+    """
+    if getattr(tokenizer, "chat_format", "llama2") == "llama3":
+        prompt = tokenizer.encode_chat([{"role": "user", "content": chat_message(example)}])
+        return prompt, tokenizer.encode(example["output"].strip(), bos=False) + [tokenizer.special_tokens["<|eot_id|>"]]
+    prompt = [tokenizer.bos_id] + tokenizer.encode(alpaca_prompt(example), bos=False)
+    return prompt, tokenizer.encode(example["output"], bos=False) + [tokenizer.eos_id]
+
+
 def tokenize_sft(examples: Sequence[dict], tokenizer, max_len: int, on_long: str = "truncate"):
-    """[BOS] prompt response [EOS] per example, with labels: -100 on BOS and the prompt (not learned),
-    the token ids on the response and EOS (learned).
+    """prompt + response per example (`sft_ids`: the model's own format), with labels: -100 on the prompt
+    (not learned), the token ids on the response and its end token (learned).
 
     max_len counts every token of the sequence. A longer example is cut to max_len (on_long="truncate",
     counted in stats["truncated"]; one whose prompt leaves no response token is dropped and counted in
@@ -191,9 +213,7 @@ def tokenize_sft(examples: Sequence[dict], tokenizer, max_len: int, on_long: str
         raise ValueError(f"max_len={max_len}: expected at least 2 tokens.")
     out, stats = [], {"examples": len(examples), "truncated": 0, "dropped": 0}
     for i, ex in enumerate(examples):
-        prompt = [tokenizer.bos_id] + tokenizer.encode(alpaca_prompt(ex), bos=False)
-        # The response is encoded on its own so the prompt/response boundary is a token boundary.
-        response = tokenizer.encode(ex["output"], bos=False) + [tokenizer.eos_id]
+        prompt, response = sft_ids(ex, tokenizer)
         ids = prompt + response
         labels = [IGNORE_INDEX] * len(prompt) + response
         if len(ids) > max_len:
