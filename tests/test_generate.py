@@ -65,6 +65,14 @@ def test_eos_stops_a_row_and_is_not_returned(model):
     assert out == free[: free.index(eos)]
 
 
+def test_any_of_several_stop_ids_stops_a_row(model):
+    """Llama-3 stops at <|end_of_text|> or <|eot_id|> (tokenizer.stop_ids): the first of them to come ends it."""
+    free = generate(model, PROMPTS[0], 10)[0]
+    stops = [free[6], free[3], 10**6]  # the later one first in the list, and an id that never comes
+    assert generate(model, PROMPTS[0], 10, eos_id=stops)[0] == free[: min(free.index(free[6]), free.index(free[3]))]
+    assert generate(model, PROMPTS[0], 10, eos_id=[])[0] == free
+
+
 def test_stream_callback_sees_every_token_in_order(model):
     seen = []
     out = generate(model, PROMPTS, 6, stream=lambda row, tok: seen.append((row, tok)))

@@ -134,3 +134,21 @@ def test_a_genuine_llama3_tokenizer():
         assert tok.decode(tok.encode(s, bos=False)) == s
     assert tok.encode("1234567", bos=False) == tok.encode("123", bos=False) + tok.encode("456", bos=False) + \
         tok.encode("7", bos=False)  # digits in threes
+
+
+def test_llama2_tokenizer_has_the_same_interface(spm_path):
+    tok = load_tokenizer(spm_path)
+    assert tok.chat_format == "llama2" and tok.stop_ids == [tok.eos_id]
+    assert tok.special_tokens == {"<s>": tok.bos_id, "</s>": tok.eos_id}
+
+
+@pytest.mark.parametrize("preset, params", [("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824),
+                                            ("llama3.1-8b", 8_030_261_248)])
+def test_llama3_presets_have_the_published_parameter_counts(preset, params):
+    """Meta's model cards: 1.24B and 3.21B (the 3.2 models tie the head to the embedding), 8.03B."""
+    from minillama import get_preset
+
+    args = get_preset(preset)
+    tied = preset.startswith("llama3.2")
+    assert args.num_params() - (args.vocab_size * args.dim if tied else 0) == params
+    assert (args.vocab_size, args.rope_theta, args.rope_scaling["rope_type"]) == (128256, 500000.0, "llama3")
