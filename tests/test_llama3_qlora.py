@@ -18,6 +18,7 @@ from _llama3 import STRINGS, MetaTokenizer, build_llama3_tokenizer
 from minillama import load_model, load_tokenizer, save_model
 from minillama.cli.main import main
 from minillama.lora import load_adapter
+from minillama.rope import rope_inv_freq
 from minillama.training.data import IGNORE_INDEX, read_alpaca, tokenize_sft
 
 transformers = pytest.importorskip("transformers")
@@ -135,3 +136,33 @@ def test_a_tied_llama3_checkpoint_round_trips_through_hf_and_meta_with_its_token
         torch.testing.assert_close(exported(tokens).logits, reference, atol=1e-5, rtol=0)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert auto("Say hi to Lily.")["input_ids"] == tok.encode("Say hi to Lily.")
+
+
+def test_a_meta_llama31_folder_with_use_scaled_rope_loads_with_hf_llama3_scaling(tmp_path):
+    """Meta's params.json says `"use_scaled_rope": true` (Llama-3.1/3.2), HF's config.json says rope_type "llama3"
+    with factor 8 over 8,192 positions: the same frequencies, so the same logits as transformers."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=300, rope_theta=500000.0, rope_scaling=dict(scaling),
+                                   max_position_embeddings=131072, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = hf(tokens).logits
+    with pytest.warns(UserWarning, match="rope_theta"):
+        save_model(load_model(tmp_path / "hf", max_seq_len=256), tmp_path / "meta", "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert params["use_scaled_rope"] is True and "rope_scaling_factor" not in params  # Meta's default factor 8
+    (tmp_path / "meta" / "minillama.json").unlink()  # as Meta ships it: params.json alone
+    meta = load_model(tmp_path / "meta").eval()
+    assert meta.args.rope_scaling == scaling
+    with torch.no_grad():
+        torch.testing.assert_close(meta(tokens), reference, atol=1e-5, rtol=0)
+    # the frequencies themselves (a small random model's logits hardly depend on them at 64 positions)
+    hf_inv_freq = hf.model.rotary_emb.inv_freq
+    a = meta.args
+    torch.testing.assert_close(rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling), hf_inv_freq)
+    assert not torch.allclose(rope_inv_freq(a.head_dim, a.rope_theta, None), hf_inv_freq)

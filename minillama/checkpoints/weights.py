@@ -316,6 +316,8 @@ def open_meta(path: Path) -> tuple[ModelArgs, list[Path], list[dict], list[str]]
         if set(shard) != set(shards[0]):
             diff = sorted(set(shard) ^ set(shards[0]))[0]
             raise ValueError(f"Meta shards disagree: key {diff!r} is in only one of {files[0].name} and {f.name}.")
+    if params.pop("use_scaled_rope", False):  # Llama-3.1 and 3.2
+        params["rope_scaling"] = meta_rope_scaling(params)
     if (path / META_SIDE_FILE).exists():  # minillama's own settings, written beside params.json by save_model
         side = read_json(path / META_SIDE_FILE)
         unknown = sorted(set(side) - set(META_SIDE_KEYS))
@@ -417,6 +419,28 @@ def load_model(path: PathLike, *, device="cpu", dtype=None, max_seq_len: Optiona
 # ---------------------------------------------------------------------------------------------
 # Saving (atomic: everything goes to a temporary directory that is renamed into place)
 # ---------------------------------------------------------------------------------------------
+def meta_rope_scaling(params: dict) -> dict:
+    """The rope_scaling of Meta's `"use_scaled_rope": true` (Llama-3.1/3.2), as Meta's apply_scaling computes it
+    (meta-llama/llama-models, models/llama3): factor 8 (or params.json's rope_scaling_factor), low_freq_factor 1,
+    high_freq_factor 4 (or params.json's high_freq_factor), over Llama-3's 8,192 trained positions; HF's "llama3"."""
+    return {"rope_type": "llama3", "factor": float(params.pop("rope_scaling_factor", None) or 8.0),
+            "low_freq_factor": 1.0, "high_freq_factor": float(params.pop("high_freq_factor", None) or 4.0),
+            "original_max_position_embeddings": 8192}
+
+
+def _meta_scaled_rope(scaling: dict) -> Optional[dict]:
+    """params.json's keys for a `llama3` rope_scaling that Meta's apply_scaling computes, else None."""
+    if scaling_type(scaling) != "llama3" or scaling.get("original_max_position_embeddings") != 8192 or \
+            scaling.get("low_freq_factor", 1.0) != 1.0:
+        return None
+    keys = {"use_scaled_rope": True}
+    if scaling["factor"] != 8.0:
+        keys["rope_scaling_factor"] = scaling["factor"]
+    if scaling.get("high_freq_factor", 4.0) != 4.0:
+        keys["high_freq_factor"] = scaling["high_freq_factor"]
+    return keys
+
+
 def _state_dict_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous tensors; copy only where needed
     seen, out = set(), {}
@@ -488,7 +512,10 @@ def meta_params(args: ModelArgs) -> tuple[dict, dict]:
         params["rope_theta"] = args.rope_theta
         warnings.warn(f"Meta export: params.json holds rope_theta={args.rope_theta:g}, which Code Llama's and "
                       f"Llama 3's loaders read but Llama-2's refuses (it has no such field).", stacklevel=4)
-    if args.rope_scaling is not None:
+    if args.rope_scaling is not None and _meta_scaled_rope(args.rope_scaling):
+        params.update(_meta_scaled_rope(args.rope_scaling))  # Llama-3.1's own switch
+        side["rope_scaling"] = args.rope_scaling
+    elif args.rope_scaling is not None:
         side["rope_scaling"] = args.rope_scaling
         warnings.warn(f"Meta export: rope_scaling={args.rope_scaling} cannot be expressed for Meta's code, which "
                       f"would run the model without it; it is kept in {META_SIDE_FILE}, which only minillama "
