@@ -181,6 +181,7 @@ ROWS = [
      "rope_scaling 'llama3' needs original_max_position_embeddings"),
     # generate
     ("prompt-invalid-utf8", "generate --model {model} --prompt " + shlex.quote(BAD_UTF8), 2, "--prompt"),
+    ("generate-system-without-chat", GEN + "--system hi", 2, "--system is a chat's system message: give it with --chat"),
     ("device-tpu9", GEN + "--device tpu9", 2, "--device 'tpu9'"),
     ("device-cuda-without-cuda", GEN + "--device cuda", 2, "--device 'cuda' needs CUDA"),
     ("temperature-nan", GEN + "--temperature nan", 2, "temperature=nan"),

@@ -152,3 +152,22 @@ def test_llama3_presets_have_the_published_parameter_counts(preset, params):
     tied = preset.startswith("llama3.2")
     assert args.num_params() - (args.vocab_size * args.dim if tied else 0) == params
     assert (args.vocab_size, args.rope_theta, args.rope_scaling["rope_type"]) == (128256, 500000.0, "llama3")
+
+
+def test_the_readme_table_of_llama3_fits_is_the_planners():
+    """The README's table (what fits on 16/24/40/80 GiB) recomputed with minillama plan's memory model."""
+    import re
+
+    from minillama import get_preset
+    from minillama.measuring.plan import plan
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"\| `(llama3[.\d]+-\db)` \| ([\d,]+) \| (.*?) \| (.*?) \|", readme)
+    assert len(rows) == 6
+    gib = 1024**3
+    for preset, tokens, *cells in rows:
+        for method, cell in zip(("lora", "qlora"), cells):
+            kw = dict(seq_len=int(tokens.replace(",", "")), batch=1, methods=(method,), lora_r=16)
+            least = min(r.peak_bytes for r in plan(get_preset(preset), gpu_mem=80 * gib, **kw))
+            fits = [g for g in (16, 24, 40, 80) if any(r.fits for r in plan(get_preset(preset), gpu_mem=g * gib, **kw))]
+            assert cell == f"{least / gib:.1f} GiB, " + ", ".join(map(str, fits)) + " GiB", (preset, tokens, method)

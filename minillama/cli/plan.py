@@ -27,7 +27,8 @@ def cmd_plan(args) -> int:
 
 def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="will it fit? the cheapest technique settings for a GPU (memory model)")
-    p.add_argument("--preset", default="llama2-7b", help="tiny, llama2-7b, llama2-13b, llama3-8b")
+    p.add_argument("--preset", default="llama2-7b",
+                   help="tiny, llama2-7b, llama2-13b, llama3-8b, llama3.2-1b, llama3.2-3b, llama3.1-8b")
     p.add_argument("--model", default=None, help="read the shape from a checkpoint's config instead")
     p.add_argument("--gpu-mem", required=True, help="memory per GPU, e.g. 24GiB, 80GB")
     p.add_argument("--seq-len", type=int, default=2048)
