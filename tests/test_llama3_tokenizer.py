@@ -171,3 +171,16 @@ def test_the_readme_table_of_llama3_fits_is_the_planners():
             least = min(r.peak_bytes for r in plan(get_preset(preset), gpu_mem=80 * gib, **kw))
             fits = [g for g in (16, 24, 40, 80) if any(r.fits for r in plan(get_preset(preset), gpu_mem=g * gib, **kw))]
             assert cell == f"{least / gib:.1f} GiB, " + ", ".join(map(str, fits)) + " GiB", (preset, tokens, method)
+
+
+@pytest.mark.parametrize("file", ["tokenizer.model", "tokenizer.json"])
+def test_text_stream_holds_back_a_character_split_into_byte_tokens(tok_dir, file):
+    from minillama.tokenizer import TextStream
+
+    tok = load_tokenizer(tok_dir / file)
+    text = "a llama 🦙, a snake 🐍, Ω ≈ √2"  # characters the small BPE never merged: byte tokens
+    ids = tok.encode(text, bos=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some token is part of a character
+    stream = TextStream(tok, [tok.bos_id])
+    pieces = [stream.add(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
