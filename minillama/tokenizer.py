@@ -196,6 +196,10 @@ class BPETokenizer:
         to_byte = {c: b for b, c in bytes_to_unicode().items()}
 
         def ranks() -> dict[bytes, int]:  # the vocabulary as tiktoken's ranks (for a Meta export)
+            bad = next((t for t in spec["model"]["vocab"] if any(c not in to_byte for c in t)), None)
+            if bad is not None:
+                raise ValueError(f"{path}: the token {bad!r} is not spelled in byte-level characters, so it has "
+                                 f"no bytes for Meta's tokenizer.model.")
             return {bytes(to_byte[c] for c in token): i for token, i in spec["model"]["vocab"].items()}
         return cls(path, special, hf.get_vocab_size(with_added_tokens=True),
                    lambda text: hf.encode(text, add_special_tokens=False).ids,

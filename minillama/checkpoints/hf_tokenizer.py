@@ -242,14 +242,15 @@ def bpe_tokenizer_json(tok) -> dict:
         return "".join(char[b] for b in token)
 
     special = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": True} for name, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])]
+                "normalized": False, "special": True}
+               for name, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": special, "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": PATTERN}, "behavior": "Isolated", "invert": False}, byte_level]},
         "post_processor": bos_post_processor(tok.bos_id),
-        "decoder": {**byte_level, "trim_offsets": True},
+        "decoder": byte_level,
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
                   "vocab": {text(t): i for t, i in sorted(ranks.items(), key=lambda kv: kv[1])},
