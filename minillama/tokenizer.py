@@ -101,8 +101,8 @@ class Tokenizer:
 
 # ---- Llama-3: byte-level BPE --------------------------------------------------------------------
 # Meta's llama3 tokenizer (github.com/meta-llama/llama3, llama/tokenizer.py): its split pattern, and its 256
-# special tokens numbered after the base tokens (Llama-3.1 renamed some reserved ones; the ids of these six
-# are the same in 3.0, 3.1 and 3.2).
+# special tokens numbered after the base tokens (Llama-3.1 renamed some reserved ones; BOS, EOS, the two header
+# tokens and <|eot_id|> keep their names and ids in 3.0, 3.1 and 3.2).
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
            r"\s*[\r\n]+|\s+(?!\S)|\s+")
 NUM_SPECIAL = 256
