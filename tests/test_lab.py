@@ -30,7 +30,10 @@ def sbatch_options(script: Path) -> dict:
 def test_sbatch_requests(name, gpus):
     opts = sbatch_options(LAB / name)
     assert opts["nodes"] == "1" and opts["gpus-per-node"] == gpus and opts["ntasks"] == "1"
-    assert opts["output"] == "logs/%x-%j.out" and re.fullmatch(r"\d\d:\d\d:\d\d", opts["time"])
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", opts["time"])
+    # Slurm opens the log before the script's first line runs: in a folder, it would need that folder to
+    # exist already (a fresh clone has no logs/, and the job fails at launch with no log at all)
+    assert opts["output"] == "%x-%j.out"
 
 
 def _stubs(tmp: Path) -> Path:
@@ -73,7 +76,6 @@ def test_template_dry_run_trains_the_tiny_model_and_resumes(tmp_path, name):
     if name == "train_4gpu.sbatch":
         assert train[0][:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"]
         assert "--strategy" in train[0]
-    assert (tmp_path / "logs").is_dir()
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
 
 
