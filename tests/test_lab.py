@@ -133,11 +133,23 @@ def sbatch_jobs() -> list[dict]:
 
 
 def fresh_clone(tmp: Path) -> Path:
-    """A directory laid out like a fresh clone for the lab's commands: lab/ and data/, no logs/, no runs/."""
+    """A directory laid out like a fresh clone for the lab's commands (lab/ copied, data/ and benchmarks/
+    linked), with no logs/, runs/ or results/."""
     clone = tmp / "clone"
     shutil.copytree(LAB, clone / "lab")
     (clone / "data").symlink_to(tiny_model_dir().parent)
+    (clone / "benchmarks").symlink_to(REPO / "benchmarks")
     return clone
+
+
+def dry_run_argv(words: list[str]) -> list[str]:
+    """A README command that is not an sbatch line, as this Python runs it on the CPU with the tiny model."""
+    if words[0] == "minillama":  # doctor, and plan (arithmetic: it stays at the 7B shape)
+        return [sys.executable, "-m", "minillama", *words[1:]]
+    if words[:2] == ["python", "benchmarks/gpu_lab.py"]:  # later flags win: the CPU, tiny, a minute
+        return [sys.executable, *words[1:], "--device", "cpu", "--preset", "tiny", "--budget-s", "60",
+                "--repeats", "1"]
+    raise AssertionError(f"the dry run does not know how to run {shlex.join(words)!r} from lab/README.md")
 
 
 def venv_for_jobs(tmp: Path) -> str:
@@ -348,3 +360,30 @@ def test_lab_job_completes_under_a_real_slurm(finished_jobs, i):
     assert (out / "checkpoint" / "train_state.pt").exists() and (out / "checkpoint" / saved).is_dir()
     if "4gpu" in JOBS[i]["script"]:
         assert "x 2 ranks" in log
+
+
+def _rows(out: Path) -> list[dict]:
+    """gpu_lab's rows: results.json, or its rows as JSON lines."""
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())["rows"]
+    return [json.loads(line) for f in sorted(out.glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_a_lab_day_dry_run_on_the_cpu(tmp_path):
+    """Every command of lab/README.md's "A lab's day" that is not an sbatch line (those run under Slurm
+    above), from a fresh clone, on the CPU with the tiny model; gpu_lab.py within a one-minute budget."""
+    clone = fresh_clone(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    outputs = {}
+    for words in (w for w in lab_commands() if "sbatch" not in w):
+        r = subprocess.run(dry_run_argv(words), cwd=clone, env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, f"{shlex.join(words)}: {r.stderr[-3000:]}"
+        outputs[words[1]] = r.stdout
+    assert f"torch                {__import__('torch').__version__}" in outputs["doctor"]
+    assert "configurations fit in 40.00 GiB" in outputs["plan"]
+    out = clone / "results" / "gpu-lab"
+    rows = _rows(out)
+    assert rows and rows[0]["losses_agree"], rows[:1]  # the first row (LoRA q/v) is measured in the budget
+    for r in rows:  # every row is measured or says why not
+        assert "losses_agree" in r or r.get("skipped") or r.get("error"), r
+    assert (out / "table.md").exists()
