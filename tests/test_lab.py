@@ -10,6 +10,7 @@
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import socket
@@ -387,3 +388,39 @@ def test_a_lab_day_dry_run_on_the_cpu(tmp_path):
     for r in rows:  # every row is measured or says why not
         assert "losses_agree" in r or r.get("skipped") or r.get("error"), r
     assert (out / "table.md").exists()
+
+
+# ---- the planner's tables in lab/README.md -----------------------------------------------------------------
+def test_lab_readme_tables_are_the_planners_output(capsys):
+    check = runpy.run_path(str(REPO / "scripts" / "lab_tables.py"))["main"]
+    assert check(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_plan_md_table_holds_each_sizes_best_configuration(capsys):
+    from minillama.cli import main
+    from minillama.config import get_preset
+    from minillama.measuring.memory import GiB, format_bytes
+    from minillama.measuring.plan import best_per_method, plan
+
+    assert main(["plan", "--preset", "llama2-7b", "--seq-len", "512", "--batch", "16",
+                 "--gpu-mem", "24GiB,80GiB", "--format", "md"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[0] == "| GPU memory | full | lora | qlora |"
+    for line, size in zip(table[1:], (24, 80)):
+        best = {r.method: r for r in best_per_method(plan(get_preset("llama2-7b"), gpu_mem=size * GiB,
+                                                          seq_len=512, batch=16))}
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"{size}GiB"
+        for method, cell in zip(("full", "lora", "qlora"), cells[1:]):
+            if method in best:
+                assert cell == f"{format_bytes(best[method].peak_bytes)}: {best[method].label()}"
+            else:
+                assert cell.startswith("does not fit (smallest ")
+    assert "full" not in best or best["full"].peak_bytes <= 80 * GiB  # the 80 GiB row: full fine-tuning fits
+
+
+def test_plan_refuses_a_bad_size_in_a_list(capsys):
+    from minillama.cli import main
+
+    assert main(["plan", "--preset", "llama2-7b", "--gpu-mem", "24GiB,40XB", "--format", "md"]) == 2
+    assert "--gpu-mem '40XB' is invalid" in capsys.readouterr().err
