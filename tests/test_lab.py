@@ -71,7 +71,7 @@ def test_template_dry_run_trains_the_tiny_model_and_resumes(tmp_path, name):
     out = tmp_path / "run"
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "MODEL": str(tiny_model_dir()), "DATA": str(corpora_dir() / "stories_val.jsonl"), "OUT": str(out),
-           "DEVICE": "cpu", "GPUS": "2", "CONDA_ENV": "course",
+           "DEVICE": "cpu", "GPUS": "2", "CONDA_ENV": "course", "VENV": "",
            "TRAIN_ARGS": "--lora-r 4 --batch-size 2 --max-len 33 --steps 2 --quiet"}
     for run in (1, 2):  # the second submission finds the checkpoint and passes --resume
         r = subprocess.run(["bash", str(LAB / name)], env=env, cwd=tmp_path, capture_output=True, text=True,
@@ -169,6 +169,7 @@ def venv_for_jobs(tmp: Path) -> str:
 
 # ---- a one-node Slurm on this machine, started and stopped by the test -------------------------------------
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
+SLURM_PATH = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"  # the daemons live in sbin
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
@@ -219,7 +220,7 @@ PartitionName=ci Nodes={node} Default=YES MaxTime=INFINITE State=UP
 
 def slurm_missing() -> str:
     """Why a one-node Slurm cannot run here, or ''."""
-    missing = [p for p in SLURM_PROGRAMS if shutil.which(p) is None and not Path("/usr/sbin", p).exists()]
+    missing = [p for p in SLURM_PROGRAMS if shutil.which(p, path=SLURM_PATH) is None]
     if missing:
         why = os.environ.get("MINILLAMA_SLURM_MISSING", "")
         return (f"Slurm is not installed here (no {', '.join(missing)}): .ci/run installs Debian's slurm-wlm "
@@ -237,6 +238,7 @@ class OneNodeSlurm:
         self.root, self.node, self.cpus = root, socket.gethostname().split(".")[0], len(os.sched_getaffinity(0))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}  # not a job's own
         self.env["SLURM_CONF"] = str(root / "slurm.conf")
+        self.env["PATH"] = SLURM_PATH
         self.procs, self.jobs = {}, []
 
     def _spawn(self, name: str, *cmd: str) -> None:
