@@ -32,7 +32,7 @@ def plan_table(plans: dict, methods) -> str:
 
 def cmd_plan(args) -> int:
     margs = _model_args(args)
-    sizes = [s.strip() for s in args.gpu_mem.split(",") if s.strip()]
+    sizes = [s.strip() for s in args.gpu_mem.split(",") if s.strip()] or [args.gpu_mem]
     gpu_mems = [parse_size(s) for s in sizes]  # every size checked before any plan is computed
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     plans = {s: plan(margs, gpu_mem=g, seq_len=args.seq_len, batch=args.batch, gpus=args.gpus,
