@@ -120,9 +120,9 @@ def _limits(limits: Limits, box: sandbox.Sandbox):
     return apply
 
 
-def _env(tree: Path) -> dict:
+def _env(tree: Path, scratch: Path) -> dict:
     keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "SYSTEMROOT") if k in os.environ}
-    return {**keep, "HOME": str(tree), "TMPDIR": tempfile.gettempdir(), "OMP_NUM_THREADS": "2",
+    return {**keep, "HOME": str(tree), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "2",
             "MINILLAMA_GRADING": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
@@ -135,8 +135,9 @@ def _run_once(tree, private, ids, deselect, limits, deadline, run: Run, given) -
     (private / "pytest.ini").write_text("[pytest]\naddopts =\n")
     args = [sys.executable, "-I", "-B", "-c", given["runner"], str(tree), str(private / "hidden"), str(w),
             str(private / "pytest.ini"), *ids]
-    proc = subprocess.Popen(args, cwd=tree, env=_env(tree), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, pass_fds=(w,), preexec_fn=_limits(limits, given["box"]))
+    proc = subprocess.Popen(args, cwd=tree, env=_env(tree, private / "tmp"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(w,),
+                            preexec_fn=_limits(limits, given["box"]))
     os.close(w)
     try:
         proc.stdin.write("".join(json.dumps(x) + "\n" for x in (nonce, given["hashes"], deselect, given["hidden"]))
@@ -152,6 +153,8 @@ def _run_once(tree, private, ids, deselect, limits, deadline, run: Run, given) -
     open_streams = 2
     while open_streams:
         now = time.monotonic()
+        if ending == "done" and now - started > 5.0:  # its output still open: a child it left holds it
+            break
         if now > deadline:
             ending = "overall"
             break
@@ -180,11 +183,11 @@ def _run_once(tree, private, ids, deselect, limits, deadline, run: Run, given) -
                     run.tampered = run.tampered or "a forged line on the result channel"
                     continue
                 current, started = _apply(event, run, current, started)
-                if event["event"] == "done":
-                    ending = "done"
+                if event["event"] == "done":  # nothing on the channel after this is read
+                    ending, started = "done", time.monotonic()
+                    sel.unregister(r)
+                    open_streams -= 1
                     break
-        if ending == "done":  # whatever the process (or a child it left) writes after this is not read
-            break
     if ending in ("per_test", "overall", "collection"):
         _kill(proc)
     else:
@@ -320,6 +323,13 @@ def _prepare(source: Path, submission: Path, tree: Path, private: Path, info: di
     return notes, hashes, quotes
 
 
+def _scratch(private: Path, box: sandbox.Sandbox) -> None:
+    """The test process's TMPDIR, its own (pytest refuses a basetemp that another uid created)."""
+    (private / "tmp").mkdir(mode=0o700)
+    if box.uid is not None:
+        os.chown(private / "tmp", box.uid, box.uid)
+
+
 def grade(source: Path, submission: Path, out: Path | None = None, *, only=None, tests=None,
           limits: Limits = Limits(), assignments=None) -> dict:
     """Grade `submission` against the tests of `source` (the instructor edition, or the autograder's copy
@@ -340,6 +350,7 @@ def grade(source: Path, submission: Path, out: Path | None = None, *, only=None,
     private, info = _private_dir(source)
     try:
         notes, hashes, quotes = _prepare(source, submission, tree, private, info, assignments)
+        _scratch(private, box)
         ids = [(f"{private}/{tid}" if tid.startswith("hidden/") else tid) for a in assignments for tid, _ in a.tests]
         ids.append(f"{private}/hidden/{info['canary']}")
         given = {"hashes": hashes, "hidden": info["hidden"], "box": box,
