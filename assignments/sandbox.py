@@ -40,7 +40,7 @@ class Sandbox:
     uid: int | None = None  # uid and gid of the test process (None: the grader's own)
     network: bool = False   # True: a network namespace of its own (only a loopback, down)
     hide: tuple = ()        # folders covered by an empty read-only tmpfs for the test process
-    reach: tuple = ()       # (folder, inside): folder covered by a tmpfs holding only `inside` (the interpreter)
+    reach: tuple = ()       # ((folder, (inside, ...)), ...): folder covered by a tmpfs showing only `inside`s
     off: tuple = ()         # one sentence per protection that is off
 
     def describe(self) -> str:
@@ -72,14 +72,15 @@ def enter(box: Sandbox) -> None:
         for d in box.hide:
             _check(_LIBC.mount(b"tmpfs", str(d).encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV,
                                b"size=4k,mode=0555"), f"mount tmpfs on {d}")
-        for folder, inside in box.reach:
-            keep = os.open(inside, os.O_PATH)  # a handle on it before the tmpfs covers it
+        for folder, insides in box.reach:
+            keep = {inside: os.open(inside, os.O_PATH) for inside in insides}  # handles, before the cover
             _check(_LIBC.mount(b"tmpfs", folder.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=4k,mode=0755"),
                    f"mount tmpfs on {folder}")
-            os.makedirs(inside, exist_ok=True)
-            _check(_LIBC.mount(f"/proc/self/fd/{keep}".encode(), inside.encode(), None, MS_BIND | MS_REC, None),
-                   f"bind {inside}")
-            os.close(keep)
+            for inside, fd in keep.items():
+                os.makedirs(inside, exist_ok=True)
+                _check(_LIBC.mount(f"/proc/self/fd/{fd}".encode(), inside.encode(), None, MS_BIND | MS_REC, None),
+                       f"bind {inside}")
+                os.close(fd)
     if box.uid is not None:
         os.setgroups([])
         os.setgid(box.uid)
@@ -100,7 +101,7 @@ def _works(box: Sandbox) -> bool:
 def _free_uid() -> int:
     """An uid with no account and no running process (so that killing all its processes hits only ours)."""
     busy = set()
-    for p in Path("/proc").iterdir():
+    for p in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         try:
             busy.add(p.stat().st_uid if p.name.isdigit() else -1)
         except OSError:
@@ -126,14 +127,15 @@ def readable_by_others(path: Path) -> bool:
 
 
 def _reach() -> tuple:
-    """Where the interpreter sits under a folder that others cannot enter (a Python installed in /root, say):
-    (that folder, the interpreter's prefix), for the test process to see the prefix and nothing else there."""
-    pairs = []
+    """Where the interpreter or its environment sits under a folder that others cannot enter (a Python
+    installed in /root, say): ((that folder, (prefix, ...)), ...), for the test process to see the prefixes
+    and nothing else there."""
+    covers = {}
     for prefix in sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}):
         closed = [p for p in [Path(prefix), *Path(prefix).parents] if not p.stat().st_mode & stat.S_IXOTH]
-        if closed and not any(prefix.startswith(folder + os.sep) for folder, _ in pairs):
-            pairs.append((str(closed[-1]), prefix))
-    return tuple(pairs)
+        if closed:
+            covers.setdefault(str(closed[-1]), []).append(prefix)
+    return tuple((folder, tuple(insides)) for folder, insides in sorted(covers.items()))
 
 
 def is_root() -> bool:

@@ -12,6 +12,7 @@ say which protections are off and still never show a hidden test or the referenc
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -260,3 +261,21 @@ def test_run_autograder_never_keeps_results_of_a_grader_that_failed(gradescope, 
     validate(results)
     assert results["score"] == 0 and "The autograder failed" in results["output"], results
     assert [p.name for p in (root / "results").iterdir()] == ["results.json"]
+
+
+def test_where_namespaces_are_refused_the_hidden_folder_is_closed_and_the_rest_listed(monkeypatch):
+    """A container that refuses unshare (Docker's default): the uid still drops, the hidden tests' folder
+    becomes owner-only, and what stays readable (the reference) is named as a protection that is off."""
+    for source in open_folder(0o755):
+        hidden, reference = source / "assignments" / "hidden", source / "minillama"
+        hidden.mkdir(parents=True)
+        reference.mkdir()
+        monkeypatch.setattr(sandbox, "is_root", lambda: True)
+        monkeypatch.setattr(sandbox, "_works", lambda box: not box.hide and not box.network)
+        box = sandbox.plan([hidden.parent, reference], hidden)
+        assert box.uid is not None and not box.hide and not box.network
+        assert stat.S_IMODE(hidden.stat().st_mode) == 0o700
+        off = "\n".join(box.off)
+        assert "no network namespace" in off and f"{reference} stays readable" in off, off
+        assert f"{hidden.parent} stays" not in off
+        assert all(f"protection off: {why}." in box.describe() for why in box.off)
