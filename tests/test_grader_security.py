@@ -196,7 +196,8 @@ def test_attacks_on_the_local_grader_are_refused(tmp_path, mark, outdir):
     out = outdir / "results.json"
     out.write_text('{"score": 57}')  # a file from before never survives
     proc = subprocess.run([sys.executable, "-m", "assignments", "grade", "--submission", str(sub), "--out", str(out),
-                           *CLI_LIMITS], cwd=ROOT, capture_output=True, text=True, timeout=400)
+                           *CLI_LIMITS], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          start_new_session=True)  # should the sandbox fail, the attacks kill that session only
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())
     check_refused(results, mark)
@@ -212,7 +213,8 @@ def test_attacks_in_the_gradescope_layout_are_refused(gradescope, tmp_path, mark
     shutil.copytree(sub / "minillama", root / "submission")  # the files at the top level, as students upload
     env = {**os.environ, "AUTOGRADER_ROOT": str(root), "AUTOGRADER_PYTHON": sys.executable,
            "GRADE_ARGS": " ".join(CLI_LIMITS)}
-    subprocess.run(["bash", str(root / "source" / "run_autograder")], env=env, check=True, timeout=400, cwd=tmp_path)
+    subprocess.run(["bash", str(root / "source" / "run_autograder")], env=env, check=True, timeout=400, cwd=tmp_path,
+                   start_new_session=True)
     results = json.loads((root / "results" / "results.json").read_text())
     check_refused(results, mark)
 
