@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .release import write_edition
 
-TOOLING = ("__init__.py", "__main__.py", "markers.py", "release.py", "manifest.py", "runner.py", "grade.py",
-           "results.py", "grade_all.py", "autograder.py", "gradescope_results.schema.json")
+TOOLING = ("__init__.py", "__main__.py", "markers.py", "release.py", "manifest.py", "runner.py", "sandbox.py",
+           "grade.py", "results.py", "grade_all.py", "autograder.py", "gradescope_results.schema.json")
 
 SETUP = """#!/usr/bin/env bash
 # Gradescope runs this once, as root, when the autograder is built (Ubuntu image with python3).
@@ -28,17 +28,24 @@ python3 -m pip install -e '.[dev,quant]' jsonschema
 """
 
 RUN = """#!/usr/bin/env bash
-# Gradescope runs this for every submission; it writes $ROOT/results/results.json.
+# Gradescope runs this for every submission; it writes $ROOT/results/results.json. Only a grader that ran to
+# the end (exit status 0) leaves its results there: any file from before, or left by a grader that failed or
+# was killed, is replaced by a failure that scores nothing.
 set -uo pipefail
 ROOT="${AUTOGRADER_ROOT:-/autograder}"
 PY="${AUTOGRADER_PYTHON:-python3}"
+RESULTS="$ROOT/results/results.json"
 mkdir -p "$ROOT/results"
+rm -f "$RESULTS"
 cd "$ROOT/source"
-"$PY" -m assignments grade --submission "$ROOT/submission" --out "$ROOT/results/results.json" ${GRADE_ARGS:-}
+"$PY" -m assignments grade --submission "$ROOT/submission" --out "$RESULTS" ${GRADE_ARGS:-}
 status=$?
-if [ ! -s "$ROOT/results/results.json" ]; then  # the grader itself failed: say so, score nothing
+if [ "$status" -ne 0 ] || [ ! -s "$RESULTS" ]; then  # the grader failed or was killed: say so, score nothing
+  tmp="$(mktemp "$ROOT/results/.failure.XXXXXX")"
   printf '{"score": 0, "execution_time": 0, "stdout_visibility": "visible", "tests": [], "output": "%s"}\\n' \\
-    "The autograder failed (exit code $status); please tell the course staff." > "$ROOT/results/results.json"
+    "The autograder failed (exit code $status); please tell the course staff." > "$tmp"
+  chmod 644 "$tmp"
+  mv -f "$tmp" "$RESULTS"
 fi
 """
 

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 SCHEMA = Path(__file__).resolve().parent / "gradescope_results.schema.json"
-SAFE_PREFIXES = ("NotImplementedError", "timed out", "the test process", "the overall time", "the submission",
+SAFE_PREFIXES = ("NotImplementedError", "failed; its message was withheld", "timed out", "the test process",
+                 "the overall time", "the submission",
                  "test files changed", "skipped", "not collected", "results tampered", "importing the submission")
 
 
@@ -42,7 +43,12 @@ def _hidden_output(message: str) -> str:
     return f"failed ({kind}); the details of hidden tests are not shown"
 
 
-def build_results(assignments, run, notes, canary: str, elapsed: float, scrub=()) -> dict:
+WITHHELD = "withheld: it quoted a hidden test or the reference solution, which the grader never shows"
+
+
+def build_results(assignments, run, notes, canary: str, elapsed: float, scrub=(), quotes=lambda text: False) -> dict:
+    """Gradescope's results from a run; `scrub` strings become <grader>; a test whose message `quotes`
+    flags scores nothing and shows WITHHELD instead, and so does a log that quotes one."""
     canary_passed = [k for n, k in run.items.items() if k[0] == f"hidden/{canary}" and run.results.get(n, (0,))[0]]
     canary_seen = ("results tampered with: a check that must fail passed (the submission changed how tests "
                    "are judged); nothing is counted") if canary_passed else ""
@@ -53,6 +59,8 @@ def build_results(assignments, run, notes, canary: str, elapsed: float, scrub=()
             ok, message = _outcome(test_id, run, canary_seen)
             for s in scrub:
                 message = message.replace(s, "<grader>")
+            if quotes(message):
+                ok, message = False, f"failed; its message was {WITHHELD}"
             hidden = test_id.startswith("hidden/")
             score = float(points) if ok else 0.0
             got += score
@@ -65,6 +73,8 @@ def build_results(assignments, run, notes, canary: str, elapsed: float, scrub=()
     log = run.log
     for s in scrub:
         log = log.replace(s, "<grader>")
+    if quotes(log):
+        log = f"[the output of the tests was {WITHHELD}]"
     output = "\n".join(summary + [""] + notes + ([run.reason] if run.reason else []) + ["", log[-8000:]])
     return {"score": total, "execution_time": round(elapsed, 1), "output": output,
             "stdout_visibility": "hidden", "visibility": "after_published", "tests": tests}

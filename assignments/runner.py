@@ -1,7 +1,11 @@
 """The test process (started by grade.py; never imported by the grader itself).
 
-    python -I -B runner.py TREE HIDDEN_DIR RESULT_FD INI NODE_ID...   (stdin: the nonce, then the hashes)
+    python -I -B -c "$(cat runner.py)" TREE HIDDEN_DIR RESULT_FD INI NODE_ID...
+    (stdin: the nonce, the hashes, the tests already run, the hidden tests' sources: one JSON line each)
 
+The grader passes this file's text on the command line and the hidden tests' sources on stdin, so the test
+process never reads a file the submission could have changed, and the hidden tests are nowhere on its disk
+(HIDDEN_DIR holds placeholders with their names, for pytest's node ids; a finder serves the real modules).
 Runs the given tests with pytest and reports to the parent through the inherited pipe RESULT_FD, one JSON
 line per event, each carrying the nonce that the parent sent on stdin (read, and stdin closed, before any
 submitted code is imported). Before the first test it records which function torch.allclose,
@@ -10,21 +14,28 @@ fails. After collection it checks that no test file on disk changed.
 """
 
 import hashlib
+import importlib.abc
+import importlib.util
 import inspect
 import json
 import os
 import sys
 
-NONCE_AND_HASHES = sys.stdin.readline(), sys.stdin.readline(), sys.stdin.readline()
+NONCE_AND_HASHES = sys.stdin.readline(), sys.stdin.readline(), sys.stdin.readline(), sys.stdin.readline()
 sys.stdin.close()
 os.close(0)
 TREE, HIDDEN, FD, INI, IDS = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:]
-NONCE = NONCE_AND_HASHES[0].strip()
+NONCE = json.loads(NONCE_AND_HASHES[0])
 HASHES = json.loads(NONCE_AND_HASHES[1])
 DONE = set(json.loads(NONCE_AND_HASHES[2]))  # tests an earlier process already ran
 os.set_inheritable(FD, False)
 os.chdir(TREE)
 sys.path[:0] = [TREE, HIDDEN]
+# the hidden test modules, compiled now and their text dropped (submitted code could still inspect the code
+# objects, docstrings included: the grader withholds any message that quotes a hidden line)
+HIDDEN_CODE = {name: compile(text, os.path.join(HIDDEN, name), "exec", dont_inherit=True)
+               for name, text in json.loads(NONCE_AND_HASHES[3]).items()}
+del NONCE_AND_HASHES
 MAX_MESSAGE = 600
 
 
@@ -62,6 +73,23 @@ def tampered():
     return None
 
 
+class HiddenFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves the hidden test modules, compiled from the sources received on stdin, at their placeholders'
+    paths."""
+
+    def find_spec(self, name, path=None, target=None):
+        if "." in name or f"{name}.py" not in HIDDEN_CODE:
+            return None
+        return importlib.util.spec_from_loader(name, self, origin=os.path.join(HIDDEN, f"{name}.py"))
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__file__ = module.__spec__.origin
+        exec(HIDDEN_CODE[os.path.basename(module.__file__)], module.__dict__)
+
+
 def key_of(item):
     """(file key, test name without parameters) of a pytest item: "hidden/x.py" or "tests/x.py"."""
     path = os.path.realpath(str(item.path))
@@ -95,6 +123,9 @@ def short(excinfo) -> str:
 class Reporter:
     def __init__(self):
         self.items, self.failed, self.message = {}, {}, {}
+
+    def pytest_sessionstart(self, session):
+        sys.meta_path.insert(0, HiddenFinder())  # ahead of pytest's assertion rewriter (it reads the disk)
 
     def pytest_collectreport(self, report):
         if report.outcome == "failed":

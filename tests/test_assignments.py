@@ -175,7 +175,8 @@ for _fd in range(3, 30):
         pass
 '''
 WRONG = "return torch.zeros_like(x)"
-HOSTILE = {  # name: (code run at import, FeedForward.forward's body, expected scores, words in the reason)
+HOSTILE = {  # name: (code run at import, FeedForward.forward's body, expected scores, words in the reason,
+    # alternatives separated by |)
     "syntax_error": ("def broken(:\n", None, {SWIGLU: 0, KV: 0}, "SyntaxError"),
     "loop_at_import": ("while True:\n    pass\n", None, {SWIGLU: 0, KV: 0}, "took longer than"),
     "loop_in_tested_function": ("", "while True:\n    pass", {SWIGLU: 0, KV: 1}, "timed out"),
@@ -183,7 +184,8 @@ HOSTILE = {  # name: (code run at import, FeedForward.forward's body, expected s
     "sys_exit_at_import": ("import sys\nsys.exit(0)\n", None, {SWIGLU: 0, KV: 0}, "SystemExit"),
     "prints_megabytes": ("print('x' * (8 << 20))\n", f"print('y' * (8 << 20))\n{SOLUTION_LINE}", {SWIGLU: 1, KV: 1}, "passed"),
     "allocates_until_oom": ("", "hog = []\nwhile True:\n    hog.append(bytearray(1 << 26))", {SWIGLU: 0, KV: 1}, "MemoryError"),
-    "rewrites_test_files": (REWRITE_TESTS, WRONG, {SWIGLU: 0, KV: 0}, "changed"),
+    # refused as root (the sandbox's uid cannot chmod the grader's files), caught by the hashes otherwise
+    "rewrites_test_files": (REWRITE_TESTS, WRONG, {SWIGLU: 0, KV: 0}, "changed|PermissionError"),
     "patches_allclose": ("import torch\ntorch.allclose = lambda *a, **k: True\ntorch.testing.assert_close = lambda *a, **k: None\n",
                          WRONG, {SWIGLU: 0, KV: 0}, "tamper"),
     "patches_pytest": ("import _pytest.reports\n_pytest.reports.TestReport.passed = property(lambda self: True)\n"
@@ -225,7 +227,7 @@ def test_hostile_submission_scores_only_what_genuinely_passed(case, tmp_path, mo
     scores = {t["name"].split(": ")[1].replace(" (hidden)", ""): t["score"] for t in results["tests"]}
     assert scores == {tid.split("::")[1]: float(v) for tid, v in expected.items()}, results["tests"]
     swiglu = results["tests"][0]
-    assert reason in swiglu["output"] + results["output"], swiglu
+    assert any(r in swiglu["output"] + results["output"] for r in reason.split("|")), swiglu
     assert results["execution_time"] < FAST.overall + 30
     assert len(json.dumps(results)) < 200_000
     assert not (work / "results.json").exists() or results["score"] <= 2
