@@ -7,6 +7,7 @@ from torch import nn
 
 import minillama
 from minillama import get_preset
+from minillama.kernels import enable_kernels
 from minillama.measuring.measure import MemoryTracker
 from minillama.measuring.memory import (CATEGORIES, LINEARS, estimate_memory, format_bytes, llama3_8b_budget,
                               parameter_count, qlora_budget_table)
@@ -121,15 +122,19 @@ def test_exact_counts_against_the_report():
 
 
 # ---- predictions against MemoryTracker on CPU -----------------------------------------------------
-def measured_peak(args, batch, seq_len, mode, checkpointing=False, train_py_order=False):
+def measured_peak(args, batch, seq_len, mode, checkpointing=False, train_py_order=False, kernels=True):
     """MemoryTracker's peak for one step as minillama.measuring.bench runs it: train = forward with loss, backward,
     AdamW step, zero_grad(set_to_none=True), after one warm-up step; inference = a no-grad forward.
-    train_py_order: as minillama.training.train.train does it (forward, zero_grad, backward, clip, step)."""
+    train_py_order: as minillama.training.train.train does it (forward, zero_grad, backward, clip, step).
+    kernels: the hand-written backward passes (minillama.kernels, as train and bench run by default), or the
+    plain autograd model."""
     model = minillama.create_model(args, seed=0)
     if checkpointing:  # torch.utils.checkpoint around every block (use_reentrant=False)
         for layer in model.layers:
             layer.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(
                 f, *a, use_reentrant=False, **k))(layer.forward)
+    if kernels:
+        enable_kernels(model)
     x = torch.randint(0, args.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = x[:, :-1], x[:, 1:]
     optimizer = None
