@@ -193,6 +193,28 @@ def test_estimate_within_10_percent_of_measured_peak(mode, batch, seq_len, varia
     assert abs(est.peak_bytes / peak - 1) < 0.10, (est.peak_bytes, peak, est.peak_moment)
 
 
+@pytest.mark.parametrize("batch, seq_len, checkpointing, variant", [
+    (4, 128, False, {}),  # peak: the start of the backward (every chunk's fp32 logits are kept)
+    (4, 128, True, {}),  # checkpointing: the blocks' terms are held only while a block is recomputed
+    (4, 128, False, {"n_kv_heads": 8}),
+])
+def test_plain_autograd_and_the_kernels_are_two_rows_within_10_percent(batch, seq_len, checkpointing, variant):
+    """kernels=False predicts the plain autograd model of model.py (no minillama.kernels): more activations
+    (the norms' fp32 x and x_hat, silu(w1 x), w2's input, every position's fp32 logits) than kernels=True
+    (the rows above), each measured by MemoryTracker within the grid's 10%."""
+    args = get_preset("tiny").replace(**variant)
+    rows = {}
+    for kernels in (True, False):
+        est = estimate_memory(args, batch=batch, seq_len=seq_len, checkpointing=checkpointing, kernels=kernels)
+        peak = measured_peak(args, batch, seq_len, "train", checkpointing, kernels=kernels)
+        assert abs(est.peak_bytes / peak - 1) < 0.10, (kernels, est.peak_bytes, peak, est.peak_moment)
+        rows[kernels] = est, peak
+    assert rows[False][0].by_category["activations"] > rows[True][0].by_category["activations"]
+    assert rows[False][1] > rows[True][1]  # measured: the kernels save memory
+    with pytest.raises(ValueError, match="kernels='yes': expected True or False"):
+        estimate_memory(args, batch=1, seq_len=8, kernels="yes")
+
+
 def test_checkpointing_predicts_fewer_activations_and_matches():
     args = get_preset("tiny")
     plain = estimate_memory(args, batch=4, seq_len=128)

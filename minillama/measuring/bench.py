@@ -167,6 +167,8 @@ GRIDS: dict[str, dict] = {
               "sweep": {"quant": tuple(QUANT_SETTINGS)},
               "extra": [{"mode": "train", "batch": 8, "seq_len": 128, "lora": 16, "optimizer": "adamw",
                          "quant": "none"}]},
+    # The hand-written backward passes (minillama.kernels) against the plain autograd model, full and LoRA.
+    "kernels": {"base": {"mode": "train", "batch": 8, "seq_len": 128}, "sweep": {"lora": (0, 16), "kernels": (False, True)}},
 }
 
 

@@ -369,7 +369,7 @@ def _prediction(row: Row, args, s: Settings, batch: int, seq: int) -> int:
     lora = None if row.targets is None else {"r": s.r, "targets": row.targets}
     quant4 = {"quant_type": "nf4", "double_quant": False, "blocksize": 64} if row.quant else None
     return estimate_memory(args, batch=batch, seq_len=seq, mode="train", device=device, param_dtype=dtype,
-                           lora=lora, quant4=quant4, checkpointing=row.checkpointing).peak_bytes
+                           lora=lora, quant4=quant4, checkpointing=row.checkpointing, kernels=row.kernels).peak_bytes
 
 
 def row_shape(row: Row, s: Settings) -> tuple:
