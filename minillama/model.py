@@ -10,7 +10,9 @@
       norm: RMSNorm
       output                              vectors -> logits
 
-Every technique of the course is a flag or a wrapper on this one model, never a copy.
+The plain formulas, as the paper and Meta's code write them, differentiated by autograd. Every technique of
+the course is a flag or a wrapper on this one model, never a copy: LoRA (lora.py), 4-bit weights (quant.py),
+the hand-written backward passes that keep fewer tensors (kernels.py), torch.compile (training.train).
 """
 
 from __future__ import annotations
@@ -29,33 +31,6 @@ from .rope import apply_rope, rope_cos_sin
 CACHE_MODES = ("prealloc", "concat")  # "concat": ConcatKVCache, at the end of this file
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm.forward's formula with a hand-written backward that keeps only x and the fp32 1/rms ([..., 1]).
-    Autograd's version of the formula keeps x's fp32 copy (a new tensor when x is bf16) for pow and for the
-    product with 1/rms, and, when the weight trains, the normalised x_hat for the weight's gradient as well:
-    up to three [tokens, dim] tensors per norm instead of one. x_hat is recomputed in the backward instead."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        xf = x.float()  # one fp32 copy (x itself when x is fp32), used twice and not kept
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).type_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        x_hat = (x.float() * rstd).type_as(x)
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # y = weight * x_hat: sum over every position
-            grad_w = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype)
-        # y_hat = x * rstd: d/dx = rstd * (g - x_hat * mean(g * x_hat)), g the gradient w.r.t. x_hat (fp32)
-        g = (grad * weight).float()
-        x_hat = x_hat.float()
-        grad_x = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
-        return grad_x.type_as(x), grad_w, None
-
-
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as Meta and HF do)."""
 
@@ -67,8 +42,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension of x: compute in fp32, cast back to x's dtype, then scale by weight."""
         # BEGIN SOLUTION a1
-        if torch.is_grad_enabled():  # the same value, keeping fewer tensors for the backward pass
-            return RMSNormFunction.apply(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.type_as(x)
@@ -177,56 +150,6 @@ class Attention(nn.Module):
         # END SOLUTION
 
 
-class SiLUMul(torch.autograd.Function):
-    """silu(a) * b that keeps only a and b for the backward pass. Autograd's plain `F.silu(a) * b` keeps a (for
-    silu), b and silu(a) (for the product): one [tokens, hidden] tensor per layer more. silu(a) is recomputed
-    in the backward instead (element-wise, cheap beside the matrix products)."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return F.silu(a) * b
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        return _silu_mul_grads(grad, a, b)
-
-
-def _silu_mul_grads(grad, a, b):
-    """Gradients of silu(a) * b with respect to a and b, given the gradient of the product."""
-    # d/da silu(a) * b = grad * b * silu'(a) (aten's silu_backward, in fp32 inside); d/db = grad * silu(a)
-    grad_a = torch.ops.aten.silu_backward(grad * b, a)
-    if grad.dtype != a.dtype:
-        return grad_a, grad * F.silu(a)
-    return grad_a, F.silu(a).mul_(grad)  # in place in the fresh silu(a): one [tokens, hidden] temporary less
-
-
-def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """F.silu(a) * b, equal in value and gradients, keeping one tensor less for the backward (SiLUMul)."""
-    return SiLUMul.apply(a, b)
-
-
-class SiLUMulLinear(torch.autograd.Function):
-    """F.linear(silu(a) * b, weight), keeping only a, b and the weight. w2's own backward would keep its
-    input, the product p = silu(a) * b ([tokens, hidden]), for the weight's gradient: the third tensor of that
-    size per layer. Here p is recomputed in the backward pass instead (one element-wise product more)."""
-
-    @staticmethod
-    def forward(ctx, a, b, weight):
-        ctx.save_for_backward(a, b, weight)
-        return F.linear(F.silu(a) * b, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b, weight = ctx.saved_tensors
-        grad_w = None
-        if ctx.needs_input_grad[2]:  # p again (made in place: one temporary), used once and freed
-            grad_w = (grad.flatten(0, -2).t() @ F.silu(a).mul_(b).flatten(0, -2)).to(weight.dtype)
-        grad_p = grad @ weight.to(grad.dtype)  # under autocast the forward ran in grad's dtype
-        return *_silu_mul_grads(grad_p, a, b), grad_w
-
-
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -235,19 +158,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        # SiLUMulLinear for a trainable plain w2, except in a checkpointed block (Transformer.set_checkpointing):
-        # there nothing is kept anyway, and its recomputation would have to redo w2's matrix product too
-        self.recompute_product = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """w2(silu(w1 x) * w3 x)."""
         # BEGIN SOLUTION a1
-        if torch.is_grad_enabled():  # the same value, keeping fewer tensors for the backward pass
-            w2 = self.w2
-            if self.recompute_product and type(w2) is nn.Linear and w2.bias is None and w2.weight.requires_grad:
-                return SiLUMulLinear.apply(self.w1(x), self.w3(x), w2.weight)  # p recomputed in backward
-            return self.w2(silu_mul(self.w1(x), self.w3(x)))
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # no backward: w1 x is freed before w3 x is made
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
         # END SOLUTION
 
 
@@ -265,76 +180,17 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-# The loss without the [B, T, vocab] logits. The plain way (logits = output(h), then F.cross_entropy on an fp32
-# copy) keeps the fp32 log-softmax of every position alive until the backward pass: with a 32,000-word
-# vocabulary that is 128 KB per token, more than a whole block's activations in Llama-2-7B. Here the logits are
-# made a chunk of positions at a time, and the gradient of the loss with respect to h (and to the head's
-# weight) is computed right away, while the chunk is at hand: only those are kept for the backward pass.
+# The loss is computed a chunk of positions at a time, so that a forward without backward never holds the
+# whole [B*T, vocab] logits: with a 32,000-word vocabulary they are 128 KB per token in fp32, more than a
+# whole block's activations in Llama-2-7B.
 LOSS_CHUNK_ELEMENTS = 2**23  # at most this many logits per chunk (32 MiB in fp32)
 LOSS_MIN_CHUNKS = 8  # and at least this many chunks: one chunk's logits stay an eighth of the whole
 
 
 def loss_chunk(n_positions: int, vocab_size: int) -> int:
-    """Positions per chunk of linear_cross_entropy: at most LOSS_CHUNK_ELEMENTS logits, and at most
-    1/LOSS_MIN_CHUNKS of the positions (a chunk's logits are the loss's transient at the top of the
-    activations; the matrix products of an eighth of the positions are still large)."""
+    """Positions per chunk of the loss: at most LOSS_CHUNK_ELEMENTS logits, and at most 1/LOSS_MIN_CHUNKS of
+    the positions (a chunk's logits are the loss's transient at the top of the activations)."""
     return max(1, min(LOSS_CHUNK_ELEMENTS // vocab_size, -(-n_positions // LOSS_MIN_CHUNKS)))
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(h @ weight.T, targets) (fp32 log-softmax, -100 ignored) chunk by chunk; see above."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, reduction: str, chunk: int, need_h: bool, need_w: bool):
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        valid = targets != -100
-        count = valid.sum()
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, h.shape[0], chunk):
-            h_c, t_c, v_c = h[i:i + chunk], targets[i:i + chunk], valid[i:i + chunk]
-            logits = F.linear(h_c, weight).float()  # the model's dtype, then fp32 for the softmax
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t_c.clamp(min=0)[:, None])[:, 0]
-            total += ((lse - picked) * v_c).sum()
-            if grad_h is None and grad_w is None:
-                continue
-            # d loss / d logits = softmax - one_hot(target), zero for ignored positions (computed in place)
-            g = logits.sub_(lse[:, None]).exp_()
-            g[torch.arange(len(t_c), device=g.device), t_c.clamp(min=0)] -= 1
-            g *= v_c[:, None]
-            if grad_h is not None:
-                grad_h[i:i + chunk] = g.to(weight.dtype) @ weight
-            if grad_w is not None:
-                if h_c.dtype == grad_w.dtype:  # added inside the matrix product: no extra pass over grad_w
-                    torch.addmm(grad_w, g.t(), h_c, out=grad_w)  # (FlopCounterMode does not count addmm_)
-                else:
-                    grad_w += g.t().to(h_c.dtype) @ h_c
-        scale = 1.0 / count if reduction == "mean" else torch.ones((), device=h.device)
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_h, grad_w, scale)
-        return total * scale if reduction == "mean" else total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w, scale = ctx.saved_tensors
-        g = grad_out * scale
-        return (None if grad_h is None else grad_h * g.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * g).to(ctx.weight_dtype), None, None, None, None, None)
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                         chunk: Optional[int] = None) -> torch.Tensor:
-    """F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100, reduction=reduction), equal
-    in value and gradients, without materialising the logits: h [N, dim], weight [vocab, dim], targets [N].
-    chunk: positions per chunk (default: loss_chunk(N, vocab))."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy(reduction={reduction!r}): expected 'mean' or 'sum'.")
-    chunk = chunk or loss_chunk(h.shape[0], weight.shape[0])
-    # Gradients only where a backward pass can follow: not under torch.no_grad (evaluation), not for frozen tensors
-    grad = torch.is_grad_enabled()
-    return LinearCrossEntropy.apply(h, weight, targets, reduction, chunk, grad and h.requires_grad,
-                                    grad and weight.requires_grad)
 
 
 class Transformer(nn.Module):
@@ -376,18 +232,32 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         if targets is None:
             return self.output(h)
-        if type(self.output) is not nn.Linear:  # a wrapped head (an adapter on it): the plain way
-            return F.cross_entropy(self.output(h).float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                   reduction=reduction)
-        return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), reduction)
+        return self.loss(h, targets, reduction)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the next token: -log softmax(output(h))[target] = logsumexp(logits) - logits[target],
+        in fp32, over the positions whose target is not -100; their mean (reduction="mean") or sum ("sum").
+
+        The logits are made a chunk of positions at a time (loss_chunk): without a backward pass (evaluation)
+        only one chunk's [positions, vocab] logits exist at once. In training autograd keeps every chunk's fp32
+        logits for the backward anyway; minillama.kernels.linear_cross_entropy keeps only the gradients."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"Transformer.loss(reduction={reduction!r}): expected 'mean' or 'sum'.")
+        h, targets = h.flatten(0, 1), targets.flatten()
+        valid = targets != -100
+        chunk = loss_chunk(h.shape[0], self.args.vocab_size)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for h_c, t_c, v_c in zip(h.split(chunk), targets.split(chunk), valid.split(chunk)):
+            logits = self.output(h_c).float()  # [chunk, vocab], the softmax in fp32
+            picked = logits.gather(1, t_c.clamp(min=0)[:, None])[:, 0]  # -100 -> any index, masked below
+            total = total + ((torch.logsumexp(logits, dim=-1) - picked) * v_c).sum()
+        return total / valid.sum() if reduction == "mean" else total
 
     def set_checkpointing(self, every: int = 1) -> None:
         """Gradient checkpointing of every `every`-th transformer block in training (0: off)."""
         if not isinstance(every, int) or every < 0:
             raise ValueError(f"checkpointing every={every!r}: expected 0 (off) or a positive integer.")
         self.checkpoint_every = every
-        for i, layer in enumerate(self.layers):
-            layer.feed_forward.recompute_product = not (every and i % every == 0)
 
     def set_attn_impl(self, impl: str) -> None:
         """Switch every layer between "sdpa" (fused kernel) and "math" (explicit softmax)."""

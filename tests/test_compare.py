@@ -1,4 +1,4 @@
-"""`minillama bench --compare hf`, the GPU lab script, and the loss that never holds the whole logits."""
+"""`minillama bench --compare hf`, the GPU lab script, and the kernels (minillama.kernels) that win its memory."""
 
 import importlib.util
 import json
@@ -15,7 +15,7 @@ from minillama.config import get_preset
 from minillama.measuring import compare
 from minillama.measuring.compare import ROWS, Settings, compare_row, run_compare
 from minillama.measuring.measure import model_flops_per_token
-from minillama.model import linear_cross_entropy
+from minillama.kernels import linear_cross_entropy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_gpu_lab_skips_what_does_not_fit_in_the_budget(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul_equals_silu_times(dtype):
-    from minillama.model import silu_mul
+    from minillama.kernels import silu_mul
 
     gen = torch.Generator().manual_seed(2)
     a = (3 * torch.randn(6, 10, generator=gen)).to(dtype).requires_grad_()
@@ -176,7 +176,7 @@ def test_silu_mul_equals_silu_times(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_function_equals_autograd_of_the_formula(dtype):
     """RMSNormFunction (keeps x and 1/rms only) against autograd through the plain formula, weight trainable."""
-    from minillama.model import RMSNormFunction
+    from minillama.kernels import RMSNormFunction
 
     gen = torch.Generator().manual_seed(3)
     x = (2 * torch.randn(3, 5, 16, generator=gen)).to(dtype).requires_grad_()
@@ -194,7 +194,7 @@ def test_rmsnorm_function_equals_autograd_of_the_formula(dtype):
 @pytest.mark.parametrize("weight_trains", [True, False])
 def test_silu_mul_linear_equals_linear_of_silu_times(weight_trains):
     """SiLUMulLinear (recomputes p = silu(a) * b in backward) against F.linear(F.silu(a) * b, w) by autograd."""
-    from minillama.model import SiLUMulLinear
+    from minillama.kernels import SiLUMulLinear
 
     gen = torch.Generator().manual_seed(4)
     a = (3 * torch.randn(2, 6, 10, generator=gen)).requires_grad_()
@@ -210,10 +210,13 @@ def test_silu_mul_linear_equals_linear_of_silu_times(weight_trains):
 
 
 def test_model_keeps_fewer_tensors_for_backward_than_autograd_would():
-    """Full fine-tuning of a small model: RMSNormFunction and SiLUMulLinear keep, per block, 2 [tokens, dim]
-    tensors (the norms' x_hat) and 1 [tokens, hidden] tensor (w2's input p) less than the plain formulas
-    (counted with saved_tensors_hooks, each storage once, parameters excluded)."""
+    """Full fine-tuning of a small fp32 model, the plain model (autograd) against enable_kernels, counted with
+    saved_tensors_hooks (each storage once, parameters excluded). Per block the kernels keep 2 [tokens, dim]
+    tensors (the norms' x_hat) and 2 [tokens, hidden] (silu(w1 x) and w2's input p) less; at the head, the
+    final norm's x_hat, and the loss keeps its two gradients instead of norm(h), every chunk's logits and
+    logsumexp, the gather indices, the target mask and the count."""
     from minillama.config import ModelArgs
+    from minillama.kernels import disable_kernels, enable_kernels
     from minillama.model import create_model
 
     args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
@@ -232,23 +235,25 @@ def test_model_keeps_fewer_tensors_for_backward_than_autograd_would():
             model(tokens, tokens)
         return sum(seen.values())
 
+    plain = saved_bytes()
+    enable_kernels(model)
     ours = saved_bytes()
-    import minillama.model as M
-    with pytest.MonkeyPatch.context() as mp:  # the plain formulas, differentiated by autograd
-        mp.setattr(M.RMSNormFunction, "apply", lambda x, w, eps: w * (x * torch.rsqrt(
-            x.pow(2).mean(-1, keepdim=True) + eps)))
-        mp.setattr(M.SiLUMulLinear, "apply", lambda a, b, w: F.linear(M.silu_mul(a, b), w))
-        plain = saved_bytes()
-    N = 2 * 8
-    per_block = 2 * N * args.dim * 4 + N * args.ffn_hidden_dim * 4
-    assert plain - ours == args.n_layers * per_block + N * args.dim * 4  # + the final norm's x_hat
+    disable_kernels(model)
+    assert saved_bytes() == plain  # back to the plain model
+    N, d, hid, V = 2 * 8, args.dim, args.ffn_hidden_dim, args.vocab_size
+    per_block = 2 * N * d * 4 + 2 * N * hid * 4
+    plain_loss = N * d * 4 + N * V * 4 + N * 4 + N * 8 + N + 8  # norm(h), logits, lse, indices, mask, count
+    kernel_loss = N * d * 4 + V * d * 4 + 4  # d loss / d norm(h), d loss / d weight (fp32), 1 / count
+    assert plain - ours == args.n_layers * per_block + N * d * 4 + plain_loss - kernel_loss
 
 
 def test_checkpointing_recomputes_the_blocks_forward_up_to_w2():
     """Full fine-tuning with every block checkpointed costs the blocks' forward FLOPs once more, less w2's
     product (non-reentrant checkpointing stops recomputing once the last tensor to keep is back: w2's input).
-    SiLUMulLinear would keep its tensors only after its matrix product: it is left out of checkpointed blocks."""
+    With the kernels on, SiLUMulLinear would keep its tensors only after its matrix product: enable_kernels
+    leaves it out of checkpointed blocks."""
     from minillama.config import ModelArgs
+    from minillama.kernels import enable_kernels
     from minillama.measuring.measure import count_flops
     from minillama.model import create_model
 
@@ -258,9 +263,10 @@ def test_checkpointing_recomputes_the_blocks_forward_up_to_w2():
 
     def step_flops(every, recompute_product=None):
         model.set_checkpointing(every)
+        enable_kernels(model)  # again after set_checkpointing: it reads it
         for layer in model.layers:
             if recompute_product is not None:
-                layer.feed_forward.recompute_product = recompute_product
+                layer.feed_forward.kernel_recompute_product = recompute_product
         return count_flops(lambda: model(tokens, tokens).backward())
 
     plain, ckpt = step_flops(0), step_flops(1)

@@ -7,6 +7,7 @@ from torch import nn
 
 import minillama
 from minillama import get_preset
+from minillama.kernels import enable_kernels
 from minillama.measuring.measure import MemoryTracker
 from minillama.measuring.memory import (CATEGORIES, LINEARS, estimate_memory, format_bytes, llama3_8b_budget,
                               parameter_count, qlora_budget_table)
@@ -121,15 +122,19 @@ def test_exact_counts_against_the_report():
 
 
 # ---- predictions against MemoryTracker on CPU -----------------------------------------------------
-def measured_peak(args, batch, seq_len, mode, checkpointing=False, train_py_order=False):
+def measured_peak(args, batch, seq_len, mode, checkpointing=False, train_py_order=False, kernels=True):
     """MemoryTracker's peak for one step as minillama.measuring.bench runs it: train = forward with loss, backward,
     AdamW step, zero_grad(set_to_none=True), after one warm-up step; inference = a no-grad forward.
-    train_py_order: as minillama.training.train.train does it (forward, zero_grad, backward, clip, step)."""
+    train_py_order: as minillama.training.train.train does it (forward, zero_grad, backward, clip, step).
+    kernels: the hand-written backward passes (minillama.kernels, as train and bench run by default), or the
+    plain autograd model."""
     model = minillama.create_model(args, seed=0)
     if checkpointing:  # torch.utils.checkpoint around every block (use_reentrant=False)
         for layer in model.layers:
             layer.forward = (lambda f: lambda *a, **k: torch.utils.checkpoint.checkpoint(
                 f, *a, use_reentrant=False, **k))(layer.forward)
+    if kernels:
+        enable_kernels(model)
     x = torch.randint(0, args.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = x[:, :-1], x[:, 1:]
     optimizer = None
@@ -186,6 +191,28 @@ def test_estimate_within_10_percent_of_measured_peak(mode, batch, seq_len, varia
     est = estimate_memory(args, batch=batch, seq_len=seq_len, mode=mode)
     peak = measured_peak(args, batch, seq_len, mode)
     assert abs(est.peak_bytes / peak - 1) < 0.10, (est.peak_bytes, peak, est.peak_moment)
+
+
+@pytest.mark.parametrize("batch, seq_len, checkpointing, variant", [
+    (4, 128, False, {}),  # peak: the start of the backward (every chunk's fp32 logits are kept)
+    (4, 128, True, {}),  # checkpointing: the blocks' terms are held only while a block is recomputed
+    (4, 128, False, {"n_kv_heads": 8}),
+])
+def test_plain_autograd_and_the_kernels_are_two_rows_within_10_percent(batch, seq_len, checkpointing, variant):
+    """kernels=False predicts the plain autograd model of model.py (no minillama.kernels): more activations
+    (the norms' fp32 x and x_hat, silu(w1 x), w2's input, every position's fp32 logits) than kernels=True
+    (the rows above), each measured by MemoryTracker within the grid's 10%."""
+    args = get_preset("tiny").replace(**variant)
+    rows = {}
+    for kernels in (True, False):
+        est = estimate_memory(args, batch=batch, seq_len=seq_len, checkpointing=checkpointing, kernels=kernels)
+        peak = measured_peak(args, batch, seq_len, "train", checkpointing, kernels=kernels)
+        assert abs(est.peak_bytes / peak - 1) < 0.10, (kernels, est.peak_bytes, peak, est.peak_moment)
+        rows[kernels] = est, peak
+    assert rows[False][0].by_category["activations"] > rows[True][0].by_category["activations"]
+    assert rows[False][1] > rows[True][1]  # measured: the kernels save memory
+    with pytest.raises(ValueError, match="kernels='yes': expected True or False"):
+        estimate_memory(args, batch=1, seq_len=8, kernels="yes")
 
 
 def test_checkpointing_predicts_fewer_activations_and_matches():

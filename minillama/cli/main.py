@@ -466,7 +466,7 @@ def cmd_train(args) -> int:
                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
                       rope_scaling=scaling, max_seq_len=max_seq_len, train_embeddings=args.train_embeddings,
                       train_norms=args.train_norms, load_in_4bit=args.load_in_4bit, quant_type=args.quant_type, double_quant=args.double_quant,
-                      quant_blocksize=args.quant_blocksize, compile=args.compile, eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
+                      quant_blocksize=args.quant_blocksize, compile=args.compile, kernels=args.kernels, eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
                       data_sha256=file_sha256(args.data),  # a --resume on other data is refused, naming it
                       val_data_sha256=file_sha256(args.val_data) if args.val_data else "")
     say = print if distributed.is_main() else (lambda *a, **k: None)  # rank 0 speaks for the job
@@ -474,7 +474,7 @@ def cmd_train(args) -> int:
     say(f"{steps} optimizer steps of {per_step} examples/rows ({args.batch_size} x {args.grad_accum} accumulated"
         f"{f' x {distributed.world_size()} ranks' if distributed.world_size() > 1 else ''}), "
           f"amp={cfg.amp}, dtype={next(model.parameters()).dtype}, checkpointing={cfg.checkpointing}, "
-          f"{'compiled blocks, ' if cfg.compile else ''}"
+          f"{'compiled blocks, ' if cfg.compile else ''}{'' if cfg.kernels else 'plain autograd (no kernels), '}"
           f"optimizer={cfg.optimizer}, lora_r={cfg.lora_r}, device={device}, context {model.args.max_seq_len}"
           f" (rope_scaling {model.args.rope_scaling})"
           + (f", 4-bit base {cfg.quant_type}{'+dq' if cfg.double_quant else ''} (blocksize {cfg.quant_blocksize})"
@@ -628,6 +628,9 @@ def _add_train_techniques(t) -> None:
     t.add_argument("--quant-blocksize", type=int, default=64, help="values per 4-bit block (power of two, 32-4096)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (fused element-wise work; the first step compiles)")
+    t.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="hand-written backward passes that keep fewer tensors (minillama.kernels; equal values and "
+                        "gradients, less memory); --no-kernels: the plain autograd model")
 
 
 def _add_train(sub) -> None:
@@ -660,7 +663,7 @@ def _add_train(sub) -> None:
 def _add_bench(sub) -> None:
     m = sub.add_parser("bench", help="measure a grid of configurations (memory by category, time, FLOPs)")
     m.add_argument("--preset", default="tiny", help="tiny, llama2-7b, llama2-13b, llama3-8b")
-    m.add_argument("--grid", default="default", help="default, batch, seq, mode, lora, techniques, qlora")
+    m.add_argument("--grid", default="default", help="default, batch, seq, mode, lora, techniques, qlora, kernels")
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("--model", default=None, help="weights to load (default for tiny: the shipped tiny model)")
     m.add_argument("--random-weights", action="store_true", help="build the preset with random weights")

@@ -13,7 +13,8 @@ laptop CPU in well under an hour. Each corpus makes one lesson visible:
                      only drops with more context if the model attends far back.
 * **passkey**      - the Position-Interpolation "find the pass key" test,
                      scaled down: a 5-digit key hidden at a chosen depth among
-                     filler sentences.
+                     filler sentences (the protocol is evaluation's:
+                     minillama.evaluation.passkey; imported here).
 * **instructions** - Alpaca-format ``{"instruction", "input", "output"}``
                      items for supervised fine-tuning.
 * **facts**        - fictional award facts for a knowledge-injection (LoRA)
@@ -34,8 +35,11 @@ import json
 import numbers
 import os
 import random
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..evaluation.passkey import (ANIMALS, COLOURS, DEFAULT_DEPTHS, PASSKEY_FILLER, PASSKEY_INTRO,  # noqa: F401
+                                  PASSKEY_QUESTION, RngOrSeed, _check_depth, _check_each, _check_int, _check_seed,
+                                  _rng, make_passkey, make_passkeys, passkey_training_text)
 from ..files import atomic_write_text
 
 __all__ = [
@@ -62,49 +66,15 @@ __all__ = [
     "main",
 ]
 
-RngOrSeed = Union[int, random.Random]
-
 # Story lengths in words (~1.25 tokens per word). The longest, 4000 words, is
 # about 5,000 tokens: far longer than the 256-token training context, which
 # makes it useful for long-context and context-extension experiments.
 DEFAULT_STORY_LENGTHS = (100, 200, 400, 800, 1600, 4000)
-DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 # --------------------------------------------------------------------------
 # Argument checking and seeding helpers
 # --------------------------------------------------------------------------
-
-def _rng(rng_or_seed: RngOrSeed, arg: str = "rng_or_seed") -> random.Random:
-    """Return a ``random.Random``: use it as-is, or build one from an int seed."""
-    if isinstance(rng_or_seed, random.Random):
-        return rng_or_seed
-    if isinstance(rng_or_seed, int) and not isinstance(rng_or_seed, bool):
-        return random.Random(rng_or_seed)
-    raise ValueError(
-        f"{arg} must be an int seed or a random.Random instance, got {rng_or_seed!r}."
-    )
-
-
-def _check_int(value, arg: str, minimum: int = 1) -> int:
-    """Raise ValueError unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{arg} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def _check_seed(seed, arg: str = "seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{arg} must be an integer, got {seed!r}.")
-    return seed
-
-
-def _check_depth(depth, arg: str = "depth") -> float:
-    if (isinstance(depth, bool) or not isinstance(depth, numbers.Real)
-            or not 0.0 <= depth <= 1.0):
-        raise ValueError(f"{arg} must be a number between 0 and 1, got {depth!r}.")
-    return float(depth)
-
 
 def _derive_seed(seed: int, stream: int) -> int:
     """Seed for one corpus/split: different streams never share a seed."""
@@ -153,12 +123,6 @@ PET_NAMES = [
     "Tiger", "Bingo", "Patch", "Crumble", "Dumpling", "Marble", "Acorn",
     "Truffle", "Sparky", "Fluffy", "Bramble", "Pudding", "Comet", "Doodle",
 ]
-COLOURS = [
-    "red", "blue", "green", "yellow", "orange", "purple", "pink", "brown",
-    "black", "white", "grey", "gold", "silver", "violet", "teal", "navy",
-    "cream", "lemon", "mint", "coral", "plum", "amber", "ruby", "crimson",
-    "scarlet", "turquoise", "lilac", "maroon", "beige", "peach",
-]
 TOWNS = [
     "Brookfield", "Oakdale", "Millbrook", "Riverton", "Ashford", "Elmwood",
     "Fairview", "Greenhill", "Maplewood", "Stonebridge", "Westport",
@@ -172,8 +136,6 @@ LUCKY_NUMBERS = list(range(2, 100))
 
 PLACES = ["park", "hill", "river", "forest", "field", "beach", "lake", "farm",
           "garden", "village", "bridge", "meadow"]
-ANIMALS = ["bird", "squirrel", "rabbit", "duck", "cow", "sheep", "fox",
-           "frog", "butterfly", "horse", "goat", "owl"]
 SIZES = ["big", "small", "little", "tall", "funny", "young"]
 PLANTS = ["tree", "bush", "flower", "rock", "fence", "pond", "gate", "path"]
 FOODS = ["bread", "soup", "rice", "pasta", "apples", "eggs", "cheese",
@@ -413,75 +375,15 @@ def make_stories(n: int, seed: int,
     """Return ``n`` stories; story ``i`` has about ``lengths[i % len(lengths)]`` words."""
     _check_int(n, "n")
     _check_seed(seed)
-    lengths = tuple(lengths)
-    if not lengths:
-        raise ValueError("lengths must be a non-empty sequence of positive integers, got ().")
-    for length in lengths:
-        _check_int(length, "each entry of lengths")
+    lengths = _check_each(lengths, "lengths", "positive integers", _check_int)
     rng = random.Random(seed)
     return [make_story(rng, lengths[i % len(lengths)]) for i in range(n)]
 
 
 # --------------------------------------------------------------------------
-# 2. Passkey retrieval (Position Interpolation protocol, scaled down)
+# 2. Passkey retrieval: the protocol is evaluation's (minillama.evaluation.passkey:
+#    make_passkey, make_passkeys, passkey_training_text), imported above
 # --------------------------------------------------------------------------
-
-PASSKEY_INTRO = "There is a pass key hidden in this text. Find it and remember it."
-PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.",
-                  "Here we go.", "There and back again.")
-PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-# Invariant: intro, filler and question contain no digits, so the key's
-# digits appear exactly twice in a prompt (both in PASSKEY_LINE) and exactly
-# three times in a training text (prompt + " " + key + ".").
-assert not any(c.isdigit() for c in PASSKEY_INTRO + "".join(PASSKEY_FILLER) + PASSKEY_QUESTION)
-
-
-def _passkey_prompt(key: str, n_filler: int, depth: float) -> str:
-    filler = [PASSKEY_FILLER[i % len(PASSKEY_FILLER)] for i in range(n_filler)]
-    position = int(depth * n_filler + 0.5)   # 0 = right after the intro, n = right before the question
-    parts = [PASSKEY_INTRO] + filler[:position] + [PASSKEY_LINE.format(key=key)] \
-        + filler[position:] + [PASSKEY_QUESTION]
-    return " ".join(parts)
-
-
-def make_passkey(seed_or_rng: RngOrSeed, n_filler_sentences: int, depth: float) -> dict:
-    """Return one passkey test item.
-
-    ``{"prompt", "answer", "depth", "n_filler"}``: the prompt ends with
-    "The pass key is" (no trailing space); the answer is the 5-digit key
-    (first digit non-zero, no leading space). The key line sits after
-    ``round(depth * n_filler_sentences)`` filler sentences. The answer occurs
-    exactly twice in the prompt.
-    """
-    rng = _rng(seed_or_rng, "seed_or_rng")
-    _check_int(n_filler_sentences, "n_filler_sentences")
-    depth = _check_depth(depth)
-    key = str(rng.randint(10000, 99999))
-    return {"prompt": _passkey_prompt(key, n_filler_sentences, depth),
-            "answer": key, "depth": depth, "n_filler": n_filler_sentences}
-
-
-def make_passkeys(n: int, seed: int, n_filler_sentences: int,
-                  depths: Sequence[float] = DEFAULT_DEPTHS) -> List[dict]:
-    """Return ``n`` passkey items; item ``i`` uses depth ``depths[i % len(depths)]``."""
-    _check_int(n, "n")
-    _check_seed(seed)
-    _check_int(n_filler_sentences, "n_filler_sentences")
-    depths = tuple(depths)
-    if not depths:
-        raise ValueError("depths must be a non-empty sequence of numbers in [0, 1], got ().")
-    for d in depths:
-        _check_depth(d, "each entry of depths")
-    rng = random.Random(seed)
-    return [make_passkey(rng, n_filler_sentences, depths[i % len(depths)]) for i in range(n)]
-
-
-def passkey_training_text(seed_or_rng: RngOrSeed, n_filler_sentences: int, depth: float) -> str:
-    """A complete passkey document for pre-training: prompt + " " + answer + "."."""
-    item = make_passkey(seed_or_rng, n_filler_sentences, depth)
-    return item["prompt"] + " " + item["answer"] + "."
-
 
 # --------------------------------------------------------------------------
 # 3. Alpaca-style instructions

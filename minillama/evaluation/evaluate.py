@@ -17,11 +17,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..course.corpora import make_passkey
 from ..generate import generate
 from ..measuring.memory import estimate_memory, kv_cache_bytes
 from ..model import Transformer
 from ..progress import progress_bar
+from .passkey import make_passkey
 
 GiB = 1024**3
 
@@ -97,7 +97,7 @@ def perplexity(model: Transformer, docs: Sequence[Sequence[int]], context: int, 
     for rows in windows.values():
         for i in range(0, len(rows), batch_size):
             t = torch.tensor(rows[i:i + batch_size], device=device)
-            # the model's own loss: chunk by chunk, never the [B, T, vocab] logits (model.linear_cross_entropy)
+            # the model's own loss: chunk by chunk, never the [B, T, vocab] logits (Transformer.loss)
             nll += float(model(t[:, :-1], t[:, 1:], reduction="sum"))
             count += t[:, 1:].numel()
             bar.update(t.shape[0])

@@ -21,12 +21,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..course.corpora import ANIMALS, COLOURS, PASSKEY_FILLER
 from ..generate import generate
 from ..measuring.memory import kv_cache_bytes
 from ..model import Transformer
 from ..rope import ROPE_TYPES, check_scaling, scaling_type
 from .evaluate import check_fits, check_retrieval_fits, passkey_accuracy, perplexity
+from .passkey import ANIMALS, COLOURS, PASSKEY_FILLER
 
 POSITIONS = {"start": 0.0, "middle": 0.5, "end": 1.0}  # where the phrase sits, as a depth in the filler
 PHRASE_INTRO = "There is a secret phrase hidden in this text. Find it and remember it."

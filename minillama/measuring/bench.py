@@ -26,6 +26,7 @@ import torch
 
 from ..config import dtype_name, parse_dtype
 from ..files import atomic_write_bytes, atomic_write_text
+from ..kernels import enable_kernels
 from .measure import CATEGORIES, Measurement, measure
 from .memory import estimate_memory
 
@@ -132,6 +133,18 @@ register_dimension("amp", ("off", "fp16", "bf16"), _apply_amp)
 register_dimension("accum", (1, 4), _apply_accum)
 register_dimension("checkpointing", (0, 1), _apply_checkpointing)
 
+
+def _apply_kernels(on, ctx):
+    """kernels=True (the default, as in training) | False: the hand-written backward passes of minillama.kernels,
+    or the plain autograd model. Applied in build_step after every other dimension (it reads the checkpointing)."""
+    if not isinstance(on, bool):
+        raise ValueError(f"kernels={on!r}: expected True or False.")
+    ctx["kernels"] = on
+    ctx["estimate"]["kernels"] = on
+
+
+register_dimension("kernels", (True, False), _apply_kernels)
+
 # A grid: a base config and the dimensions to sweep (the product of their values).
 GRIDS: dict[str, dict] = {
     "default": {"base": {"batch": 4, "seq_len": 256}, "sweep": {"mode": ("train", "inference")},
@@ -154,6 +167,8 @@ GRIDS: dict[str, dict] = {
               "sweep": {"quant": tuple(QUANT_SETTINGS)},
               "extra": [{"mode": "train", "batch": 8, "seq_len": 128, "lora": 16, "optimizer": "adamw",
                          "quant": "none"}]},
+    # The hand-written backward passes (minillama.kernels) against the plain autograd model, full and LoRA.
+    "kernels": {"base": {"mode": "train", "batch": 8, "seq_len": 128}, "sweep": {"lora": (0, 16), "kernels": (False, True)}},
 }
 
 
@@ -187,7 +202,8 @@ def build_step(make_model: Callable[[], torch.nn.Module], cfg: dict, *, seed: in
 
     model = make_model()
     args = model.args
-    ctx = {"model": model, "estimate": {}, "config": cfg, "amp": "off", "accum": 1, "optimizer": "adamw"}
+    ctx = {"model": model, "estimate": {}, "config": cfg, "amp": "off", "accum": 1, "optimizer": "adamw",
+           "kernels": True}
     for key in cfg:
         if key not in DIMENSIONS:
             raise ValueError(f"Config key {key!r} is not a registered grid dimension: {sorted(DIMENSIONS)}.")
@@ -195,6 +211,8 @@ def build_step(make_model: Callable[[], torch.nn.Module], cfg: dict, *, seed: in
         if key in cfg and dim.apply is not None:
             dim.apply(cfg[key], ctx)
     model = ctx["model"]
+    if ctx["kernels"]:
+        enable_kernels(model)
     device = next(model.parameters()).device
     batch, seq_len, mode = cfg["batch"], cfg["seq_len"], cfg.get("mode", "train")
     if seq_len > args.max_seq_len:

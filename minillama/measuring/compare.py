@@ -7,6 +7,7 @@ For each row the same configuration runs through both implementations:
     quantize_model (4-bit rows)               bitsandbytes.nn.Linear4bit (quant.quantize_linear(backend="bnb"))
     apply_lora(r=16, alpha=32)           -->  PEFT, the same adapter (lora.save_adapter -> PeftModel.from_pretrained)
     set_checkpointing(1)                      gradient_checkpointing_enable(use_reentrant=False)
+    kernels.enable_kernels (train rows)       (none: HF's RMSNorm, MLP and loss are differentiated by autograd)
 
 with the same batch, sequence length, dtype (fp32 on CPU, bf16 on CUDA), optimizer (training.train.make_optimizer:
 AdamW, the same groups and settings), gradient clipping and data (random tokens, the first eighth of every row
@@ -38,6 +39,7 @@ import torch
 
 from ..config import dtype_name, get_preset, parse_dtype
 from ..files import atomic_write_text
+from ..kernels import enable_kernels
 from ..model import create_model
 from .measure import (_sync, count_flops, device_name, device_peak_flops, model_flops_per_token,
                       track_memory)
@@ -61,6 +63,7 @@ class Row:
     quant: bool = False                          # NF4 base (QLoRA)
     long: bool = False                           # Settings.long_seq_len instead of seq_len, batch 1
     compiled: bool = False                       # minillama's blocks torch.compiled (training.train.compile_blocks)
+    kernels: bool = True                         # minillama's hand-written backward passes (train rows, as train's default)
     needs: tuple = ("transformers", "peft")
 
 
@@ -195,6 +198,8 @@ def build_pair(row: Row, s: Settings):
     if row.checkpointing:
         ours.set_checkpointing(1)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if row.kind == "train" and row.kernels:  # after checkpointing (it reads it), before compiling
+        enable_kernels(ours)
     if row.compiled:  # after every technique: a module swapped later would make the blocks recompile
         from ..training.train import compile_blocks
 
@@ -364,7 +369,7 @@ def _prediction(row: Row, args, s: Settings, batch: int, seq: int) -> int:
     lora = None if row.targets is None else {"r": s.r, "targets": row.targets}
     quant4 = {"quant_type": "nf4", "double_quant": False, "blocksize": 64} if row.quant else None
     return estimate_memory(args, batch=batch, seq_len=seq, mode="train", device=device, param_dtype=dtype,
-                           lora=lora, quant4=quant4, checkpointing=row.checkpointing).peak_bytes
+                           lora=lora, quant4=quant4, checkpointing=row.checkpointing, kernels=row.kernels).peak_bytes
 
 
 def row_shape(row: Row, s: Settings) -> tuple:
@@ -451,7 +456,7 @@ def row_header(row: Row, s: Settings) -> dict:
             "lora_r": s.r if row.kind == "train" and row.targets is not None else 0,
             "lora_targets": row.targets if isinstance(row.targets, str) or row.targets is None else ",".join(row.targets),
             "checkpointing": row.checkpointing, "quant": "nf4" if row.quant else "none",
-            "compiled": compiled_side(row, s), **_versions()}
+            "compiled": compiled_side(row, s), "kernels": row.kind == "train" and row.kernels, **_versions()}
 
 
 def compiled_side(row: Row, s: Settings) -> str:
@@ -558,6 +563,11 @@ def describe_compare(rows: list[dict], s: Optional[Settings] = None) -> str:
         sizes += (" | *-compiled rows: minillama's blocks torch.compiled, HF "
                   + ("decoder layers compiled too" if compiled == "both" else "eager (as it runs by default)")
                   + "; their memory is counted in an eager step (the tracker cannot see inside compiled code)")
+    kernels = [x["name"] for x in rows if x.get("kernels")]
+    if kernels:  # which rows run minillama.kernels: their peak is not the plain autograd model's
+        sizes += (f" | minillama with its hand-written backward passes (minillama.kernels) in "
+                  f"{'every train row' if len(kernels) == sum(x.get('kind') == 'train' for x in rows) else ', '.join(kernels)}"
+                  "; HF differentiated by autograd")
     return (f"device: {r.get('device_name', '?')} | dtype: {r.get('dtype', '?')} | torch {r.get('torch', '?')}, "
             f"transformers {r.get('transformers', '-')}, peft {r.get('peft', '-')}, bitsandbytes "
             f"{r.get('bitsandbytes', '-')} | preset: {r.get('preset', '?')}{sizes} | MiB = 1024**2 bytes; "

@@ -5,8 +5,8 @@
     print("\\n".join(est.notes))                                             # every term with its formula
 
 Nothing here is fitted to a measurement. Every term is counted from what THIS implementation
-(minillama/model.py, rope.py, train.py) allocates and what autograd SAVES for the backward pass,
-op by op; the comments next to each term name the op that keeps it. `minillama.measuring.measure.MemoryTracker`
+(minillama/model.py, rope.py, train.py; kernels.py with kernels=True, the default, as train runs) allocates and
+what autograd SAVES for the backward pass, op by op; the comments next to each term name the op that keeps it. `minillama.measuring.measure.MemoryTracker`
 counts the same thing (live tensor storages), so the two can be compared row by row
 (`minillama.measuring.bench` puts both in every benchmark row).
 
@@ -233,7 +233,7 @@ class _Settings:
     """The resolved options of one estimate, so that the per-op rules read like the model code."""
 
     def __init__(self, args: ModelArgs, *, batch, seq_len, mode, param_dtype, amp, lora, quant4, optimizer,
-                 checkpointing, grad_accum, optimizer_state_dtype, device, foreach, grads_in_forward):
+                 checkpointing, grad_accum, optimizer_state_dtype, device, foreach, grads_in_forward, kernels=True):
         self.args, self.B, self.T, self.N = args, batch, seq_len, batch * seq_len
         self.mode, self.train = mode, mode == "train"
         self.pb = _dtype_bytes(param_dtype, "param_dtype")  # bytes of a parameter
@@ -255,6 +255,7 @@ class _Settings:
         self.on_cuda = str(device).startswith("cuda")
         self.foreach = foreach if foreach is not None else self.on_cuda  # torch's default: foreach on CUDA
         self.checkpointing, self.grad_accum, self.grads_in_forward = checkpointing, grad_accum, grads_in_forward
+        self.kernels = kernels  # minillama.kernels' hand-written backward passes, or plain autograd
         self.cos_sin = 2 * seq_len * (args.head_dim // 2) * 4  # rope_cos_sin: fp32 [T, head_dim/2] each
         self.positions = 8 * seq_len  # torch.arange positions, int64
 
@@ -369,12 +370,19 @@ def _sgd_bytes(s: _Settings, groups: list[list[int]], notes: _Notes) -> tuple[in
 
 # ---- 2. the training step: activations saved for backward, block by block ---------------------
 def _rmsnorm(s: _Settings, name: str, x_rg: bool, save) -> bool:
-    """RMSNorm.forward in training: model.RMSNormFunction keeps only its input x (in the stream's dtype) and
-    the fp32 1/rms; x_hat is recomputed in its backward, also when the weight trains."""
+    """RMSNorm.forward in training. kernels.RMSNormFunction keeps only its input x (in the stream's dtype) and
+    the fp32 1/rms; x_hat is recomputed in its backward, also when the weight trains. The plain formula
+    (kernels=False): pow and the product with rstd keep x's fp32 copy (x itself when r = 4) and rstd when x
+    requires grad, and the product with the weight keeps x_hat (r*N*d) when the weight trains."""
     N, d = s.N, s.args.dim
-    if x_rg or s.full:
+    if s.kernels and (x_rg or s.full):
         save(f"{name}: input x", s.r * N * d, f"N*d*{s.r} (kept by RMSNormFunction)")
         save(f"{name}: rsqrt", 4 * N, "N*4 (fp32 [B,T,1], kept by RMSNormFunction)")
+    if not s.kernels and x_rg:  # the checkpointing term finds "input x" when it is the block's own input
+        save(f"{name}: {'input x' if s.r == 4 else 'fp32 copy of x'}", 4 * N * d, "N*d*4 (kept by pow and * rstd)")
+        save(f"{name}: rsqrt", 4 * N, "N*4 (fp32 [B,T,1], kept by * rstd)")
+    if not s.kernels and s.full:
+        save(f"{name}: x_hat", s.r * N * d, f"N*d*{s.r} (kept by weight * x_hat)")
     return x_rg or s.full
 
 
@@ -450,7 +458,8 @@ def _attention_saved(s: _Settings, x_rg: bool, save) -> bool:
 def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
     """Saved-for-backward terms of one TransformerBlock in forward order, whether its output requires
     grad, and the bytes of p = silu(w1 x) * w3 x if it is saved (freed first in the block's backward).
-    FFN: silu_mul keeps w1 x and w3 x (c*N*hid each), w2 keeps p."""
+    FFN: silu_mul keeps w1 x and w3 x (c*N*hid each), w2 keeps p unless SiLUMulLinear recomputes it; the plain
+    formula (kernels=False) keeps silu(w1 x) as well, and w2 keeps p."""
     N, c, hid = s.N, s.c, s.args.ffn_hidden_dim
     terms = []
 
@@ -464,11 +473,13 @@ def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
     # out = h + feed_forward(ffn_norm(h)); FeedForward: w2(silu(w1 x) * w3 x)
     n2_rg = _rmsnorm(s, "ffn_norm", h_rg, save)
     f_rg = _linear_inputs(s, "ffn_norm(h)", s.r, n2_rg, ("w1", "w3"), save)
-    if f_rg["w1"] or f_rg["w3"]:  # model.silu_mul keeps w1 x and w3 x (silu(w1 x) is recomputed in backward)
-        save("FFN: w1 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
-        save("FFN: w3 x (kept by silu_mul)", c * N * hid, f"N*{hid}*{c}")
+    if f_rg["w1"] or f_rg["w3"]:  # kernels.silu_mul keeps w1 x and w3 x (silu(w1 x) is recomputed in backward)
+        save(f"FFN: w1 x (kept by {'silu_mul' if s.kernels else 'silu'})", c * N * hid, f"N*{hid}*{c}")
+        save(f"FFN: w3 x (kept by {'silu_mul' if s.kernels else 'the product'})", c * N * hid, f"N*{hid}*{c}")
+        if not s.kernels:
+            save("FFN: silu(w1 x) (kept by the product)", c * N * hid, f"N*{hid}*{c}")
     n_before = len(terms)
-    if s.full and not s.checkpointing:  # a plain trainable w2 runs in model.SiLUMulLinear, which recomputes p in
+    if s.kernels and s.full and not s.checkpointing:  # a plain trainable w2 runs in model.SiLUMulLinear, which recomputes p in
         # its backward: nothing more kept (a checkpointed block keeps the plain way: FeedForward.recompute_product)
         w2_rg = {"w2": True}
     else:
@@ -479,9 +490,11 @@ def _block_saved(s: _Settings, x_rg: bool) -> tuple[list, bool, int]:
 
 def _head_saved(s: _Settings, x_rg: bool) -> list[tuple[str, int, str]]:
     """Saved-for-backward terms of the final norm and of the loss (x_rg: the last block's output requires
-    grad). The loss is model.linear_cross_entropy: it computes its gradients in the forward and keeps only
-    them: d loss / d norm(h) (r*N*d, when norm(h) requires grad) and, when the head trains, d loss / d weight
-    in fp32 (4*V*d)."""
+    grad). With kernels the loss is kernels.linear_cross_entropy: it computes its gradients in the forward and
+    keeps only them: d loss / d norm(h) (r*N*d, when norm(h) requires grad) and, when the head trains,
+    d loss / d weight in fp32 (4*V*d). The plain loss (Transformer.loss) keeps every chunk's fp32 logits
+    (4*N*V, for logsumexp), with the logsumexp, target indices and mask (13*N), and the head keeps its
+    input norm(h) when it trains (its autocast copy c*N*d under AMP)."""
     N, d, V, r = s.N, s.args.dim, s.args.vocab_size, s.r
     head: list[tuple[str, int, str]] = []
 
@@ -489,6 +502,14 @@ def _head_saved(s: _Settings, x_rg: bool) -> list[tuple[str, int, str]]:
         head.append((name, int(n), formula))
 
     nf_rg = _rmsnorm(s, "norm (final)", x_rg, hsave)
+    if not s.kernels:
+        if s.full:
+            c = s.c if s.amp else r
+            hsave("loss: the head's input norm(h)", c * N * d, f"N*{d}*{c} (kept by the output head)")
+        if nf_rg or s.full:
+            hsave("loss: fp32 logits of every chunk", 4 * N * V, f"N*{V}*4 (kept by logsumexp)")
+            hsave("loss: logsumexp, target indices, mask", 13 * N, "N*(4+8+1) (kept by the loss's ops)")
+        return head
     if nf_rg or s.full:
         hsave("loss: gradient w.r.t. norm(h)", r * N * d, f"N*{d}*{r} (kept by linear_cross_entropy)")
     if s.full:
@@ -657,7 +678,8 @@ def _block_backward(s: _Settings, i: int, saved: _Saved, grads: int) -> dict[str
     last and the first block bound every block). The head's saved tensors are gone; activations of blocks
     <= i remain (with checkpointing: their inputs, plus block i recomputed), less p and w2's autocast copy,
     freed by then. Temporary, at the FFN product's backward: the incoming grad r*N*d and grad_p,
-    grad_w1x, silu(w1 x) recomputed, grad_w3x (4*c*N*hid); a 4-bit w2's backward dequantises it (_dequant_bytes) beside the incoming
+    grad_w1x, silu(w1 x) recomputed, grad_w3x (3*c*N*hid; kernels=False: the same count, autograd's grad of
+    silu(w1 x) taking the place of the recomputed silu(w1 x)); a 4-bit w2's backward dequantises it (_dequant_bytes) beside the incoming
     grad and the grad of w2's output (c*N*d)."""
     N, d, hid, r, c = s.N, s.args.dim, s.args.ffn_hidden_dim, s.r, s.c
     terms, p_i, _ = saved.blocks[i]
@@ -837,8 +859,8 @@ def _check_quant4(quant4, mode: str, lora) -> Optional[dict]:
 
 def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "train", param_dtype="fp32",
                     amp=None, lora=None, quant4=None, optimizer="adamw", checkpointing=False, grad_accum=1,
-                    optimizer_state_dtype=None, device="cpu", foreach=None, grads_in_forward=False
-                    ) -> MemoryEstimate:
+                    optimizer_state_dtype=None, device="cpu", foreach=None, grads_in_forward=False,
+                    kernels=True) -> MemoryEstimate:
     """Predicted bytes of one step of `minillama.Transformer(args)` on `batch` x `seq_len` tokens.
 
     mode: "train" (forward with loss, backward, optimizer.step()), "inference" (a no-grad forward
@@ -861,7 +883,11 @@ def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "t
       Gradient clipping (train.py) adds only one scalar per tensor (torch._foreach_norm) and is not counted.
     device: "cpu" or "cuda" (AdamW is single-tensor on CPU, foreach on CUDA unless `foreach` says;
       AdamW's `step` counters live on the CPU when the model is on CUDA).
+    kernels: True (train's default): minillama.kernels' hand-written backward passes (kernels.enable_kernels);
+      False: the plain autograd model of model.py (the RMSNorms, SwiGLU and the loss keep more for backward).
     """
+    if not isinstance(kernels, bool):
+        raise ValueError(f"estimate_memory: kernels={kernels!r}: expected True or False.")
     _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accum, checkpointing,
               optimizer_state_dtype, device)
     lora = _check_lora(lora)
@@ -869,7 +895,7 @@ def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "t
     s = _Settings(args, batch=batch, seq_len=seq_len, mode=mode, param_dtype=param_dtype,
                   amp=None if amp == "off" else amp, lora=lora, quant4=quant4, optimizer=optimizer,
                   checkpointing=checkpointing, grad_accum=grad_accum, optimizer_state_dtype=optimizer_state_dtype,
-                  device=device, foreach=foreach, grads_in_forward=grads_in_forward)
+                  device=device, foreach=foreach, grads_in_forward=grads_in_forward, kernels=kernels)
     notes = _Notes([f"N = batch*seq_len = {batch}*{seq_len} = {s.N} tokens; r = {s.r} bytes (residual stream), "
                     f"c = {s.c} bytes (linear/attention outputs); sizes in MiB = 1024**2 bytes."])
     params = parameter_bytes(s, notes)

@@ -12,6 +12,10 @@ Each technique of the course is switched by TrainConfig and lives in one place h
   gradient equals one big batch's even when micro-batches hold different numbers of tokens.
 * Gradient checkpointing (`checkpointing` = k): every k-th transformer block recomputes its
   activations in the backward pass (`Transformer.set_checkpointing`).
+* Hand-written backward passes (`kernels`, on by default): `minillama.kernels.enable_kernels` runs RMSNorm,
+  SwiGLU and the loss through backward passes that keep fewer tensors than autograd (equal values and
+  gradients, less activation memory: the loss never keeps every position's logits). The model is plain
+  again after train(); kernels=False trains the plain autograd model.
 * torch.compile (`compile`): each transformer block's forward is compiled (`compile_blocks`): the same
   arithmetic, with the element-wise work around the matrix products (RMSNorm, RoPE, SwiGLU, residuals) fused
   into a few generated kernels. The first step pays the compilation; the blocks are plain again after train().
@@ -60,6 +64,7 @@ from ..files import atomic_directory, atomic_write_text, open_nofollow, run_lock
 from ..progress import progress_bar
 from . import distributed
 from .data import IGNORE_INDEX, as_dataset, batches
+from ..kernels import disable_kernels, enable_kernels
 from ..model import Transformer
 from ..quant import QUANT_TYPES, quantize_model
 from ..rope import check_scaling
@@ -95,6 +100,7 @@ class TrainConfig:
     quant_type: str = "nf4"       # "nf4" | "fp4"
     double_quant: bool = False    # the 4-bit constants themselves in 8 bits
     quant_blocksize: int = 64     # values per absmax block: a power of two from 32 to 4096
+    kernels: bool = True          # hand-written backward passes (minillama.kernels): equal, less memory
     compile: bool = False         # torch.compile each transformer block (compile_blocks)
     eval_every: int = 250
     eval_rows: int = 64           # held-out rows per evaluation set
@@ -145,6 +151,7 @@ SETTINGS = {
     "train_embeddings": (lambda v: isinstance(v, bool), "True or False"),
     "train_norms": (lambda v: isinstance(v, bool), "True or False"),
     "compile": (lambda v: isinstance(v, bool), "True or False"),
+    "kernels": (lambda v: isinstance(v, bool), "True or False"),
     "max_seq_len": (_integer(0), "an integer >= 0 (0: the model's own context)"),
     "rope_scaling": (lambda v: v is None or _valid_scaling(v), "None or a rope_scaling dict such as "
                      "{'rope_type': 'linear', 'factor': 4.0} (see minillama.rope)"),
@@ -289,7 +296,7 @@ def is_quantized(model) -> bool:
 
 def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
     """Apply the model-side techniques of cfg: 4-bit base weights (unless the model already has them), LoRA
-    adapters and gradient checkpointing."""
+    adapters, gradient checkpointing, then the hand-written backward passes and torch.compile."""
     extend_context(model, cfg.rope_scaling, cfg.max_seq_len)
     if cfg.load_in_4bit and not is_quantized(model):
         quantize_model(model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
@@ -301,6 +308,7 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
         _unfreeze_extras(model, cfg)
     model.set_checkpointing(cfg.checkpointing)
+    (enable_kernels if cfg.kernels else disable_kernels)(model)  # after checkpointing: it reads it
     if cfg.compile:
         compile_blocks(model)
     return model
@@ -596,7 +604,7 @@ def _restore_weights(ckpt: Path, model, cfg: TrainConfig) -> dict:
                          f"is {cfg.batch_size} x {world} ranks = {cfg.batch_size * world} (set --batch-size "
                          f"{rows // world if rows % world == 0 else rows} or start a new --out).")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("batch_size", "compile"):  # compile changes how, not what, the steps compute
+        if f.name in ("batch_size", "compile", "kernels"):  # they change how, not what, the steps compute
             continue
         if f.name in saved and saved[f.name] != getattr(cfg, f.name):
             raise ValueError(f"Cannot resume from {ckpt}: {f.name}={getattr(cfg, f.name)!r} differs from the "
@@ -709,6 +717,7 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
     finally:
         if cfg.compile:  # the plain blocks again: generation afterwards would recompile at every position
             compile_blocks(model, enable=False)
+        disable_kernels(model)  # the plain model again (kernels change only what a backward pass keeps)
 
 
 def _setup(model: Transformer, cfg: TrainConfig, out_dir: Path, *, resume: bool, strict_amp: bool, strategy: str):
