@@ -154,6 +154,9 @@ GRIDS: dict[str, dict] = {
               "sweep": {"quant": tuple(QUANT_SETTINGS)},
               "extra": [{"mode": "train", "batch": 8, "seq_len": 128, "lora": 16, "optimizer": "adamw",
                          "quant": "none"}]},
+    # QLoRA as it is run on a GPU: the 4-bit base under bf16 / fp16 autocast (the matmuls in the autocast dtype).
+    "qlora-amp": {"base": {"mode": "train", "batch": 8, "seq_len": 128, "lora": 16, "optimizer": "paged_adamw8bit"},
+                  "sweep": {"quant": ("nf4", "nf4+dq"), "amp": ("bf16", "fp16")}},
 }
 
 
