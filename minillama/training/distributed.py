@@ -100,11 +100,17 @@ def wrap(model: torch.nn.Module, strategy: str, amp: str) -> torch.nn.Module:
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if amp == "bf16" \
-        else MixedPrecisionPolicy()
+    root, blocks = MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    if amp == "bf16":
+        root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # A block's unit must not cast its inputs: they are the residual stream h, already bf16 (the embedding's
+        # output under the root's policy), and RoPE's cos and sin, which stay fp32: cast to bf16 they would keep
+        # 8 bits of every angle's cos and sin, and torch.complex refuses bf16 (issue 28).
+        blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
     for block in model.layers:  # one unit per block: only one block's full weights exist at a time
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, output head
+        fully_shard(block, mp_policy=blocks)
+    fully_shard(model, mp_policy=root)  # the rest: embeddings, final norm, output head
     return model
 
 
@@ -128,6 +134,24 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+# What a failed collective says (torch's DistError subclasses aside): gloo's and NCCL's own messages, a peer's
+# closed connection, the timeout of init(). Anything else was raised by this rank's own computation.
+_COLLECTIVE_MARKERS = ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe", "timed out",
+                       "Timed out", "Timeout")
+
+
+def step_failure(e: RuntimeError, step: int) -> RuntimeError:
+    """The error to raise for a training step that failed with `e` under several ranks, naming the real cause:
+    a collective that failed (another rank died or timed out), or this rank's own exception (a dtype mismatch, an
+    out-of-memory, ...), whose first line is kept with its type; the other ranks then fail in a collective."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, dist.DistError) or any(m in str(e) for m in _COLLECTIVE_MARKERS):
+        return RuntimeError(f"rank {rank()}: step {step} failed in a collective (did another rank die or time "
+                            f"out?): {first}")
+    return RuntimeError(f"rank {rank()}: step {step} failed on this rank ({type(e).__name__}: {first}); the "
+                        f"other ranks stop with it.")
 
 
 def barrier() -> None:

@@ -789,11 +789,10 @@ def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConf
             raise FloatingPointError(f"Stopped at step {step + 1}: {e}. Nothing was saved for this step; the last "
                                      f"checkpoint (if any) is intact. Lower the learning rate, or try --amp bf16 "
                                      f"instead of fp16.") from None
-        except RuntimeError as e:  # a collective failed: another rank died or timed out
+        except RuntimeError as e:  # this rank's own error, or a collective that failed (another rank died)
             if distributed.world_size() == 1:
                 raise
-            raise RuntimeError(f"rank {distributed.rank()}: step {step + 1} failed in a collective (did another "
-                               f"rank die?): {str(e).splitlines()[0]}") from None
+            raise distributed.step_failure(e, step + 1) from e
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
