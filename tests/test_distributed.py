@@ -169,3 +169,29 @@ def test_a_step_failure_names_its_real_cause():
     for e in (torch.distributed.DistBackendError("NCCL communicator was aborted"),
               RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")):
         assert "failed in a collective (did another rank die or time out?)" in str(distributed.step_failure(e, 7))
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank, in this process (what DDP and the collectives need)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_does_not_broadcast_a_4bit_base_every_step(one_rank_group):
+    """DDP's default broadcast_buffers=True sends rank 0's buffers (a 4-bit base's packed weights: ~3.6 GB for 7B)
+    to every rank before each forward; they never change, so the wrapper must not (issue 28)."""
+    import torch
+
+    from minillama import create_model, get_preset
+    from minillama.lora import apply_lora
+    from minillama.quant import quantize_model
+
+    args = get_preset("tiny").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
+    model = apply_lora(quantize_model(create_model(args, seed=0)), r=4, alpha=8)
+    assert any(b.dtype == torch.uint8 for b in model.buffers())  # the packed weights are buffers
+    runner = distributed.wrap(model, "ddp", "off")
+    assert runner.broadcast_buffers is False
