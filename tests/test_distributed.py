@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+import minillama.training.train as T
 from minillama.cli.main import main
 from minillama.course.paths import corpora_dir, tiny_model_dir
 from minillama.training import distributed
@@ -46,6 +47,8 @@ def test_ddp_lora_equals_one_process(tmp_path):
     assert one.keys() == two.keys()
     for k in one:
         assert float((one[k] - two[k]).abs().max()) <= 1e-7, k
+    state = T._read_train_state(tmp_path / "two" / "checkpoint")  # each rank's own random states (issue 28)
+    assert len(state["rng_ranks"]) == 2 and state["rng"] is not None
 
 
 def test_fsdp_full_finetuning_equals_one_process_and_resumes_in_one(tmp_path):
@@ -195,3 +198,24 @@ def test_ddp_does_not_broadcast_a_4bit_base_every_step(one_rank_group):
     assert any(b.dtype == torch.uint8 for b in model.buffers())  # the packed weights are buffers
     runner = distributed.wrap(model, "ddp", "off")
     assert runner.broadcast_buffers is False
+
+
+def test_each_rank_restores_its_own_random_states(monkeypatch):
+    """A checkpoint holds every rank's random states (CPU, Python and the rank's own GPU): rank r of a resumed run
+    with as many ranks takes entry r; another number of ranks (or an older checkpoint) takes rank 0's. Before
+    issue 28 every rank got rank 0's CUDA states, so rank r's dropout masks restarted from another stream."""
+    import torch
+
+    from minillama.training.train import TrainConfig
+
+    ranks = [{"torch": torch.get_rng_state(), "python": None, "tag": r} for r in range(2)]
+    state = T._train_state(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                           torch.amp.GradScaler("cpu", enabled=False), 1, TrainConfig(), ranks)
+    assert state["rng_ranks"] == ranks and state["rng"] is ranks[0]
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        assert T._own_rng_state(state)["tag"] == r
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    assert T._own_rng_state(state)["tag"] == 0
+    assert T._own_rng_state({"rng": ranks[1]})["tag"] == 1  # an older checkpoint: rng only

@@ -161,6 +161,15 @@ def step_failure(e: RuntimeError, step: int) -> RuntimeError:
                         f"other ranks stop with it.")
 
 
+def gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (a collective: every rank calls it); [obj] in one process."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -468,9 +468,11 @@ def save_run_adapter(model: Transformer, path, name: str = "default") -> Path:
 
 
 def _rng_state() -> dict:
+    """This process's random states: torch's CPU generator, Python's, and that of the GPU it drives (each rank
+    its own: under torchrun rank r draws dropout masks on cuda:r)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device (distributed.init sets it per rank)
     return state
 
 
@@ -478,7 +480,17 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], (list, tuple)):  # a checkpoint of an older minillama: every device's
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+def _own_rng_state(state: dict) -> dict:
+    """The random states this rank saved ("rng_ranks", one per rank), when the run has as many ranks as the one
+    that saved it; otherwise (another number of ranks, an older checkpoint) rank 0's ("rng")."""
+    ranks = state.get("rng_ranks") or []
+    return ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state["rng"]
 
 
 TRAIN_STATE = "train_state.pt"
@@ -487,18 +499,21 @@ _WHY = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-
         errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}
 
 
-def _train_state(optimizer, scaler, step: int, cfg: TrainConfig) -> dict:
+def _train_state(optimizer, scaler, step: int, cfg: TrainConfig, rng_ranks: Optional[list] = None) -> dict:
     """Everything a resumed run needs besides the weights, as plain tensors, numbers, strings, lists,
-    tuples and dicts: what torch.load(weights_only=True) reads back without unpickling any code."""
+    tuples and dicts: what torch.load(weights_only=True) reads back without unpickling any code.
+    rng_ranks: every rank's _rng_state(), gathered (default: this process's only)."""
+    rng_ranks = rng_ranks or [_rng_state()]
     return {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": _rng_state(), "config": dataclasses.asdict(cfg), "world_size": distributed.world_size()}
+            "rng": rng_ranks[0], "rng_ranks": rng_ranks, "config": dataclasses.asdict(cfg),
+            "world_size": distributed.world_size()}
 
 
-def _checkpoint_parts(model, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer) -> list:
+def _checkpoint_parts(model, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer, rng_ranks=None) -> list:
     """[(name, write(dest))] of a checkpoint's entries, written in this order."""
     def write_state(dest):
         with open(dest, "wb") as f:  # a file object: a failing write raises OSError with its errno
-            torch.save(_train_state(optimizer, scaler, step, cfg), f)
+            torch.save(_train_state(optimizer, scaler, step, cfg, rng_ranks), f)
 
     if _base_trains(model):
         parts = [("model", lambda dest: save_model(model, dest, tokenizer=tokenizer))]
@@ -520,7 +535,7 @@ def _write_error_errno(e: Exception) -> Optional[int]:
 
 
 def write_checkpoint(path, model: Transformer, optimizer, scaler, step: int, cfg: TrainConfig,
-                     tokenizer=None) -> None:
+                     tokenizer=None, rng_ranks: Optional[list] = None) -> None:
     """path/ with train_state.pt and either model/ (full fine-tuning) or adapter[-NAME]/ (LoRA, PEFT's
     layout) plus trainable.safetensors (the trained tensors, for an exact resume).
 
@@ -531,7 +546,7 @@ def write_checkpoint(path, model: Transformer, optimizer, scaler, step: int, cfg
     current = None
     try:
         with atomic_directory(path) as tmp:
-            for current, write in _checkpoint_parts(model, optimizer, scaler, step, cfg, tokenizer):
+            for current, write in _checkpoint_parts(model, optimizer, scaler, step, cfg, tokenizer, rng_ranks):
                 write(tmp / current)
             current = None
     except (OSError, SafetensorError) as e:
@@ -625,7 +640,7 @@ def _restore_optimizer(state: dict, model, optimizer, scaler, strategy: str) -> 
     else:
         optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(_own_rng_state(state))
     return state["step"]
 
 
@@ -742,6 +757,7 @@ def _setup(model: Transformer, cfg: TrainConfig, out_dir: Path, *, resume: bool,
 def _save(out_dir: Path, runner, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer, strategy: str) -> None:
     """The checkpoint, as one process would write it. FSDP: every rank joins the gather, rank 0 writes."""
     model = distributed.unwrap(runner)
+    rng_ranks = distributed.gather_objects(_rng_state())  # every rank's own random states, on rank 0
     if strategy == "fsdp":
         msd, osd = distributed.full_state(runner, optimizer)
         if distributed.is_main():
@@ -749,9 +765,9 @@ def _save(out_dir: Path, runner, optimizer, scaler, step: int, cfg: TrainConfig,
                 plain = Transformer(model.args)
             plain.load_state_dict(msd, assign=True)
             write_checkpoint(out_dir / "checkpoint", plain, distributed.GatheredOptimizer(osd), scaler, step, cfg,
-                             tokenizer)
+                             tokenizer, rng_ranks)
     elif distributed.is_main():
-        write_checkpoint(out_dir / "checkpoint", model, optimizer, scaler, step, cfg, tokenizer)
+        write_checkpoint(out_dir / "checkpoint", model, optimizer, scaler, step, cfg, tokenizer, rng_ranks)
     distributed.barrier()  # nobody runs ahead of a checkpoint being written
 
 
