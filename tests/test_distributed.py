@@ -4,6 +4,7 @@ bounded time; bad --strategy combinations are refused in one sentence."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,8 +54,8 @@ def test_ddp_lora_equals_one_process(tmp_path):
 
 def test_fsdp_full_finetuning_equals_one_process_and_resumes_in_one(tmp_path):
     """FSDP2 over 2 ranks stops at step 2 (its checkpoint, AdamW state included, gathered on rank 0), then ONE
-    process resumes it (batch 4 = 2 ranks x 2 rows): the 4 logged losses equal the uninterrupted single-process
-    run's. AdamW divides by sqrt(v): where a gradient is ~0, fp32 noise in it can move a weight by up to lr per
+    process resumes it (batch 4 = 2 ranks x 2 rows), and 2 ranks resume a copy of it: the 4 logged losses equal
+    the uninterrupted single-process run's. AdamW divides by sqrt(v): where a gradient is ~0, fp32 noise in it can move a weight by up to lr per
     step, so the weights are compared within 4 steps * lr = 4e-3, and 99.9% of them within 1e-6."""
     full = ["--steps", "4", "--save-every", "2"]
     assert main(["train", *COMMON, *full, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
@@ -62,8 +63,13 @@ def test_fsdp_full_finetuning_equals_one_process_and_resumes_in_one(tmp_path):
                   "--out", str(tmp_path / "two")])
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(losses(tmp_path / "two")) == 2
+    shutil.copytree(tmp_path / "two", tmp_path / "ranks")
     assert main(["train", *COMMON, *full, "--batch-size", "4", "--resume", "--out", str(tmp_path / "two")]) == 0
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    # and on 2 ranks again, where only rank 0 reads the optimizer's state and sends each rank its shard
+    r = torchrun([*COMMON, *full, "--batch-size", "2", "--strategy", "fsdp", "--resume", "--out", str(tmp_path / "ranks")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(tmp_path / "ranks") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     one = load_file(tmp_path / "one" / "checkpoint" / "model" / "model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint" / "model" / "model.safetensors")
     close = total = 0
@@ -219,3 +225,21 @@ def test_each_rank_restores_its_own_random_states(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
     assert T._own_rng_state(state)["tag"] == 0
     assert T._own_rng_state({"rng": ranks[1]})["tag"] == 1  # an older checkpoint: rng only
+
+
+def test_a_checkpoint_save_gets_a_timeout_that_grows_with_its_size(one_rank_group, monkeypatch):
+    """FSDP's save gathers the whole state on rank 0 (about 81 GB for Llama-2-7B full fine-tuning with AdamW) and
+    the others wait while it writes: under the 300 s step timeout the job would die (issue 28). During a save
+    every process group's timeout is 300 s + the size at 50 MB/s, and 300 s again afterwards."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    assert distributed.checkpoint_timeout_s(81_000_000_000) == distributed.TIMEOUT_S + 1620
+    assert distributed.checkpoint_timeout_s(0) == distributed.TIMEOUT_S
+    calls = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # the real one-rank group stands in for two
+    monkeypatch.setattr(dist.distributed_c10d, "_set_pg_timeout", lambda t, g: calls.append(t))
+    with distributed.collective_timeout(1920):
+        assert calls == [timedelta(seconds=1920)] * len(calls) and calls
+    assert calls[-1] == timedelta(seconds=distributed.TIMEOUT_S)

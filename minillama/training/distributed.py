@@ -21,14 +21,21 @@ sum over ranks of (world * sum_r / n_total) / world = the single process's sum /
 from __future__ import annotations
 
 import inspect
+import math
 import os
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 TIMEOUT_S = int(os.environ.get("MINILLAMA_DIST_TIMEOUT_S", "300"))  # a collective waiting longer fails the job
+# Saving a checkpoint gathers the whole state on rank 0 (FSDP) and writes it while the other ranks wait at a
+# barrier: Llama-2-7B's full fine-tuning state is about 81 GB, far beyond TIMEOUT_S at disk speed. During a save
+# the timeout is TIMEOUT_S plus the state's size at this many bytes per second (a slow network disk's speed).
+CHECKPOINT_BYTES_PER_S = float(os.environ.get("MINILLAMA_CHECKPOINT_BYTES_PER_S", 50e6))
 
 
 def launched() -> bool:
@@ -161,6 +168,31 @@ def step_failure(e: RuntimeError, step: int) -> RuntimeError:
                         f"other ranks stop with it.")
 
 
+def checkpoint_timeout_s(state_bytes: int) -> int:
+    """The collective timeout while a checkpoint of `state_bytes` is gathered and written: TIMEOUT_S, plus the
+    time to move the state at CHECKPOINT_BYTES_PER_S (81 GB: 300 + 1620 s)."""
+    return TIMEOUT_S + math.ceil(state_bytes / CHECKPOINT_BYTES_PER_S)
+
+
+@contextmanager
+def collective_timeout(seconds: int):
+    """Every process group of this process (the default one and those FSDP's device mesh made) gets a collective
+    timeout of `seconds` inside the block, and TIMEOUT_S again after it. torch has no public call for this:
+    _set_pg_timeout is torch.distributed's own (private) function, used here and nowhere else."""
+    if world_size() == 1:
+        yield
+        return
+    c10d = dist.distributed_c10d
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+    try:
+        yield
+    finally:
+        for group in groups:
+            c10d._set_pg_timeout(timedelta(seconds=TIMEOUT_S), group)
+
+
 def gather_objects(obj) -> list:
     """[rank 0's obj, rank 1's, ...] on every rank (a collective: every rank calls it); [obj] in one process."""
     if world_size() == 1:
@@ -197,16 +229,21 @@ def full_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     return msd, {"state": {ids[n]: s for n, s in osd["state"].items()}, "param_groups": groups}
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: Optional[dict]) -> None:
     """Load a single-process optimizer state (keyed by parameter index) into the optimizer of a sharded model:
-    index i is the i-th trainable parameter in the optimizer's groups, named as in the model."""
+    index i is the i-th trainable parameter in the optimizer's groups, named as in the model. Only rank 0 has
+    `state` (the others pass None and never read it: 7B's full AdamW state is 54 GB); it sends each tensor in
+    turn and every rank keeps its own shard (broadcast_from_rank0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    fqn = {"state": {order[i]: s for i, s in state["state"].items()},
-           "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
+    fqn = {}
+    if is_main():
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        fqn = {"state": {order[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, fqn,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 class GatheredOptimizer:

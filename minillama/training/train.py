@@ -566,11 +566,12 @@ def _find_checkpoint(out_dir: Path) -> Optional[Path]:
     return old[-1] if old and (old[-1] / TRAIN_STATE).exists() else None
 
 
-def _read_train_state(ckpt: Path) -> dict:
-    """train_state.pt, read with torch.load(weights_only=True): a file that needs code to unpickle is refused."""
+def _read_train_state(ckpt: Path, without_optimizer: bool = False) -> dict:
+    """train_state.pt, read with torch.load(weights_only=True): a file that needs code to unpickle is refused.
+    without_optimizer=True: the optimizer's state is left on disk (mapped, never read) and comes back as None."""
     f = ckpt / TRAIN_STATE
     try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=without_optimizer)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{f} is refused: it needs code to unpickle ({str(e).splitlines()[0][:200]}), and "
                          f"minillama only reads plain tensors and numbers (torch.load(weights_only=True)).") from None
@@ -582,6 +583,8 @@ def _read_train_state(ckpt: Path) -> dict:
     keys = ("step", "optimizer", "scaler", "rng", "config")
     if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["step"], int):
         raise ValueError(f"{f} is not a minillama training state: expected a dict with the keys {keys}.")
+    if without_optimizer:
+        state["optimizer"] = None
     return state
 
 
@@ -598,11 +601,12 @@ def _read_trainable(ckpt: Path, device) -> dict:
         raise ValueError(f"{f} is not a readable safetensors file ({e}); is it truncated or corrupt?") from None
 
 
-def _restore_weights(ckpt: Path, model, cfg: TrainConfig) -> dict:
+def _restore_weights(ckpt: Path, model, cfg: TrainConfig, strategy: str = "single") -> dict:
     """Check the settings against the checkpoint's, load its weights into the (unwrapped) model; returns the
     training state for _restore_optimizer. --batch-size is per rank: what must match is the micro-batch over
-    all ranks (batch_size * world size), so 2 ranks x 4 rows resume as 1 process x 8 rows."""
-    state = _read_train_state(ckpt)
+    all ranks (batch_size * world size), so 2 ranks x 4 rows resume as 1 process x 8 rows. Under FSDP only rank 0
+    reads the optimizer's state (distributed.load_optimizer_state sends each rank its shard)."""
+    state = _read_train_state(ckpt, without_optimizer=strategy == "fsdp" and not distributed.is_main())
     saved = state["config"]
     world = distributed.world_size()
     rows = saved.get("batch_size", 0) * state.get("world_size", 1)
@@ -746,7 +750,7 @@ def _setup(model: Transformer, cfg: TrainConfig, out_dir: Path, *, resume: bool,
         ckpt = _find_checkpoint(out_dir)
         if ckpt is None:
             raise FileNotFoundError(f"Cannot resume: {out_dir / 'checkpoint' / 'train_state.pt'} does not exist.")
-        state = _restore_weights(ckpt, model, cfg)  # before wrapping: FSDP shards what is loaded here
+        state = _restore_weights(ckpt, model, cfg, strategy)  # before wrapping: FSDP shards what is loaded here
     runner = distributed.wrap(model, strategy, amp)
     optimizer = make_optimizer(runner, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -754,8 +758,23 @@ def _setup(model: Transformer, cfg: TrainConfig, out_dir: Path, *, resume: bool,
     return runner, optimizer, scaler, amp, strategy, start
 
 
+def _state_bytes(model, optimizer) -> int:
+    """Bytes of the model's parameters and the optimizer's state tensors (full sizes: a sharded tensor counts
+    whole), what a checkpoint gathers and writes."""
+    tensors = list(model.parameters()) + [t for s in optimizer.state.values() for t in s.values()
+                                          if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _save(out_dir: Path, runner, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer, strategy: str) -> None:
-    """The checkpoint, as one process would write it. FSDP: every rank joins the gather, rank 0 writes."""
+    """The checkpoint, as one process would write it, under a collective timeout that grows with its size
+    (distributed.checkpoint_timeout_s). FSDP: every rank joins the gather, rank 0 writes."""
+    with distributed.collective_timeout(distributed.checkpoint_timeout_s(_state_bytes(runner, optimizer))):
+        _save_checkpoint(out_dir, runner, optimizer, scaler, step, cfg, tokenizer, strategy)
+
+
+def _save_checkpoint(out_dir: Path, runner, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer,
+                     strategy: str) -> None:
     model = distributed.unwrap(runner)
     rng_ranks = distributed.gather_objects(_rng_state())  # every rank's own random states, on rank 0
     if strategy == "fsdp":
