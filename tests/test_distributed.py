@@ -243,3 +243,15 @@ def test_a_checkpoint_save_gets_a_timeout_that_grows_with_its_size(one_rank_grou
     with distributed.collective_timeout(1920):
         assert calls == [timedelta(seconds=1920)] * len(calls) and calls
     assert calls[-1] == timedelta(seconds=distributed.TIMEOUT_S)
+
+
+def test_a_rank_other_than_0_leaves_the_optimizer_state_on_disk(tmp_path):
+    """On an FSDP resume only rank 0 needs the full optimizer state (it broadcasts each rank its shard): the
+    others read train_state.pt memory-mapped and drop the optimizer's tensors unread (issue 28)."""
+    import torch
+
+    state = {"step": 2, "optimizer": {"state": {0: {"exp_avg": torch.ones(1000)}}, "param_groups": []},
+             "scaler": {}, "rng": {}, "config": {}}
+    torch.save(state, tmp_path / T.TRAIN_STATE)
+    assert T._read_train_state(tmp_path, without_optimizer=True)["optimizer"] is None
+    assert T._read_train_state(tmp_path)["optimizer"]["state"][0]["exp_avg"].sum() == 1000
