@@ -338,9 +338,11 @@ class Matmul4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        """dL/dx = dL/dy @ W (W dequantised again); the layer and the dtype get no gradient (None)."""
+        """dL/dx = dL/dy @ W, with W dequantised again in grad_y's dtype (the dtype the forward computed in, as
+        bitsandbytes' MatMul4Bit does; the backward runs outside autocast, so nothing casts for us); the layer
+        and the dtype get no gradient (None)."""
         # BEGIN SOLUTION a4
-        grad_x = grad_y @ ctx.layer.dequantized_weight(ctx.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = grad_y @ ctx.layer.dequantized_weight(grad_y.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
         # END SOLUTION
 
@@ -382,16 +384,24 @@ class Linear4bit(nn.Module):
         """The weight [out, in] as code[idx] * absmax, in `dtype` (default: the dtype it was quantised from)."""
         return dequantize_4bit(self.weight, self.quant_state, dtype)
 
+    def matmul_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the matmul runs in: under torch.autocast the autocast dtype (what autocast would give any
+        linear layer, so W is dequantised straight to bf16/fp16, never to fp32 and then cast); otherwise
+        self.compute_dtype, or default_compute_dtype(x.device)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.compute_dtype or default_compute_dtype(x.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x W^T + b in the compute dtype (self.compute_dtype, or default_compute_dtype(x.device)), with W
-        dequantised by Matmul4bit.apply(x, self, dtype) and the bias (if any) cast to that dtype; the result is
-        cast back to x's dtype."""
+        """y = x W^T + b in dtype = self.matmul_dtype(x), with W dequantised by Matmul4bit.apply(x, self, dtype)
+        (x cast to dtype first) and the bias (if any) cast to that dtype. The result is cast back to x's dtype,
+        except under autocast, where it stays in the autocast dtype, as any linear layer's output does."""
         # BEGIN SOLUTION a4
-        dtype = self.compute_dtype or default_compute_dtype(x.device)
+        dtype = self.matmul_dtype(x)
         y = Matmul4bit.apply(x.to(dtype), self, dtype)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
-        return y.to(x.dtype)
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
         # END SOLUTION
 
     def _apply(self, fn, recurse=True):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-TORCH = "torch>=2.5"  # as in pyproject.toml
+TORCH = "torch>=2.6"  # as in pyproject.toml
 EXTRAS = ".[dev,notebooks,quant,llama3]"
 
 

@@ -60,6 +60,23 @@ def test_environment_yml_and_pyproject_list_the_same_packages():
     assert channels == ["conda-forge"]  # not PyTorch's deprecated channel
 
 
+def test_the_torch_floor_is_the_one_the_code_needs():
+    """minillama calls torch.compiler.set_stance and the public torch.distributed.fsdp.fully_shard (both 2.6+),
+    and transformers 5 refuses torch below 2.6: pyproject.toml, environment.yml and the setup script all ask
+    for torch >= 2.6 (they asked for 2.5, which installs and then fails; issue 28)."""
+    import torch
+
+    specs = {"pyproject.toml": pyproject_requirements()["torch"].specifier,
+             "environment.yml": conda_requirements()["torch"].specifier,
+             "scripts/setup_env.py": Requirement(_setup_env().TORCH).specifier}
+    for where, spec in specs.items():
+        assert spec.contains("2.6.0") and not spec.contains("2.5.1"), f"{where}: torch{spec}"
+    assert len(set(map(str, specs.values()))) == 1, specs
+    assert callable(torch.compiler.set_stance)  # what the floor is for, on the installed torch
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+
 @pytest.mark.parametrize("name", REFERENCE_TOOLS)
 def test_the_installed_reference_tool_is_in_the_tested_range(name):
     try:

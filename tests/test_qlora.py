@@ -7,6 +7,7 @@ resume with other 4-bit settings is refused naming the field.
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -105,16 +106,51 @@ def test_qlora_resume_is_exact_and_other_quant_settings_are_refused(tmp_path, ki
 
 
 @pytest.mark.parametrize("batch,seq_len", [(1, 16)])
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 def test_qlora_grid_memory_is_predicted_within_10_percent(batch, seq_len):
-    """Every row of `minillama bench --grid qlora` (smaller batch and sequence, to stay fast; the full-size table
-    is in the README) on CPU: the memory model's peak within 10% of the tracker's measured peak. At these sizes the
-    per-layer dequantisation temporary of the 4-bit rows is the largest transient, so the term is exercised."""
+    """Every row of `minillama bench --grid qlora`, and one of `--grid qlora-amp` (smaller batch and sequence, to
+    stay fast; the full-size table is in the README) on CPU: the memory model's peak within 10% of the tracker's
+    measured peak. At these sizes the per-layer dequantisation temporary of the 4-bit rows is the largest
+    transient, so the term is exercised."""
     from minillama.measuring.bench import grid_configs, model_factory, run_config
 
     make = model_factory("tiny", model_path=str(TINY), device="cpu")
     configs = grid_configs("qlora")
     assert {c["quant"] for c in configs} == {"none", "nf4", "nf4+dq", "fp4"}
+    # 4-bit x AMP (issue 28): one row of --grid qlora-amp (~10 s; fp16's bytes are bf16's, NF4's are NF4+DQ's)
+    configs += [c for c in grid_configs("qlora-amp") if (c["quant"], c["amp"]) == ("nf4+dq", "bf16")]
+    assert len(configs) == 6
     for cfg in configs:
         row = run_config(make, {**cfg, "batch": batch, "seq_len": seq_len}, preset="tiny", warmup=1, repeats=1)
         assert abs(row["prediction_error"]) < 0.10, (row["name"], row["peak_memory_bytes"],
                                                      row["predicted_peak_memory_bytes"])
+
+
+
+@pytest.mark.filterwarnings("ignore:fp16 autocast on the CPU")
+def test_every_4bit_x_amp_mode_trains_two_steps(tmp_path):
+    """Issue 28: every 4-bit x AMP combination crashed in the backward. NF4 with and without double quantisation
+    x bf16 / fp16 autocast x checkpointing off / every block, 2 steps each on a small random model (the CLI run
+    of the issue's command is below): every loss finite, and the fp16 runs' GradScaler in the log."""
+    import torch
+
+    from minillama import create_model, get_preset
+
+    args = get_preset("tiny").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
+    rows = torch.randint(0, 128, (8, 17), generator=torch.Generator().manual_seed(0))
+    data = (rows[:, :-1], rows[:, 1:])
+    for dq in (False, True):
+        for amp in ("bf16", "fp16"):
+            for ckpt in (0, 1):
+                cfg = T.TrainConfig(steps=2, batch_size=2, lora_r=4, load_in_4bit=True, double_quant=dq, amp=amp,
+                                    checkpointing=ckpt, warmup_steps=1, eval_every=10, save_every=10)
+                log = T.train(create_model(args, seed=0), data, {}, cfg, tmp_path / f"{amp}-{dq}-{ckpt}",
+                              progress=False)
+                assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log), log
+                assert ("scale" in log[0]) == (amp == "fp16")
+
+
+def test_the_issue_command_trains_with_4bit_and_bf16_amp(tmp_path):
+    """`minillama train ... --lora-r 8 --load-in-4bit --amp bf16`, issue 28's reproduction (fp16: above)."""
+    assert main(command(tmp_path, "--steps", "2", "--lora-r", "8", "--amp", "bf16")) == 0
+    assert all(math.isfinite(r["loss"]) for r in log_of(tmp_path))

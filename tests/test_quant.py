@@ -262,6 +262,74 @@ def test_linear4bit_backward_keeps_no_dequantized_weight():
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-6)
 
 
+class _Holder(nn.Module):
+    """One linear named `proj`, for PEFT's target_modules."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_qlora_layer_under_autocast_matches_peft_on_bitsandbytes(amp, double_quant):
+    """QLoRA x AMP (issue 28: the backward crashed on a bf16 gradient times an fp32 weight). Our LoRALinear on
+    Linear4bit against PEFT's LoRA on bitsandbytes' Linear4bit with compute_dtype = the autocast dtype (how
+    QLoRA is run), both under torch.autocast on the CPU, with an upstream gradient that bf16 and fp16 hold
+    exactly. Ours returns the autocast dtype (as nn.Linear under autocast), bitsandbytes casts back to fp32 and
+    PEFT adds the adapter in fp32: y agrees to one rounding of the 16-bit dtype (rtol: its eps, twice that; for
+    values near 0, 1e-3 of the largest); dL/dx and the adapters' gradients to 1e-3 of the largest value (measured: identical, except fp16 with
+    double quantisation, 2.5e-4 on y and dL/dx, where the 8-bit constants differ as the module docstring says)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 192, bias=False)
+    ours = LoRALinear(quantize_linear(lin, "nf4", double_quant, 64), r=8, alpha=16)
+    with torch.no_grad():
+        ours.lora_B["default"].weight.normal_(0, 0.02)  # B = 0 would give A no gradient
+    base = bnb.nn.Linear4bit(256, 192, bias=False, compute_dtype=amp, compress_statistics=double_quant,
+                             quant_type="nf4", device="meta")
+    base.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, blocksize=64,
+                                    compress_statistics=double_quant, quant_type="nf4", module=base)
+    theirs = peft.get_peft_model(_Holder(base.to("cpu")), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    layer = theirs.base_model.model.proj
+    for ab in ("lora_A", "lora_B"):
+        with torch.no_grad():
+            getattr(layer, ab)["default"].weight.copy_(getattr(ours, ab)["default"].weight)
+    x, grad = torch.randn(3, 5, 256), torch.randn(3, 5, 192).to(amp)
+    results = []
+    for model, lora in ((ours, ours), (theirs, layer)):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=amp):
+            y = model(xx)
+        y.backward(grad.to(y.dtype))
+        results.append((y.detach().float(), xx.grad, lora.lora_A["default"].weight.grad, lora.lora_B["default"].weight.grad))
+    (y, *grads), (y_ref, *grads_ref) = results
+    torch.testing.assert_close(y, y_ref, rtol=torch.finfo(amp).eps, atol=1e-3 * float(y_ref.abs().max()))
+    for name, a, b in zip(("dL/dx", "dL/dA", "dL/dB"), grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-3 * float(b.abs().max()), rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_linear4bit_computes_in_the_autocast_dtype():
+    """Under autocast the 4-bit matmul runs in the autocast dtype, forward and backward (W dequantised straight
+    to bf16), whatever compute_dtype says outside autocast, and returns that dtype (as nn.Linear does)."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(64, 32, bias=True), compute_dtype="fp32")
+    seen = []
+    real = Linear4bit.dequantized_weight
+    layer.dequantized_weight = lambda dtype=None: seen.append(dtype) or real(layer, dtype)
+    x = torch.randn(2, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32
+    assert seen == [torch.bfloat16, torch.bfloat16]  # forward, then backward
+    assert layer.matmul_dtype(x) == torch.float32  # outside autocast: compute_dtype
+
+
 def test_linear4bit_state_stays_fp32_when_the_model_is_cast():
     layer = Linear4bit.from_linear(nn.Linear(64, 32), double_quant=True)
     before = layer.dequantized_weight()

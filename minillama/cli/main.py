@@ -663,7 +663,7 @@ def _add_train(sub) -> None:
 def _add_bench(sub) -> None:
     m = sub.add_parser("bench", help="measure a grid of configurations (memory by category, time, FLOPs)")
     m.add_argument("--preset", default="tiny", help="tiny, llama2-7b, llama2-13b, llama3-8b")
-    m.add_argument("--grid", default="default", help="default, batch, seq, mode, lora, techniques, qlora, kernels")
+    m.add_argument("--grid", default="default", help="default, batch, seq, mode, lora, techniques, qlora, qlora-amp, kernels")
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("--model", default=None, help="weights to load (default for tiny: the shipped tiny model)")
     m.add_argument("--random-weights", action="store_true", help="build the preset with random weights")

@@ -169,6 +169,9 @@ GRIDS: dict[str, dict] = {
                          "quant": "none"}]},
     # The hand-written backward passes (minillama.kernels) against the plain autograd model, full and LoRA.
     "kernels": {"base": {"mode": "train", "batch": 8, "seq_len": 128}, "sweep": {"lora": (0, 16), "kernels": (False, True)}},
+    # QLoRA as it is run on a GPU: the 4-bit base under bf16 / fp16 autocast (the matmuls in the autocast dtype).
+    "qlora-amp": {"base": {"mode": "train", "batch": 8, "seq_len": 128, "lora": 16, "optimizer": "paged_adamw8bit"},
+                  "sweep": {"quant": ("nf4", "nf4+dq"), "amp": ("bf16", "fp16")}},
 }
 
 

@@ -20,14 +20,22 @@ sum over ranks of (world * sum_r / n_total) / world = the single process's sum /
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 TIMEOUT_S = int(os.environ.get("MINILLAMA_DIST_TIMEOUT_S", "300"))  # a collective waiting longer fails the job
+# Saving a checkpoint gathers the whole state on rank 0 (FSDP) and writes it while the other ranks wait at a
+# barrier: Llama-2-7B's full fine-tuning state is about 81 GB, far beyond TIMEOUT_S at disk speed. During a save
+# the timeout is TIMEOUT_S plus the state's size at this many bytes per second (a slow network disk's speed).
+CHECKPOINT_BYTES_PER_S = float(os.environ.get("MINILLAMA_CHECKPOINT_BYTES_PER_S", 50e6))
 
 
 def launched() -> bool:
@@ -97,14 +105,26 @@ def wrap(model: torch.nn.Module, strategy: str, amp: str) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device = next(model.parameters()).device
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # No buffer sync: DDP would otherwise send rank 0's buffers to every rank before each forward. The
+        # model's buffers never change in training (a 4-bit base's packed weights and constants, loaded alike on
+        # every rank): for a 4-bit Llama-2-7B that would be about 3.6 GB per step for nothing. Older torch names
+        # the flag broadcast_buffers, newer forward_sync_buffers (and warns on the old name).
+        name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{name: False})
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if amp == "bf16" \
-        else MixedPrecisionPolicy()
+    root, blocks = MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    if amp == "bf16":
+        root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # A block's unit must not cast its inputs: they are the residual stream h, already bf16 (the embedding's
+        # output under the root's policy), and RoPE's cos and sin, which stay fp32: cast to bf16 they would keep
+        # 8 bits of every angle's cos and sin, and torch.complex refuses bf16 (issue 28).
+        blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
     for block in model.layers:  # one unit per block: only one block's full weights exist at a time
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, output head
+        fully_shard(block, mp_policy=blocks)
+    fully_shard(model, mp_policy=root)  # the rest: embeddings, final norm, output head
     return model
 
 
@@ -128,6 +148,58 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+# What a failed collective says (torch's DistError subclasses aside): gloo's and NCCL's own messages, a peer's
+# closed connection, the timeout of init(). Anything else was raised by this rank's own computation.
+_COLLECTIVE_MARKERS = ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe", "timed out",
+                       "Timed out", "Timeout")
+
+
+def step_failure(e: RuntimeError, step: int) -> RuntimeError:
+    """The error to raise for a training step that failed with `e` under several ranks, naming the real cause:
+    a collective that failed (another rank died or timed out), or this rank's own exception (a dtype mismatch, an
+    out-of-memory, ...), whose first line is kept with its type; the other ranks then fail in a collective."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, dist.DistError) or any(m in str(e) for m in _COLLECTIVE_MARKERS):
+        return RuntimeError(f"rank {rank()}: step {step} failed in a collective (did another rank die or time "
+                            f"out?): {first}")
+    return RuntimeError(f"rank {rank()}: step {step} failed on this rank ({type(e).__name__}: {first}); the "
+                        f"other ranks stop with it.")
+
+
+def checkpoint_timeout_s(state_bytes: int) -> int:
+    """The collective timeout while a checkpoint of `state_bytes` is gathered and written: TIMEOUT_S, plus the
+    time to move the state at CHECKPOINT_BYTES_PER_S (81 GB: 300 + 1620 s)."""
+    return TIMEOUT_S + math.ceil(state_bytes / CHECKPOINT_BYTES_PER_S)
+
+
+@contextmanager
+def collective_timeout(seconds: int):
+    """Every process group of this process (the default one and those FSDP's device mesh made) gets a collective
+    timeout of `seconds` inside the block, and TIMEOUT_S again after it. torch has no public call for this:
+    _set_pg_timeout is torch.distributed's own (private) function, used here and nowhere else."""
+    if world_size() == 1:
+        yield
+        return
+    c10d = dist.distributed_c10d
+    groups = list(c10d._world.pg_map)
+    for group in groups:
+        c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+    try:
+        yield
+    finally:
+        for group in groups:
+            c10d._set_pg_timeout(timedelta(seconds=TIMEOUT_S), group)
+
+
+def gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (a collective: every rank calls it); [obj] in one process."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:
@@ -157,16 +229,21 @@ def full_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     return msd, {"state": {ids[n]: s for n, s in osd["state"].items()}, "param_groups": groups}
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: Optional[dict]) -> None:
     """Load a single-process optimizer state (keyed by parameter index) into the optimizer of a sharded model:
-    index i is the i-th trainable parameter in the optimizer's groups, named as in the model."""
+    index i is the i-th trainable parameter in the optimizer's groups, named as in the model. Only rank 0 has
+    `state` (the others pass None and never read it: 7B's full AdamW state is 54 GB); it sends each tensor in
+    turn and every rank keeps its own shard (broadcast_from_rank0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    fqn = {"state": {order[i]: s for i, s in state["state"].items()},
-           "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
+    fqn = {}
+    if is_main():
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        fqn = {"state": {order[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, fqn,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 class GatheredOptimizer:

@@ -476,9 +476,11 @@ def save_run_adapter(model: Transformer, path, name: str = "default") -> Path:
 
 
 def _rng_state() -> dict:
+    """This process's random states: torch's CPU generator, Python's, and that of the GPU it drives (each rank
+    its own: under torchrun rank r draws dropout masks on cuda:r)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device (distributed.init sets it per rank)
     return state
 
 
@@ -486,7 +488,17 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], (list, tuple)):  # a checkpoint of an older minillama: every device's
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+def _own_rng_state(state: dict) -> dict:
+    """The random states this rank saved ("rng_ranks", one per rank), when the run has as many ranks as the one
+    that saved it; otherwise (another number of ranks, an older checkpoint) rank 0's ("rng")."""
+    ranks = state.get("rng_ranks") or []
+    return ranks[distributed.rank()] if len(ranks) == distributed.world_size() else state["rng"]
 
 
 TRAIN_STATE = "train_state.pt"
@@ -495,18 +507,21 @@ _WHY = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-
         errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}
 
 
-def _train_state(optimizer, scaler, step: int, cfg: TrainConfig) -> dict:
+def _train_state(optimizer, scaler, step: int, cfg: TrainConfig, rng_ranks: Optional[list] = None) -> dict:
     """Everything a resumed run needs besides the weights, as plain tensors, numbers, strings, lists,
-    tuples and dicts: what torch.load(weights_only=True) reads back without unpickling any code."""
+    tuples and dicts: what torch.load(weights_only=True) reads back without unpickling any code.
+    rng_ranks: every rank's _rng_state(), gathered (default: this process's only)."""
+    rng_ranks = rng_ranks or [_rng_state()]
     return {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": _rng_state(), "config": dataclasses.asdict(cfg), "world_size": distributed.world_size()}
+            "rng": rng_ranks[0], "rng_ranks": rng_ranks, "config": dataclasses.asdict(cfg),
+            "world_size": distributed.world_size()}
 
 
-def _checkpoint_parts(model, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer) -> list:
+def _checkpoint_parts(model, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer, rng_ranks=None) -> list:
     """[(name, write(dest))] of a checkpoint's entries, written in this order."""
     def write_state(dest):
         with open(dest, "wb") as f:  # a file object: a failing write raises OSError with its errno
-            torch.save(_train_state(optimizer, scaler, step, cfg), f)
+            torch.save(_train_state(optimizer, scaler, step, cfg, rng_ranks), f)
 
     if _base_trains(model):
         parts = [("model", lambda dest: save_model(model, dest, tokenizer=tokenizer))]
@@ -528,7 +543,7 @@ def _write_error_errno(e: Exception) -> Optional[int]:
 
 
 def write_checkpoint(path, model: Transformer, optimizer, scaler, step: int, cfg: TrainConfig,
-                     tokenizer=None) -> None:
+                     tokenizer=None, rng_ranks: Optional[list] = None) -> None:
     """path/ with train_state.pt and either model/ (full fine-tuning) or adapter[-NAME]/ (LoRA, PEFT's
     layout) plus trainable.safetensors (the trained tensors, for an exact resume).
 
@@ -539,7 +554,7 @@ def write_checkpoint(path, model: Transformer, optimizer, scaler, step: int, cfg
     current = None
     try:
         with atomic_directory(path) as tmp:
-            for current, write in _checkpoint_parts(model, optimizer, scaler, step, cfg, tokenizer):
+            for current, write in _checkpoint_parts(model, optimizer, scaler, step, cfg, tokenizer, rng_ranks):
                 write(tmp / current)
             current = None
     except (OSError, SafetensorError) as e:
@@ -559,11 +574,12 @@ def _find_checkpoint(out_dir: Path) -> Optional[Path]:
     return old[-1] if old and (old[-1] / TRAIN_STATE).exists() else None
 
 
-def _read_train_state(ckpt: Path) -> dict:
-    """train_state.pt, read with torch.load(weights_only=True): a file that needs code to unpickle is refused."""
+def _read_train_state(ckpt: Path, without_optimizer: bool = False) -> dict:
+    """train_state.pt, read with torch.load(weights_only=True): a file that needs code to unpickle is refused.
+    without_optimizer=True: the optimizer's state is left on disk (mapped, never read) and comes back as None."""
     f = ckpt / TRAIN_STATE
     try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=without_optimizer)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{f} is refused: it needs code to unpickle ({str(e).splitlines()[0][:200]}), and "
                          f"minillama only reads plain tensors and numbers (torch.load(weights_only=True)).") from None
@@ -575,6 +591,8 @@ def _read_train_state(ckpt: Path) -> dict:
     keys = ("step", "optimizer", "scaler", "rng", "config")
     if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["step"], int):
         raise ValueError(f"{f} is not a minillama training state: expected a dict with the keys {keys}.")
+    if without_optimizer:
+        state["optimizer"] = None
     return state
 
 
@@ -591,11 +609,12 @@ def _read_trainable(ckpt: Path, device) -> dict:
         raise ValueError(f"{f} is not a readable safetensors file ({e}); is it truncated or corrupt?") from None
 
 
-def _restore_weights(ckpt: Path, model, cfg: TrainConfig) -> dict:
+def _restore_weights(ckpt: Path, model, cfg: TrainConfig, strategy: str = "single") -> dict:
     """Check the settings against the checkpoint's, load its weights into the (unwrapped) model; returns the
     training state for _restore_optimizer. --batch-size is per rank: what must match is the micro-batch over
-    all ranks (batch_size * world size), so 2 ranks x 4 rows resume as 1 process x 8 rows."""
-    state = _read_train_state(ckpt)
+    all ranks (batch_size * world size), so 2 ranks x 4 rows resume as 1 process x 8 rows. Under FSDP only rank 0
+    reads the optimizer's state (distributed.load_optimizer_state sends each rank its shard)."""
+    state = _read_train_state(ckpt, without_optimizer=strategy == "fsdp" and not distributed.is_main())
     saved = state["config"]
     world = distributed.world_size()
     rows = saved.get("batch_size", 0) * state.get("world_size", 1)
@@ -633,7 +652,7 @@ def _restore_optimizer(state: dict, model, optimizer, scaler, strategy: str) -> 
     else:
         optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(_own_rng_state(state))
     return state["step"]
 
 
@@ -740,7 +759,7 @@ def _setup(model: Transformer, cfg: TrainConfig, out_dir: Path, *, resume: bool,
         ckpt = _find_checkpoint(out_dir)
         if ckpt is None:
             raise FileNotFoundError(f"Cannot resume: {out_dir / 'checkpoint' / 'train_state.pt'} does not exist.")
-        state = _restore_weights(ckpt, model, cfg)  # before wrapping: FSDP shards what is loaded here
+        state = _restore_weights(ckpt, model, cfg, strategy)  # before wrapping: FSDP shards what is loaded here
     runner = distributed.wrap(model, strategy, amp)
     optimizer = make_optimizer(runner, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -748,9 +767,25 @@ def _setup(model: Transformer, cfg: TrainConfig, out_dir: Path, *, resume: bool,
     return runner, optimizer, scaler, amp, strategy, start
 
 
+def _state_bytes(model, optimizer) -> int:
+    """Bytes of the model's parameters and the optimizer's state tensors (full sizes: a sharded tensor counts
+    whole), what a checkpoint gathers and writes."""
+    tensors = list(model.parameters()) + [t for s in optimizer.state.values() for t in s.values()
+                                          if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _save(out_dir: Path, runner, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer, strategy: str) -> None:
-    """The checkpoint, as one process would write it. FSDP: every rank joins the gather, rank 0 writes."""
+    """The checkpoint, as one process would write it, under a collective timeout that grows with its size
+    (distributed.checkpoint_timeout_s). FSDP: every rank joins the gather, rank 0 writes."""
+    with distributed.collective_timeout(distributed.checkpoint_timeout_s(_state_bytes(runner, optimizer))):
+        _save_checkpoint(out_dir, runner, optimizer, scaler, step, cfg, tokenizer, strategy)
+
+
+def _save_checkpoint(out_dir: Path, runner, optimizer, scaler, step: int, cfg: TrainConfig, tokenizer,
+                     strategy: str) -> None:
     model = distributed.unwrap(runner)
+    rng_ranks = distributed.gather_objects(_rng_state())  # every rank's own random states, on rank 0
     if strategy == "fsdp":
         msd, osd = distributed.full_state(runner, optimizer)
         if distributed.is_main():
@@ -758,9 +793,9 @@ def _save(out_dir: Path, runner, optimizer, scaler, step: int, cfg: TrainConfig,
                 plain = Transformer(model.args)
             plain.load_state_dict(msd, assign=True)
             write_checkpoint(out_dir / "checkpoint", plain, distributed.GatheredOptimizer(osd), scaler, step, cfg,
-                             tokenizer)
+                             tokenizer, rng_ranks)
     elif distributed.is_main():
-        write_checkpoint(out_dir / "checkpoint", model, optimizer, scaler, step, cfg, tokenizer)
+        write_checkpoint(out_dir / "checkpoint", model, optimizer, scaler, step, cfg, tokenizer, rng_ranks)
     distributed.barrier()  # nobody runs ahead of a checkpoint being written
 
 
@@ -798,11 +833,10 @@ def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConf
             raise FloatingPointError(f"Stopped at step {step + 1}: {e}. Nothing was saved for this step; the last "
                                      f"checkpoint (if any) is intact. Lower the learning rate, or try --amp bf16 "
                                      f"instead of fp16.") from None
-        except RuntimeError as e:  # a collective failed: another rank died or timed out
+        except RuntimeError as e:  # this rank's own error, or a collective that failed (another rank died)
             if distributed.world_size() == 1:
                 raise
-            raise RuntimeError(f"rank {distributed.rank()}: step {step + 1} failed in a collective (did another "
-                               f"rank die?): {str(e).splitlines()[0]}") from None
+            raise distributed.step_failure(e, step + 1) from e
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
