@@ -134,9 +134,10 @@ def measure_on_this_machine(row: PlanRow, seq_len: int) -> dict:
 def draw(ans: FitAnswer):
     """A stacked horizontal bar per configuration (the question, the planner's best), by memory category at
     the peak, with the GPU's size as a vertical line. Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(9, 2.6), layout="constrained")
+    fig = Figure(figsize=(9, 2.6), layout="constrained")  # not pyplot: no global state, whatever the backend
+    ax = fig.subplots()
     bars = [("your configuration", ans.row), ("planner's best", ans.best)]
     bars = [(name, r) for name, r in bars if r is not None]
     if ans.measured is not None and "peak_memory_bytes" in ans.measured:
@@ -159,14 +160,19 @@ def draw(ans: FitAnswer):
 
 
 def show(**question) -> FitAnswer:
-    """Answer, print and draw one question (what every redraw of the explorer runs)."""
-    import matplotlib.pyplot as plt
+    """Answer, print and draw one question (what every redraw of the explorer runs). The figure goes out as a
+    PNG of its own: pyplot's show() draws nothing once a library has switched matplotlib to Agg
+    (`minillama.measuring.bench` does, for its plot files)."""
+    import io
+
+    from IPython.display import Image, display
 
     ans = fit_answer(**question)
     print(ans.text())
     if ans.row is not None or ans.best is not None:
-        draw(ans)
-        plt.show()
+        png = io.BytesIO()
+        draw(ans).savefig(png, format="png", dpi=80)
+        display(Image(data=png.getvalue()))
     return ans
 
 
@@ -187,18 +193,20 @@ def static_table(presets=PRESETS[1:], gpus=GPU_GIB, **question) -> str:
 
 
 def _controls(widgets, q: dict) -> dict:
+    style = {"description_width": "100px"}  # the labels in full
+
     def dd(options, value, description):
-        return widgets.Dropdown(options=options, value=value, description=description)
+        return widgets.Dropdown(options=options, value=value, description=description, style=style)
 
     return dict(
         preset=dd(PRESETS, q["preset"], "model"), method=dd(METHODS, q["method"], "method"),
         weights=dd(WEIGHTS, q["weights"], "weights/AMP"), optimizer=dd(OPTIMIZERS, q["optimizer"], "optimizer"),
-        seq_len=widgets.SelectionSlider(options=SEQ_LENS, value=q["seq_len"], description="seq len"),
-        batch=widgets.SelectionSlider(options=BATCHES, value=q["batch"], description="batch"),
+        seq_len=widgets.SelectionSlider(options=SEQ_LENS, value=q["seq_len"], description="seq len", style=style),
+        batch=widgets.SelectionSlider(options=BATCHES, value=q["batch"], description="batch", style=style),
         accum=dd(ACCUMS, q["accum"], "accumulation"),
-        checkpointing=widgets.Checkbox(value=q["checkpointing"], description="checkpointing"),
+        checkpointing=widgets.Checkbox(value=q["checkpointing"], description="checkpointing", style=style),
         lora_r=dd(RANKS, q["lora_r"], "LoRA rank"), lora_targets=dd(TARGETS, q["lora_targets"], "LoRA targets"),
-        gpu_gib=widgets.ToggleButtons(options=GPU_GIB, value=q["gpu_gib"], description="GPU GiB"))
+        gpu_gib=widgets.ToggleButtons(options=GPU_GIB, value=q["gpu_gib"], description="GPU GiB", style=style))
 
 
 def fit_explorer(**question) -> FitAnswer:
