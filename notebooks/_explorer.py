@@ -105,12 +105,13 @@ def fit_answer(measure_tiny: bool = True, **question) -> FitAnswer:
         ans.problem = str(e)
         return ans
     ans.best = rows[0] if rows[0].fits else None
-    ans.best_same_method = next(iter(r for r in best_per_method(rows) if r.method == q["method"]), None)
-    ans.row = next(iter(r for r in rows if _matches(r, q)), None)
+    ans.best_same_method = next((r for r in best_per_method(rows) if r.method == q["method"]), None)
+    ans.row = next((r for r in rows if _matches(r, q)), None)
     if ans.row is None:
-        ans.problem = (f"the planner has no row for {q['method']} with {q['weights']} weights and accumulation "
-                       f"{q['accum']}: the accumulation must divide the batch ({q['batch']}), and QLoRA on a GPU "
-                       f"computes in bf16 (choose weights bf16).")
+        ans.problem = (f"accumulation {q['accum']} does not divide the batch {q['batch']}: the accumulation must "
+                       f"divide the batch." if q["batch"] % q["accum"] else
+                       f"the planner lists no {q['method']} configuration with {q['weights']} weights on a GPU "
+                       f"(QLoRA computes in bf16 there): choose bf16 weights.")
     elif q["preset"] == "tiny" and measure_tiny:
         ans.measured = measure_on_this_machine(ans.row, q["seq_len"])
     return ans
@@ -118,7 +119,7 @@ def fit_answer(measure_tiny: bool = True, **question) -> FitAnswer:
 
 def measure_on_this_machine(row: PlanRow, seq_len: int) -> dict:
     """One training step of the tiny model in the row's configuration, measured by the harness on the CPU
-    (cached: measuring takes a second or two, a cached redraw nothing)."""
+    (cached: measuring takes seconds, a cached redraw nothing)."""
     cfg = row.bench_config(seq_len)
     dtype = "bf16" if row.weights == "bf16" else "fp32"
     key = json.dumps([cfg, dtype], sort_keys=True)

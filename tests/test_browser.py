@@ -256,30 +256,40 @@ def shut_down_kernels(lab) -> None:
         _api(url, token, f"/api/sessions/{session['id']}", method="DELETE")
 
 
-def move_slider(driver, label: str):
-    """Focus the handle of the slider labelled `label` and press the right arrow once (one step, as a student
-    would with the keyboard). Returns (readout before, readout after, the cell's output area)."""
+def find_slider(driver, label: str):
+    """The slider widget labelled `label`, and the output area of its cell."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     slider = driver.find_element(By.XPATH, f"//div[contains(@class,'widget-slider')][.//label[normalize-space()="
                                            f"'{label}']]")
-    area = slider.find_element(By.XPATH, "./ancestor::div[contains(@class,'jp-OutputArea')][1]")
+    return slider, slider.find_element(By.XPATH, "./ancestor::div[contains(@class,'jp-OutputArea')][1]")
+
+
+def move_slider(driver, slider) -> tuple[str, str]:
+    """Focus the slider's handle and press the right arrow once (one step, as a student would with the
+    keyboard). Returns its readout before and after."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
     readout = lambda: slider.find_element(By.CSS_SELECTOR, ".widget-readout").text
     before = readout()
     handle = slider.find_element(By.CSS_SELECTOR, ".noUi-handle")
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
     handle.click()
     handle.send_keys(Keys.ARROW_RIGHT)
-    return before, readout(), area
+    return before, readout()
 
 
 def figure_bytes(area) -> str:
     """The image data of the figure in a cell's output area (a data: URI of the PNG the kernel sent)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    images = area.find_elements(By.CSS_SELECTOR, "img")
-    return images[-1].get_attribute("src") if images else ""
+    try:
+        images = area.find_elements(By.CSS_SELECTOR, "img")
+        return images[-1].get_attribute("src") if images else ""
+    except StaleElementReferenceException:  # replaced while we read it: the redraw is under way
+        return ""
 
 
 def check_run(state: dict, name: str) -> None:
@@ -312,10 +322,12 @@ def test_notebook_in_jupyterlab(browser, lab, artifacts, path):
     check_run(state, path.name)
     if path.name in SLIDERS:
         assert state["widgets"] > 0, f"{path.name}: no slider drawn"
-        before, after, area = move_slider(browser, SLIDERS[path.name])
-        old, t1 = figure_bytes(area), time.monotonic()
+        slider, area = find_slider(browser, SLIDERS[path.name])
+        old = figure_bytes(area)
         screenshot(browser, artifacts, f"{path.stem}-2-widget-before", area)
         assert old, f"{path.name}: the explorer shows no figure"
+        before, after = move_slider(browser, slider)
+        t1 = time.monotonic()
         assert after != before, f"{path.name}: the slider {SLIDERS[path.name]!r} did not move ({before})"
         deadline = t1 + 120
         while figure_bytes(area) in (old, "") and time.monotonic() < deadline:

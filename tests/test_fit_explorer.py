@@ -86,6 +86,8 @@ def test_a_question_the_planner_refuses_gets_its_sentence():
     assert ans.row is None and "max_seq_len" in ans.problem and ans.problem in ans.text()
     ans = _explorer.fit_answer(batch=4, accum=8)
     assert ans.row is None and "accumulation must divide the batch" in ans.problem
+    ans = _explorer.fit_answer(method="qlora", weights="fp32+amp")  # the planner's QLoRA on a GPU is bf16 only
+    assert ans.row is None and "choose bf16 weights" in ans.problem
     with pytest.raises(ValueError, match="unknown question key"):
         _explorer.fit_answer(gpu=24)
 
