@@ -11,7 +11,8 @@ In the browser (tests/test_browser.py) the same redraw adds the widget round tri
 
 Measured 2026-12-07 on x86_64 (AMD EPYC, 2 cores shared with other jobs), torch 2.13.0 CPU, matplotlib 3.11.2:
   load average 2.5:  redraw median 0.146 s, max 0.305 s; tiny first (measures) 1.86 s, cached 0.109 s
-  load average 14.6: redraw median 0.724 s, max 1.422 s; tiny first 5.48 s, cached 0.303 s
+  load average 14.6: redraw median 0.724 s, max 1.422 s; tiny first 5.48 s, cached 0.303 s (an earlier draw
+  through pyplot at 100 dpi; now a plain Figure at 80 dpi)
 """
 
 from __future__ import annotations
