@@ -48,8 +48,8 @@ def conda_requirements() -> dict[str, Requirement]:
 
 def test_pyproject_constraints_and_environment_declare_the_same_reference_ranges():
     pyproject, pinned, conda = pyproject_requirements(), constraints(), conda_requirements()
-    assert set(pinned) == set(REFERENCE_TOOLS)
-    for name in REFERENCE_TOOLS:
+    assert set(REFERENCE_TOOLS) <= set(pinned)  # and the test tools with a tested range (selenium)
+    for name in pinned:
         assert pinned[name].specifier == pyproject[name].specifier == conda[name].specifier, name
         assert pinned[name].specifier, f"{name}: constraints.txt gives no range"
 
