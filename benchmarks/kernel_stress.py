@@ -18,10 +18,11 @@ other, the kernel shut down. A start "hangs" when a cell (or the kernel's startu
 take turns, start by start, so that they meet the same load. `--budget-s` stops starting new kernels after
 that many seconds, whatever `--starts` says: the table says how many starts each interpreter made.
 
-Measured on a 2-core AMD EPYC shared with other jobs (load average 12 to 17), 2026-12-07, two runs of
-`--starts 100 --budget-s 540/480 --load 2` with ipykernel 6.31.0 and 7.4.0 taking turns (the budget stopped
-them): 27 starts each, 0 hangs for either, first reply after 14-16 s (median; up to 22 s), whole start up to
-29 s. Too few starts to show 7.x's hang rate: on such a machine hundreds of starts take an hour or more.
+Measured on a 2-core AMD EPYC, 2026-12-07, three runs of `--load 2` (the budget stopped each) with ipykernel
+6.31.0 and 7.4.0 taking turns: 65 starts each, 0 hangs for either. Two runs shared the machine with other jobs
+(load average 12 to 17: 27 starts each, first reply after 14-16 s median, whole start up to 29 s), one had it
+nearly alone (38 starts each, first reply 4.6-4.7 s median, whole start up to 7.6 s). Too few starts to show
+7.x's hang rate: hundreds of starts take an hour on such a machine.
 """
 
 from __future__ import annotations
