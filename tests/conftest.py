@@ -84,3 +84,64 @@ def killed_at_batch(monkeypatch):
 
     kill.restore = lambda: monkeypatch.setattr(T, "batches", real)
     return kill
+
+
+# ---- bitsandbytes' two CPU paths for a 4-bit matmul ----------------------------------------------------
+# Read from bitsandbytes 0.50.2 (nn/modules.py, backends/cpu/ops.py, functional.py): on a CPU with AVX512-BF16
+# (Intel Sapphire Rapids and later, AMD Zen 4 and later) its Linear4bit, in eval mode and without gradients,
+# repacks its weight and runs a fused kernel that casts the input and the block constants (absmax) to bf16 and
+# returns a bf16 result ("cpu fused op only support bf16 for now"). Elsewhere (other CPUs, training mode, or
+# with gradients) it dequantises W and multiplies in the compute dtype (fp32 here). Each layer reads
+# `bitsandbytes.nn.modules.has_avx512bf16()` once, when it is built.
+
+def bnb_cpu_has_bf16_kernel() -> bool:
+    """Whether bitsandbytes takes its fused bf16 path on this CPU (its own check of the CPU's flags)."""
+    import bitsandbytes.functional as bnbf
+
+    return bool(bnbf.has_avx512bf16())
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def bnb_cpu_path(request, monkeypatch):
+    """The path bitsandbytes' CPU Linear4bit takes in eval mode without gradients, for layers built inside the
+    test: "fp32" is forced (the path of CPUs without AVX512-BF16, so that a machine with it covers both);
+    "bf16" runs where the CPU has the instructions and is skipped elsewhere (the kernel cannot run there)."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.nn.modules as bnb_modules
+
+    if request.param == "fp32":
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+    elif not bnb_cpu_has_bf16_kernel():
+        pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes' fused bf16 4-bit kernel cannot run here")
+    return request.param
+
+
+def bnb_packed_for_bf16_kernel(layer) -> bool:
+    """Whether a bitsandbytes Linear4bit has run the fused bf16 kernel (its weight is repacked for it)."""
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def bnb_cpu_bf16_forward(layer, x):
+    """What bitsandbytes' fused bf16 CPU kernel computes for a minillama Linear4bit `layer` holding the same codes
+    (use it as Linear4bit.forward): x, the 16 levels and every block's absmax rounded to bf16, their exact
+    products summed (in fp64 here), the sum rounded to bf16 and returned in x's dtype, plus the bias. Measured
+    on an AMD EPYC with AVX512-BF16: identical to bitsandbytes for NF4; for FP4 a few outputs within 1e-7 of 0
+    differ (its table holds 0.0052 for the level 1/192)."""
+    from minillama.quant import dequantize_4bit
+
+    st = layer.quant_state
+    bf16 = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+    st_bf16 = type(st)(absmax=bf16(st.float_absmax()), shape=st.shape, dtype=torch.float64,
+                       blocksize=st.blocksize, quant_type=st.quant_type, code=bf16(st.code))
+    y = (bf16(x) @ dequantize_4bit(layer.weight, st_bf16).t()).to(torch.bfloat16).to(x.dtype)
+    return y if layer.bias is None else y + layer.bias.to(x.dtype)
+
+
+def assert_bf16_kernel_result(y, ref, max_differing=1e-3):
+    """bitsandbytes' bf16 result `y` against bnb_cpu_bf16_forward's `ref`: every value within one bf16 step
+    (at most 2^-7 of it, or 1e-7 next to 0), and equal but for a few sums (at most `max_differing` of them)
+    that its fp32 summation order rounds the other way. Returns how many differ (an fp32 result: nearly all)."""
+    assert ((y - ref).abs() <= ref.abs() * 2**-7 + 1e-7).all()
+    differ = int((y != ref).sum())
+    assert differ <= max_differing * y.numel(), f"{differ} of {y.numel()} values differ"
+    return differ

@@ -16,6 +16,7 @@ def test_doctor_reports_the_environment(capsys):
     out = capsys.readouterr().out
     assert torch.__version__ in out and "cuda available" in out and "bitsandbytes" in out
     assert re.search(r"^bf16 autocast \(CPU\)\s+(native|emulated, slow|unknown)", out, re.M), out
+    assert re.search(r"^bitsandbytes 4-bit \(CPU\)\s+(fused bf16 kernel|fp32|unknown)", out, re.M), out
     assert re.search(r"^torch.compile\s+(usable on cpu|torch.compile needs a C\+\+ compiler)", out, re.M), out
 
 

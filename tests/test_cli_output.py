@@ -3,15 +3,18 @@
 import io
 import json
 import logging
+import platform
 import re
 
 import pytest
 import torch
+from conftest import bnb_cpu_has_bf16_kernel
 
 from minillama import create_model, get_preset
 from minillama import progress as P
 from minillama.cli import main
-from minillama.cli.doctor import (BNB_KERNELS_LOGGER, cpu_bf16_support, silence_bitsandbytes_kernels_warning)
+from minillama.cli.doctor import (BNB_KERNELS_LOGGER, bnb_cpu_4bit_path, cpu_bf16_support, ipykernel_note,
+                                  read_cpuinfo, silence_bitsandbytes_kernels_warning)
 from minillama.course.paths import corpora_dir, tiny_model_dir
 from minillama.measuring import bench
 from minillama.training.train import progress_text, resolve_amp
@@ -34,6 +37,28 @@ GRAVITON2 = "processor\t: 0\nFeatures\t: fp asimd atomics\n"
 ])
 def test_doctor_reads_bf16_support_from_cpu_flags(text, expected):
     assert cpu_bf16_support(text).startswith(expected)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (SAPPHIRE_RAPIDS, "fused bf16 kernel"), (COOPER_LAKE, "fused bf16 kernel"), (SKYLAKE, "fp32"),
+    (GRAVITON3, "fp32"), (None, "unknown"), ("processor\t: 0\n", "unknown"),
+])
+def test_doctor_says_which_path_bitsandbytes_takes(text, expected):
+    assert bnb_cpu_4bit_path(text).startswith(expected)
+
+
+def test_doctor_agrees_with_bitsandbytes_own_check_on_this_cpu():
+    pytest.importorskip("bitsandbytes")
+    cpuinfo = read_cpuinfo()
+    if cpuinfo is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("no /proc/cpuinfo, or not an x86 CPU: bitsandbytes' bf16 kernel is x86 only")
+    assert bnb_cpu_4bit_path(cpuinfo).startswith("fused bf16") == bnb_cpu_has_bf16_kernel()
+
+
+@pytest.mark.parametrize("version, warns", [("7.4.0", True), ("7.0.0a1", True), ("6.31.0", False),
+                                              ("not installed", False)])
+def test_doctor_warns_about_ipykernel_7(version, warns):
+    assert ipykernel_note(version).startswith(version) and ("issue 1554" in ipykernel_note(version)) == warns
 
 
 def test_bitsandbytes_kernels_warning_is_hidden_and_counted():

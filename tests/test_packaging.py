@@ -18,6 +18,7 @@ yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_TOOLS = ("transformers", "peft", "bitsandbytes", "tiktoken", "tokenizers")
+PINNED = (*REFERENCE_TOOLS, "ipykernel", "selenium")  # + ipykernel below 7 (constraints.txt says why), the browser test's selenium
 CONDA_TO_PIP = {"pytorch": "torch", "pytorch-cpu": "torch", "pytorch-gpu": "torch"}  # conda-forge's names
 
 
@@ -48,7 +49,7 @@ def conda_requirements() -> dict[str, Requirement]:
 
 def test_pyproject_constraints_and_environment_declare_the_same_reference_ranges():
     pyproject, pinned, conda = pyproject_requirements(), constraints(), conda_requirements()
-    assert set(REFERENCE_TOOLS) <= set(pinned)  # and the test tools with a tested range (selenium)
+    assert set(PINNED) <= set(pinned)  # every pin, with a tested range
     for name in pinned:
         assert pinned[name].specifier == pyproject[name].specifier == conda[name].specifier, name
         assert pinned[name].specifier, f"{name}: constraints.txt gives no range"
@@ -77,7 +78,7 @@ def test_the_torch_floor_is_the_one_the_code_needs():
         from torch.distributed.fsdp import fully_shard  # noqa: F401
 
 
-@pytest.mark.parametrize("name", REFERENCE_TOOLS)
+@pytest.mark.parametrize("name", PINNED)
 def test_the_installed_reference_tool_is_in_the_tested_range(name):
     try:
         version = importlib.metadata.version(name)

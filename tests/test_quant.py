@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_bf16_kernel_result, bnb_cpu_bf16_forward, bnb_packed_for_bf16_kernel
 from torch import nn
 
 from minillama import create_model, get_preset, quant
@@ -245,6 +246,24 @@ def test_linear4bit_matches_bitsandbytes_linear4bit(quant_type, double_quant):
     torch.testing.assert_close(a, b, atol=2e-3 if double_quant else 1e-6, rtol=0)
     torch.testing.assert_close(ours.dequantized_weight(), theirs.dequantized_weight(),
                                atol=2e-4 if double_quant else 0, rtol=0)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bitsandbytes_linear4bit_in_eval_mode_on_either_cpu_path(quant_type, bnb_cpu_path):
+    """Where bitsandbytes' CPU Linear4bit runs its fused bf16 kernel (eval, no gradients, AVX512-BF16:
+    conftest.bnb_cpu_path), it equals the bf16 formula on our layer's codes; on the fp32 path, our layer."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128, bias=True)
+    ours, theirs = (quantize_linear(lin, quant_type, False, 64, backend=b) for b in ("minillama", "bnb"))
+    theirs.eval()
+    x = torch.randn(3, 20, 256)
+    with torch.no_grad():
+        y = theirs(x)
+    assert bnb_packed_for_bf16_kernel(theirs.layer) == (bnb_cpu_path == "bf16")
+    if bnb_cpu_path == "fp32":
+        torch.testing.assert_close(y, ours(x).detach(), atol=1e-6, rtol=0)
+    else:
+        assert_bf16_kernel_result(y, bnb_cpu_bf16_forward(ours, x))
 
 
 def test_linear4bit_backward_keeps_no_dequantized_weight():

@@ -54,6 +54,16 @@ def read_cpuinfo() -> Optional[str]:
         return None
 
 
+def cpu_flags(cpuinfo: Optional[str]) -> set[str]:
+    """The CPU's feature flags from the text of /proc/cpuinfo (x86 "flags", Arm "Features"); empty if none."""
+    flags = set()
+    for line in (cpuinfo or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 and Arm spell the list differently
+            flags.update(value.split())
+    return flags
+
+
 def cpu_bf16_support(cpuinfo: Optional[str]) -> str:
     """How bf16 autocast runs on this CPU, from the text of /proc/cpuinfo (None: unknown).
 
@@ -63,17 +73,26 @@ def cpu_bf16_support(cpuinfo: Optional[str]) -> str:
     """
     if cpuinfo is None:
         return "unknown (no /proc/cpuinfo to read the CPU's flags from; Apple silicon and Windows: not detected)"
-    flags = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86 and Arm spell the list differently
-            flags.update(value.split())
+    flags = cpu_flags(cpuinfo)
     native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or (["bf16"] if "bf16" in flags else [])
     if native:
         return f"native ({', '.join(native)}): bf16 autocast is fast on this CPU"
     if not flags:
         return "unknown (no CPU flags found in /proc/cpuinfo)"
     return "emulated, slow (no avx512_bf16 or amx_bf16 flag): on this CPU fp32 is faster than bf16 autocast"
+
+
+def bnb_cpu_4bit_path(cpuinfo: Optional[str]) -> str:
+    """Which path bitsandbytes' 4-bit matmul takes on this CPU (bitsandbytes 0.50: its own check is the
+    AVX512-BF16 instructions, the avx512_bf16 flag; tests/conftest.py describes both paths)."""
+    flags = cpu_flags(cpuinfo)
+    if not flags:
+        return "unknown (the CPU's flags cannot be read here)"
+    if "avx512_bf16" in flags:
+        return ("fused bf16 kernel (avx512_bf16): bitsandbytes' Linear4bit in eval mode without gradients "
+                "(transformers' 4-bit models, backend='bnb') rounds inputs and outputs to bf16, so logits differ "
+                "from minillama's fp32 4-bit layers by up to ~1e-2 (tiny model); training stays fp32")
+    return "fp32 (no avx512_bf16 flag): bitsandbytes dequantises the weights and multiplies in fp32, as minillama does"
 
 
 def compile_support(device: str) -> str:
@@ -89,6 +108,14 @@ def _version(module: str) -> str:
         return getattr(importlib.import_module(module), "__version__", "installed")
     except Exception as e:  # noqa: BLE001 - report any import failure, e.g. a broken CUDA library
         return "not installed" if isinstance(e, ImportError) else f"broken ({type(e).__name__}: {e})"
+
+
+def ipykernel_note(version: str) -> str:
+    """The ipykernel version, with a warning for 7.x (the course pins it below 7: constraints.txt says why)."""
+    if version.split(".")[0] == "7":
+        return (f"{version}: 7.x can leave a notebook's first cell waiting forever under CPU load (ipykernel "
+                f"issue 1554); pip install -c constraints.txt 'ipykernel<7'")
+    return version
 
 
 def _jupyter_kernels() -> str:
@@ -122,7 +149,9 @@ def report() -> list[tuple[str, str]]:
     else:
         mps = getattr(torch.backends, "mps", None)
         rows.append(("mps available", str(bool(mps and mps.is_available()))))
-    rows.append(("bf16 autocast (CPU)", cpu_bf16_support(read_cpuinfo())))
+    cpuinfo = read_cpuinfo()
+    rows.append(("bf16 autocast (CPU)", cpu_bf16_support(cpuinfo)))
+    rows.append(("bitsandbytes 4-bit (CPU)", bnb_cpu_4bit_path(cpuinfo)))
     rows.append(("torch.compile", compile_support("cuda" if torch.cuda.is_available() else "cpu")))
     kernels = silence_bitsandbytes_kernels_warning()
     seen = kernels.seen
@@ -130,6 +159,7 @@ def report() -> list[tuple[str, str]]:
         rows.append((mod, _version(mod)))
         if mod == "bitsandbytes" and kernels.seen > seen:
             rows.append(("bitsandbytes note", BNB_KERNELS_NOTE))
+    rows.append(("ipykernel", ipykernel_note(_version("ipykernel"))))
     rows.append(("jupyter kernels", _jupyter_kernels()))
     return rows
 
