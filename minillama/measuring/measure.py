@@ -137,6 +137,15 @@ def _optimizer_tensors(optimizer: Optional[torch.optim.Optimizer]) -> Iterable[t
         yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model already holds: its parameters, buffers and the 4-bit constants attached to them, each
+    storage once (what MemoryTracker counts as "parameters" on entering)."""
+    seen = {}
+    for storage in _storages(_model_tensors(model)):
+        seen[(str(storage.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -166,8 +175,9 @@ class MemoryTracker(TorchDispatchMode):
     which `measure` reports next to the tracker's peak). Nor does it count storages that existed before
     entering and are not model or optimizer state (an input batch made earlier, say), memory made
     outside the dispatcher (`torch.from_numpy`, bitsandbytes' paged optimizer buffers, a direct
-    `UntypedStorage.resize_`), or storages on another device than the model's (AdamW keeps its `step`
-    counters on the CPU when the model is on CUDA). Tensors saved under someone else's saved-tensor
+    `UntypedStorage.resize_`), or storages on another device than the model's (a non-fused AdamW keeps
+    its `step` counters on the CPU when the model is on CUDA; the trainer's fused AdamW keeps them on the
+    parameters' device, where they are counted). Tensors saved under someone else's saved-tensor
     hooks (activation checkpointing, CPU offload) are not marked "activations": recomputed ones show
     as "temporary".
 

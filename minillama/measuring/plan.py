@@ -34,7 +34,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import ModelArgs
+from ..config import ModelArgs, parse_dtype
 from .memory import GiB, MiB, estimate_memory, format_bytes
 
 METHODS = ("full", "lora", "qlora")
@@ -206,3 +206,41 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise ValueError(f"--gpu-mem {text!r} is invalid: expected a size like 24GiB, 80GB or 512MiB.")
     return int(value * units[unit])
+
+
+# ---- the pre-flight check of `minillama train` ------------------------------------------------------
+PREFLIGHT_HEADROOM = 0.10  # allocator fragmentation, as the planner's default headroom
+
+
+def train_step_need(args: ModelArgs, *, batch: int, seq_len: int, param_dtype, amp: str = "off", lora=None,
+                    quant4=None, optimizer: str = "adamw", checkpointing: bool = False, grad_accum: int = 1,
+                    device: str = "cuda", strategy: str = "single", gpus: int = 1):
+    """The memory model's peak of one training step on one rank, as `minillama train` runs it: batch is the
+    micro-batch; AMP only models fp32 master weights (16-bit weights already compute in 16 bits, autocast adds
+    per-call copies of the frozen weights only); FSDP shards full fine-tuning's static bytes over `gpus`
+    (_fsdp_peak). Returns the MemoryEstimate with its peak_bytes replaced by the per-rank peak."""
+    from dataclasses import replace
+
+    fp32 = parse_dtype(param_dtype).itemsize == 4
+    est = estimate_memory(args, batch=batch, seq_len=seq_len, mode="train", param_dtype=param_dtype,
+                          amp=amp if (amp not in (None, "off") and fp32) else None, lora=lora, quant4=quant4,
+                          optimizer=optimizer, checkpointing=checkpointing, grad_accum=grad_accum, device=device)
+    if strategy == "fsdp" and gpus > 1:
+        est = replace(est, peak_bytes=_fsdp_peak(args, est, gpus))
+    return est
+
+
+def preflight_message(need: int, *, free_bytes: int, loaded_bytes: int, where: str,
+                      headroom: float = PREFLIGHT_HEADROOM) -> Optional[str]:
+    """None when a step whose whole predicted peak is `need` bytes fits, else the sentence that refuses it.
+
+    The check runs after the weights are loaded: `free_bytes` (the device's free memory then) no longer
+    contains them, so the peak, weights included, is compared with free + loaded (`loaded_bytes`: what the
+    model already holds on the device), less `headroom` for fragmentation. Counting the weights in the peak
+    and against the free memory both would refuse 7B full fine-tuning on an 80 GiB card."""
+    budget = (free_bytes + loaded_bytes) * (1 - headroom)
+    if need <= budget:
+        return None
+    return (f"one training step needs about {format_bytes(need)} (predicted, weights included), more than the "
+            f"{format_bytes(int(budget))} usable on {where} ({format_bytes(free_bytes)} free + "
+            f"{format_bytes(loaded_bytes)} already loaded, less {headroom:.0%} for fragmentation)")

@@ -229,6 +229,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def adamw_is_fused(device_type: str) -> bool:
+    """Whether make_optimizer's AdamW runs torch's fused kernel on parameters of this device type ("cpu",
+    "cuda"): it has no temporary besides the states, and keeps each tensor's `step` counter on the parameters'
+    device (the memory model, measuring.memory, reads it here)."""
+    return device_type in ("cpu", "cuda")
+
+
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
     """cfg.optimizer over the trainable parameters, weight decay on matrices only (as nanoGPT/llama2.c)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -242,7 +249,7 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimize
         # The fused kernel updates each tensor in one pass: the default loop makes a dozen element-wise ops
         # (and temporaries) per parameter. 4x faster for the tiny model's 4M parameters on a CPU (about 4 ms against
         # 15-19; `python benchmarks/profile_step.py --full`), a few launches instead of hundreds on CUDA.
-        fused = True if all(p.device.type in ("cpu", "cuda") for p in params) else None
+        fused = True if all(adamw_is_fused(p.device.type) for p in params) else None
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
