@@ -15,9 +15,10 @@ the memory it held is freed, and the lab goes on. A started row is stopped when 
 SIGTERM (Slurm's time limit) stops the lab after recording the running row.
 
 Each row is appended to --out/rows.jsonl as it finishes (flushed to disk), and the tables are written from that
-file at the end, so a crash or a kill keeps every finished row. Writes to --out: rows.jsonl, results.json (rows + settings + environment), results.csv, table.md (with the device, driver,
-torch version and date), speed.png, memory.png; prints the table. Installs nothing; needs torch, transformers
-and peft (bitsandbytes optional), and runs from a checkout without installing minillama.
+file at the end, so a crash or a kill keeps every finished row. Writes to --out: rows.jsonl, results.json (rows +
+settings + environment), results.csv, table.md (with the device, driver, torch version and date), speed.png,
+memory.png; prints the table. Installs nothing; needs torch, transformers and peft (bitsandbytes optional), and
+runs from a checkout without installing minillama.
 """
 
 from __future__ import annotations
@@ -210,8 +211,8 @@ def main(argv=None) -> int:
     print()
     print(header)
     print(format_compare(results, "md", settings=s))
-    print(f"\n{describe_compare(results, s)}\nwrote {a.out}: rows.jsonl, results.json, results.csv, table.md, speed.png, "
-          f"memory.png in {time.monotonic() - START:.0f} s of a {a.budget_s:.0f} s budget")
+    print(f"\n{describe_compare(results, s)}\nwrote {a.out}: rows.jsonl, results.json, results.csv, table.md, "
+          f"speed.png, memory.png in {time.monotonic() - START:.0f} s of a {a.budget_s:.0f} s budget")
     return 0
 
 

@@ -26,8 +26,8 @@ import torch
 
 from ..config import dtype_name, parse_dtype
 from ..files import atomic_write_bytes, atomic_write_text
-from .measure import CATEGORIES, Measurement, measure
-from .memory import estimate_memory
+from .measure import CATEGORIES, Measurement, measure, model_flops_per_token
+from .memory import effective_amp, estimate_memory
 
 MiB = 1024**2
 
@@ -66,7 +66,8 @@ def _apply_quant(value, ctx):
     from ..quant import quantize_model
 
     quant_type, double_quant = QUANT_SETTINGS[value]
-    quantize_model(ctx["model"], quant_type=quant_type, double_quant=double_quant, blocksize=64)
+    if ctx["model"] is not None:  # None: predict_config, the estimate only
+        quantize_model(ctx["model"], quant_type=quant_type, double_quant=double_quant, blocksize=64)
     ctx["estimate"]["quant4"] = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": 64}
 
 
@@ -95,7 +96,8 @@ def _apply_lora(r, ctx):
         from ..lora import apply_lora
 
         targets = ctx.get("lora_targets", ("wq", "wv"))
-        apply_lora(ctx["model"], r=r, alpha=2 * r, targets=targets)
+        if ctx["model"] is not None:
+            apply_lora(ctx["model"], r=r, alpha=2 * r, targets=targets)
         ctx["estimate"]["lora"] = {"r": r, "targets": targets}
 
 
@@ -104,10 +106,12 @@ register_dimension("lora", (0, 8), _apply_lora)
 
 
 def _apply_amp(mode, ctx):
-    """amp=off|fp16|bf16: the forward under autocast (fp16 with a GradScaler), fp32 master weights."""
+    """amp=off|fp16|bf16: the forward under autocast (fp16 with a GradScaler) over the model's weights: fp32 master
+    weights, or 16-bit ones (`--dtype bf16`), which autocast leaves as they are (memory.effective_amp)."""
     ctx["amp"] = mode
-    if mode != "off":
-        ctx["estimate"]["amp"] = mode
+    amp = effective_amp(mode, ctx["param_dtype"])
+    if amp:
+        ctx["estimate"]["amp"] = amp
 
 
 def _apply_accum(k, ctx):
@@ -120,7 +124,8 @@ def _apply_accum(k, ctx):
 
 def _apply_checkpointing(every, ctx):
     """checkpointing=k: every k-th block recomputes its activations in the backward pass (0: off)."""
-    ctx["model"].set_checkpointing(every)
+    if ctx["model"] is not None:
+        ctx["model"].set_checkpointing(every)
     if every:
         if every != 1:
             raise ValueError("The memory estimate models checkpointing of every block only (checkpointing=1).")
@@ -179,6 +184,46 @@ def config_name(cfg: dict) -> str:
     return " ".join(f"{k}={cfg[k]}" for k in keys)
 
 
+def _apply_dimensions(cfg: dict, model: Optional[torch.nn.Module], param_dtype) -> dict:
+    """Apply every dimension of `cfg` to `model` (None: only to the estimate's arguments, ctx["estimate"]).
+    Returns the context: model, estimate, amp, accum, optimizer."""
+    ctx = {"model": model, "param_dtype": param_dtype, "estimate": {}, "config": cfg, "amp": "off", "accum": 1,
+           "optimizer": "adamw"}
+    for key in cfg:
+        if key not in DIMENSIONS:
+            raise ValueError(f"Config key {key!r} is not a registered grid dimension: {sorted(DIMENSIONS)}.")
+    for key, dim in DIMENSIONS.items():  # in registration order: quant before lora, whatever the config's order
+        if key in cfg and dim.apply is not None:
+            dim.apply(cfg[key], ctx)
+    return ctx
+
+
+def predict_config(args, cfg: dict, *, param_dtype, device: str = "cpu"):
+    """The memory model's estimate of one step of a config, without building its model: the dimensions set
+    the estimate's arguments as they do for a measured row (run_config puts this prediction beside it)."""
+    ctx = _apply_dimensions(cfg, None, parse_dtype(param_dtype))
+    return estimate_memory(args, batch=cfg["batch"] // ctx["accum"], seq_len=cfg["seq_len"],
+                           mode=cfg.get("mode", "train"), device=device, param_dtype=param_dtype, **ctx["estimate"])
+
+
+def configs_that_fit(configs: list[dict], args, *, gpu_mem: int, param_dtype, device: str = "cuda"
+                     ) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(the configs whose predicted peak fits a card of gpu_mem bytes, [(config, why not)] for the others), by
+    predict_config and the planner's rule (plan.usable_bytes: 1 GiB for the CUDA context, 10% headroom)."""
+    from .plan import usable_bytes
+
+    usable = usable_bytes(gpu_mem, device)
+    fit, skipped = [], []
+    for cfg in configs:
+        peak = predict_config(args, cfg, param_dtype=param_dtype, device=device).peak_bytes
+        if peak <= usable:
+            fit.append(cfg)
+        else:
+            skipped.append((cfg, f"predicted peak {peak / 1024**3:.2f} GiB > {usable / 1024**3:.2f} GiB usable of "
+                                 f"{gpu_mem / 1024**3:.2f} GiB"))
+    return fit, skipped
+
+
 def build_step(make_model: Callable[[], torch.nn.Module], cfg: dict, *, seed: int = 0) -> dict:
     """A fresh model with the config applied, and `step`: a function running one whole step of it (the
     trainer's own train_step in train mode, a no-grad forward in inference mode), ready to be measured or
@@ -187,13 +232,7 @@ def build_step(make_model: Callable[[], torch.nn.Module], cfg: dict, *, seed: in
 
     model = make_model()
     args = model.args
-    ctx = {"model": model, "estimate": {}, "config": cfg, "amp": "off", "accum": 1, "optimizer": "adamw"}
-    for key in cfg:
-        if key not in DIMENSIONS:
-            raise ValueError(f"Config key {key!r} is not a registered grid dimension: {sorted(DIMENSIONS)}.")
-    for key, dim in DIMENSIONS.items():  # in registration order: quant before lora, whatever the config's order
-        if key in cfg and dim.apply is not None:
-            dim.apply(cfg[key], ctx)
+    ctx = _apply_dimensions(cfg, model, model.tok_embeddings.weight.dtype)  # never quantised: the weights' dtype
     model = ctx["model"]
     device = next(model.parameters()).device
     batch, seq_len, mode = cfg["batch"], cfg["seq_len"], cfg.get("mode", "train")
@@ -238,11 +277,13 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
     batch, seq_len, mode = cfg["batch"], cfg["seq_len"], cfg.get("mode", "train")
     dtype = next(model.parameters()).dtype
     meta = {"preset": preset, "mode": mode, "batch": batch, "seq_len": seq_len, **cfg}
+    kind = "inference" if mode != "train" else ("lora" if ctx["estimate"].get("lora") else "full")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx["amp"])
     m: Measurement = measure(built["step"], model=model, optimizer=built["optimizer"],
                              tokens_per_step=batch * seq_len, name=config_name(cfg), warmup=warmup,
-                             repeats=repeats, meta=meta)
-    est = estimate_memory(model.args, batch=batch // ctx["accum"], seq_len=seq_len, mode=mode,
-                          device=device.type, param_dtype=dtype_name(dtype), **ctx["estimate"])
+                             repeats=repeats, meta=meta, model_flops_per_token=model_flops_per_token(
+                                 model.args, seq_len, kind), compute_dtype=amp or model.tok_embeddings.weight.dtype)
+    est = predict_config(model.args, cfg, param_dtype=dtype_name(dtype), device=device.type)
     row = m.to_row()
     row["predicted_peak_memory_bytes"] = est.peak_bytes
     row["predicted_by_category"] = est.at_peak  # what the model says is live at the peak, like the measurement

@@ -89,6 +89,17 @@ def format_bytes(n) -> str:
 
 
 
+def effective_amp(amp, param_dtype) -> Optional[str]:
+    """The autocast that estimate_memory models for a run with `amp` ("off", None, "bf16", "fp16") over weights of
+    `param_dtype`: the amp mode over fp32 master weights or weights of the other 16-bit dtype (autocast then
+    runs the linears on 16-bit copies of the weights); None over weights already in the amp dtype, where
+    autocast changes nothing. bench and the train pre-flight use it."""
+    if amp in (None, "off"):
+        return None
+    torch_dtype = parse_dtype(param_dtype)
+    return None if torch_dtype == parse_dtype(amp) else amp
+
+
 def _dtype_bytes(dtype, what: str) -> int:
     """Bytes per element of a dtype named as in minillama.config.DTYPES (or given as one of its torch dtypes)."""
     try:
@@ -239,7 +250,7 @@ class _Settings:
         self.mode, self.train = mode, mode == "train"
         self.pb = _dtype_bytes(param_dtype, "param_dtype")  # bytes of a parameter
         self.amp = amp is not None
-        self.r = 4 if self.amp else self.pb  # residual stream
+        self.r = self.pb  # residual stream: the weights' dtype (fp32 master weights under amp)
         self.c = 2 if self.amp else self.pb  # linear / attention outputs
         self.lora = lora
         self.targets = set(lora["targets"]) if lora else set()
@@ -810,9 +821,9 @@ def _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accu
     _dtype_bytes(param_dtype, "param_dtype")
     if amp is not None and amp not in AMP_MODES:
         raise ValueError(f"estimate_memory: amp={amp!r} is unknown: expected None or one of {AMP_MODES}.")
-    if amp not in (None, "off") and _dtype_bytes(param_dtype, "param_dtype") != 4:
-        raise ValueError(f"estimate_memory: amp={amp!r} needs param_dtype='fp32' (autocast keeps fp32 master "
-                         f"weights), got {param_dtype!r}.")
+    if amp not in (None, "off") and effective_amp(amp, param_dtype) is None:
+        raise ValueError(f"estimate_memory: amp={amp!r} needs param_dtype='fp32' (fp32 master weights) or the "
+                         f"other 16-bit dtype (autocast to the weights' own dtype changes nothing), got {param_dtype!r}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"estimate_memory: optimizer={optimizer!r} is unknown: expected one of {OPTIMIZERS}.")
     if not isinstance(checkpointing, bool):

@@ -34,8 +34,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import ModelArgs, parse_dtype
-from .memory import GiB, MiB, estimate_memory, format_bytes
+from ..config import ModelArgs
+from .memory import GiB, MiB, effective_amp, estimate_memory, format_bytes
 
 METHODS = ("full", "lora", "qlora")
 QLORA_QUANT = {"quant_type": "nf4", "double_quant": True, "blocksize": 64}  # the QLoRA paper's setting
@@ -132,6 +132,15 @@ def check_plan_inputs(gpu_mem, seq_len, batch, gpus, lora_r, methods) -> None:
         raise ValueError(f"plan: unknown method(s) {bad}: expected some of {METHODS}.")
 
 
+def usable_bytes(gpu_mem: int, device: str = "cuda", reserve: Optional[int] = None,
+                 headroom: Optional[float] = None) -> float:
+    """What of a device's gpu_mem bytes a step's predicted peak may use: (gpu_mem - reserve) * (1 - headroom);
+    on CUDA by default 1 GiB for the context and kernels' workspaces and 10% for fragmentation, nothing on CPU."""
+    reserve = (1 * GiB if device == "cuda" else 0) if reserve is None else reserve
+    headroom = (0.10 if device == "cuda" else 0.0) if headroom is None else headroom
+    return (gpu_mem - reserve) * (1 - headroom)
+
+
 def plan(args: ModelArgs, *, gpu_mem: int, seq_len: int = 2048, batch: int = 4, gpus: int = 1, lora_r: int = 16,
          methods=METHODS, device: str = "cuda", reserve: Optional[int] = None, headroom: Optional[float] = None
          ) -> list[PlanRow]:
@@ -140,9 +149,7 @@ def plan(args: ModelArgs, *, gpu_mem: int, seq_len: int = 2048, batch: int = 4, 
     if seq_len > args.max_seq_len:
         raise ValueError(f"plan: seq_len={seq_len} is longer than the model's max_seq_len={args.max_seq_len}: "
                          f"extend the context first (RoPE scaling, notebook 07).")
-    reserve = (1 * GiB if device == "cuda" else 0) if reserve is None else reserve
-    headroom = (0.10 if device == "cuda" else 0.0) if headroom is None else headroom
-    usable = (gpu_mem - reserve) * (1 - headroom)
+    usable = usable_bytes(gpu_mem, device, reserve, headroom)
     rows = []
     for method in methods:
         for c in _candidates(method, batch, gpus, lora_r, device):
@@ -216,14 +223,13 @@ def train_step_need(args: ModelArgs, *, batch: int, seq_len: int, param_dtype, a
                     quant4=None, optimizer: str = "adamw", checkpointing: bool = False, grad_accum: int = 1,
                     device: str = "cuda", strategy: str = "single", gpus: int = 1):
     """The memory model's peak of one training step on one rank, as `minillama train` runs it: batch is the
-    micro-batch; AMP only models fp32 master weights (16-bit weights already compute in 16 bits, autocast adds
-    per-call copies of the frozen weights only); FSDP shards full fine-tuning's static bytes over `gpus`
+    micro-batch; AMP as memory.effective_amp says (autocast over fp32 master weights; 16-bit weights already
+    compute in 16 bits); FSDP shards full fine-tuning's static bytes over `gpus`
     (_fsdp_peak). Returns the MemoryEstimate with its peak_bytes replaced by the per-rank peak."""
     from dataclasses import replace
 
-    fp32 = parse_dtype(param_dtype).itemsize == 4
     est = estimate_memory(args, batch=batch, seq_len=seq_len, mode="train", param_dtype=param_dtype,
-                          amp=amp if (amp not in (None, "off") and fp32) else None, lora=lora, quant4=quant4,
+                          amp=effective_amp(amp, param_dtype), lora=lora, quant4=quant4,
                           optimizer=optimizer, checkpointing=checkpointing, grad_accum=grad_accum, device=device)
     if strategy == "fsdp" and gpus > 1:
         est = replace(est, peak_bytes=_fsdp_peak(args, est, gpus))
