@@ -44,7 +44,9 @@ DIMENSIONS: dict[str, Dimension] = {}
 
 
 def register_dimension(name: str, values, apply: Optional[Callable[[Any, dict], None]] = None) -> None:
-    """Make `name` usable in grids (values: the default sweep). Later techniques call this."""
+    """Make `name` usable in grids (values: the default sweep). Later techniques call this. apply(value, ctx)
+    edits ctx["model"] and sets the estimate's arguments in ctx["estimate"]; to be usable by predict_config (the
+    notebooks' choice of the rows that fit a card) it leaves the model alone when ctx["model"] is None."""
     DIMENSIONS[name] = Dimension(name, tuple(values), apply)
 
 
@@ -198,12 +200,16 @@ def _apply_dimensions(cfg: dict, model: Optional[torch.nn.Module], param_dtype) 
     return ctx
 
 
-def predict_config(args, cfg: dict, *, param_dtype, device: str = "cpu"):
-    """The memory model's estimate of one step of a config, without building its model: the dimensions set
-    the estimate's arguments as they do for a measured row (run_config puts this prediction beside it)."""
-    ctx = _apply_dimensions(cfg, None, parse_dtype(param_dtype))
+def _estimate(args, cfg: dict, ctx: dict, param_dtype, device: str):
+    """estimate_memory with the arguments the config's dimensions set in ctx["estimate"] (micro-batch = batch/accum)."""
     return estimate_memory(args, batch=cfg["batch"] // ctx["accum"], seq_len=cfg["seq_len"],
                            mode=cfg.get("mode", "train"), device=device, param_dtype=param_dtype, **ctx["estimate"])
+
+
+def predict_config(args, cfg: dict, *, param_dtype, device: str = "cpu"):
+    """The memory model's estimate of one step of a config, without building its model: the course's dimensions
+    set the estimate's arguments with ctx["model"] None, as they do for a measured row (run_config)."""
+    return _estimate(args, cfg, _apply_dimensions(cfg, None, parse_dtype(param_dtype)), param_dtype, device)
 
 
 def configs_that_fit(configs: list[dict], args, *, gpu_mem: int, param_dtype, device: str = "cuda"
@@ -283,7 +289,7 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
                              tokens_per_step=batch * seq_len, name=config_name(cfg), warmup=warmup,
                              repeats=repeats, meta=meta, model_flops_per_token=model_flops_per_token(
                                  model.args, seq_len, kind), compute_dtype=amp or model.tok_embeddings.weight.dtype)
-    est = predict_config(model.args, cfg, param_dtype=dtype_name(dtype), device=device.type)
+    est = _estimate(model.args, cfg, ctx, dtype_name(dtype), device.type)
     row = m.to_row()
     row["predicted_peak_memory_bytes"] = est.peak_bytes
     row["predicted_by_category"] = est.at_peak  # what the model says is live at the peak, like the measurement
