@@ -280,16 +280,15 @@ def test_bench_mfu_counts_no_recomputation_and_matches_the_dtype(monkeypatch):
     monkeypatch.setattr(measure_module, "device_peak_flops", lambda device, dtype: seen.append(dtype) or 1e12)
     args = get_preset("tiny")
     make_model = lambda: minillama.create_model(args, seed=0)  # noqa: E731
-    rows = {ckpt: bench.run_config(make_model, {"mode": "train", "batch": 1, "seq_len": 32, "checkpointing": ckpt},
-                                   preset="tiny", repeats=1) for ckpt in (0, 1)}
+    row = bench.run_config(make_model, {"mode": "train", "batch": 1, "seq_len": 32, "checkpointing": 1},
+                           preset="tiny", repeats=1)
     formula = model_flops_per_token(args, 32, "full") * 32
-    for ckpt, row in rows.items():
-        assert row["mfu"] * row["step_time_s"] * 1e12 == pytest.approx(formula, rel=1e-9)
-    assert rows[1]["flops_per_step"] > rows[0]["flops_per_step"]  # counted: the recomputed forward is extra
+    assert row["mfu"] * row["step_time_s"] * 1e12 == pytest.approx(formula, rel=1e-9)
+    assert row["flops_per_step"] > 1.2 * formula  # counted: the recomputed forward (2N of 6N) is extra
     lora = bench.run_config(make_model, {"mode": "train", "batch": 1, "seq_len": 32, "lora": 4, "amp": "bf16"},
                             preset="tiny", repeats=1)
     assert lora["mfu"] * lora["step_time_s"] * 1e12 == pytest.approx(model_flops_per_token(args, 32, "lora") * 32)
-    assert seen == [torch.float32, torch.float32, torch.bfloat16]
+    assert seen == [torch.float32, torch.bfloat16]
 
 
 def test_mem_mib_is_each_steps_own_peak():
