@@ -7,6 +7,9 @@ shipped tiny model):
   MINILLAMA_MODEL   checkpoint directory (GPU lab: Llama-2-7B in HF or Meta format)   default data/tiny
   MINILLAMA_DEVICE  cpu | cuda                                                       default: cuda if available
   MINILLAMA_BATCH, MINILLAMA_SEQ  effective batch and sequence length of the measurements  default 8, 128
+  MINILLAMA_DTYPE   the weights' dtype: fp32 | bf16 | fp16                          default: bf16 on CUDA, else fp32
+On a GPU the rows of a table that the memory model says will not fit the card are skipped, each named with its
+predicted peak (measure_rows, bench.configs_that_fit).
 """
 
 import os
@@ -23,7 +26,7 @@ if str(REPO) not in sys.path:
 import minillama  # noqa: E402
 from minillama.course.paths import corpora_dir, tiny_model_dir  # noqa: E402
 from minillama.measuring import bench  # noqa: E402
-from minillama.measuring.measure import CATEGORIES, device_name  # noqa: E402
+from minillama.measuring.measure import CATEGORIES, alternate_times, device_name  # noqa: E402
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3  # binary units, everywhere in the notebooks
 TINY_PATH = tiny_model_dir()
@@ -46,25 +49,42 @@ MODEL = os.environ.get("MINILLAMA_MODEL", "data/tiny")
 DEVICE = os.environ.get("MINILLAMA_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 BATCH = int(os.environ.get("MINILLAMA_BATCH", "8"))
 SEQ = int(os.environ.get("MINILLAMA_SEQ", "128"))
+# 16-bit weights on a GPU: Llama-2-7B in fp32 is 25 GiB before a gradient, and its full fp32 fine-tuning 100 GiB
+DTYPE = os.environ.get("MINILLAMA_DTYPE", "bf16" if DEVICE.startswith("cuda") else "fp32")
 MODEL_PATH = resolve(MODEL)
 
 
 def lab_banner():
-    print(f"model {MODEL_PATH} on {DEVICE} ({where(DEVICE)}); measured at batch {BATCH} x {SEQ} tokens")
+    print(f"model {MODEL_PATH} on {DEVICE} ({where(DEVICE)}), {DTYPE} weights; measured at batch {BATCH} x {SEQ} "
+          f"tokens")
 
 
 def make_model():
-    """A fresh copy of the model for every measured row (fp32 master weights)."""
-    return minillama.load_model(MODEL_PATH, device=DEVICE, dtype="fp32")
+    """A fresh copy of the model for every measured row, its weights in DTYPE (fp32 master weights on the CPU)."""
+    return minillama.load_model(MODEL_PATH, device=DEVICE, dtype=DTYPE)
 
 
-def measure_rows(configs, repeats=3):
-    """bench.run_config for each config dict (train mode at BATCH x SEQ unless the config says otherwise)."""
-    rows = []
-    for cfg in configs:
-        cfg = {"mode": "train", "batch": BATCH, "seq_len": SEQ, **cfg}
-        rows.append(bench.run_config(make_model, cfg, preset=MODEL_PATH.name, repeats=repeats))
-    return rows
+def rows_that_fit(configs, gpu_mem=None):
+    """(configs to measure, [(config, why skipped)]): on CUDA those whose predicted peak fits the card (gpu_mem:
+    its bytes, default the card's total memory), by the memory model; on the CPU all of them."""
+    if gpu_mem is None:
+        if not DEVICE.startswith("cuda"):
+            return list(configs), []
+        gpu_mem = torch.cuda.mem_get_info(torch.device(DEVICE))[1]
+    from minillama.checkpoints.weights import read_model_args
+
+    return bench.configs_that_fit(configs, read_model_args(MODEL_PATH), gpu_mem=gpu_mem, param_dtype=DTYPE,
+                                  device="cuda")
+
+
+def measure_rows(configs, repeats=3, gpu_mem=None):
+    """bench.run_config for each config dict (train mode at BATCH x SEQ unless the config says otherwise), skipping,
+    with a printed reason, the rows that the memory model says will not fit the card (rows_that_fit)."""
+    configs = [{"mode": "train", "batch": BATCH, "seq_len": SEQ, **cfg} for cfg in configs]
+    fit, skipped = rows_that_fit(configs, gpu_mem)
+    for cfg, why in skipped:
+        print(f"skipped {bench.config_name(cfg)}: {why}")
+    return [bench.run_config(make_model, cfg, preset=MODEL_PATH.name, repeats=repeats) for cfg in fit]
 
 
 def show_table(rows):
@@ -180,20 +200,10 @@ def show_figure(fig, name: str) -> Path:
 
 
 def time_alternating(steps: dict, rounds: int = 5, warmup: int = 1) -> dict:
-    """Seconds per call of each step function, measured in alternation (a, b, c, a, b, c, ...) so that a
-    change in the machine's load hits every configuration alike. Returns {name: [seconds per round]}."""
-    import time
-
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+    """Seconds per call of each step function on DEVICE, in alternation (a, b, c, c, b, a, ...) so that a change in
+    the machine's load hits every configuration alike, CUDA synchronised around each call: the harness's one
+    alternating timer, minillama.measuring.measure.alternate_times. Returns {name: [seconds per round]}."""
+    return alternate_times(steps, DEVICE, rounds, warmup=warmup)
 
 
 def train_step_fn(cfg: dict):

@@ -122,6 +122,21 @@ def test_figures_fit_1400_px_and_a_10x_range_gets_a_log_axis(tmp_path):
         assert width <= 1400 and height <= 1500, (name, width, height)
 
 
+def test_figures_leave_matplotlibs_backend_alone(tmp_path):
+    """bench's figures are drawn without pyplot: a notebook's inline backend stays in place (they called
+    matplotlib.use("Agg"), after which a notebook's plt.show() drew nothing)."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # any non-Agg backend stands in for a notebook's inline one
+    try:
+        bench.plot_memory([fake_row()], tmp_path / "memory.png")
+        bench.plot_scaling({"batch": [fake_row(batch=b) for b in (1, 2)]}, tmp_path / "scaling.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
 def test_effects_are_true_of_every_pair_or_say_depends():
     # AMP halves activations without checkpointing, and adds 2 MiB of weight copies with it: the pairs disagree.
     rows = [fake_row(amp="off", checkpointing=0, act=40), fake_row(amp="bf16", checkpointing=0, act=20),

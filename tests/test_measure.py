@@ -1,14 +1,16 @@
 """The measurement harness: exact storage bytes by category, FLOP counts, device peaks, measure()."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import minillama
-from minillama.measuring.measure import (CATEGORIES, MemoryTracker, count_flops, device_peak_flops, measure,
-                               peak_flops_for_name)
+from minillama import get_preset
+from minillama.measuring.measure import (CATEGORIES, MemoryTracker, compute_dtype_name, count_flops,
+                               device_peak_flops, measure, mfu, model_flops_per_token, peak_flops_for_name)
 from minillama.training.train import TrainConfig, make_optimizer
 
 ARGS = minillama.get_preset("tiny").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128,
@@ -205,19 +207,103 @@ def test_model_forward_flops_match_the_formula(impl):
 
 
 # ---- device peaks -----------------------------------------------------------------------------
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA A100-PCIE-40GB", 312e12),
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA L4", 121e12),
-    ("Tesla T4", 65e12),
-    ("NVIDIA L40S", None),
-    ("Some Future GPU", None),
+@pytest.mark.parametrize("name, dtype, peak", [  # dense peaks of NVIDIA's data sheets (sparse figures halved)
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.5e12),  # SXM
+    ("NVIDIA H100 80GB HBM3", "fp32", 67e12),
+    ("NVIDIA H100 80GB HBM3", "tf32", 494.5e12),
+    ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA H100 NVL", "bf16", 835.5e12),
+    ("NVIDIA H200", "bf16", 989.5e12),
+    ("NVIDIA H200 NVL", "bf16", 835.5e12),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+    ("NVIDIA A100-SXM4-40GB", "bf16", 312e12),
+    ("NVIDIA A100 80GB PCIe", "bf16", 312e12),
+    ("NVIDIA A100-PCIE-40GB", "fp32", 19.5e12),
+    ("NVIDIA A100-PCIE-40GB", "tf32", 156e12),
+    ("NVIDIA L4", "bf16", 121e12),
+    ("Tesla T4", "fp16", 65e12),
+    ("Tesla T4", "bf16", None),  # Turing has no bf16 tensor cores
+    ("Tesla T4", "fp32", 8.1e12),
+    ("NVIDIA L40S", "bf16", None),
+    ("Some Future GPU", "bf16", None),
+    # MIG slices: g of the 7 compute slices, or the slice's SMs out of the whole GPU's when known
+    ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "bf16", 312e12 * 3 / 7),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16", 989.5e12 / 7),
+    ("NVIDIA H100 NVL MIG 2g.24gb", "fp32", 60e12 * 2 / 7),
 ])
-def test_peak_flops_for_name(name, peak):
-    assert peak_flops_for_name(name) == peak
+def test_peak_flops_for_name(name, dtype, peak):
+    assert peak_flops_for_name(name, dtype) == peak
+
+
+def test_a_mig_slice_is_scaled_by_its_sms():
+    assert peak_flops_for_name("NVIDIA A100-SXM4-80GB MIG 1g.10gb", "bf16", sm_count=14) == 312e12 * 14 / 108
+    assert peak_flops_for_name("NVIDIA H100 PCIe MIG 3g.40gb", "bf16", sm_count=42) == 756e12 * 42 / 114
+    assert peak_flops_for_name("NVIDIA H100 80GB HBM3", "bf16", sm_count=132) == 989.5e12  # not a slice
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        peak_flops_for_name("NVIDIA H100 80GB HBM3", "int8")
+
+
+def test_fp32_compares_with_the_fp32_or_tf32_peak():
+    assert compute_dtype_name(torch.bfloat16) == "bf16" and compute_dtype_name(torch.float16) == "fp16"
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert compute_dtype_name(torch.float32) == "fp32"
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores
+        assert compute_dtype_name(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_mfu_by_hand():
+    # tiny: 4 layers, dim 256, 8 heads (4 kv heads), FFN 704, vocab 2048. Model FLOPs per token of full
+    # fine-tuning at T = 128: 6 * (matmul weights) + 3 * attention, attention = 4 * T * d * L (q k^T and p v,
+    # unmasked, forward)
+    args = get_preset("tiny")
+    assert (args.n_layers, args.dim, args.n_heads, args.ffn_hidden_dim, args.vocab_size, args.n_kv_heads) == \
+        (4, 256, 8, 704, 2048, 4)
+    n_mm = 4 * (256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 704) + 2048 * 256  # wq wk wv wo, w1 w2 w3, head
+    per_token = 6 * n_mm + 3 * 4 * 128 * 256 * 4
+    assert model_flops_per_token(args, 128, "full") == per_token
+    # 4 x 128 tokens in 0.5 s on a 1 TFLOP/s device
+    assert mfu(per_token, 512, 0.5, 1e12) == pytest.approx(per_token * 512 / 0.5 / 1e12, rel=1e-12)
+    assert mfu(per_token, 512, 0.5, None) is None
+
+
+def test_bench_mfu_counts_no_recomputation_and_matches_the_dtype(monkeypatch):
+    # a made-up 1 TFLOP/s peak for the CPU: bench's MFU times step time times peak gives back the model FLOPs by
+    # formula, also with checkpointing (whose counted FLOPs include the recomputed forward), and the peak is
+    # asked for the dtype the matmuls run in (fp32 weights; bf16 under autocast)
+    from minillama.measuring import bench, measure as measure_module
+
+    seen = []
+    monkeypatch.setattr(measure_module, "device_peak_flops", lambda device, dtype: seen.append(dtype) or 1e12)
+    args = get_preset("tiny")
+    make_model = lambda: minillama.create_model(args, seed=0)  # noqa: E731
+    row = bench.run_config(make_model, {"mode": "train", "batch": 1, "seq_len": 32, "checkpointing": 1},
+                           preset="tiny", repeats=1)
+    formula = model_flops_per_token(args, 32, "full") * 32
+    assert row["mfu"] * row["step_time_s"] * 1e12 == pytest.approx(formula, rel=1e-9)
+    assert row["flops_per_step"] > 1.2 * formula  # counted: the recomputed forward (2N of 6N) is extra
+    lora = bench.run_config(make_model, {"mode": "train", "batch": 1, "seq_len": 32, "lora": 4, "amp": "bf16"},
+                            preset="tiny", repeats=1)
+    assert lora["mfu"] * lora["step_time_s"] * 1e12 == pytest.approx(model_flops_per_token(args, 32, "lora") * 32)
+    assert seen == [torch.float32, torch.bfloat16]
+
+
+def test_mem_mib_is_each_steps_own_peak():
+    # the peak resident set is reset at each step's start (Linux: /proc/self/clear_refs), not the process maximum
+    from minillama.training.train import memory_mib, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    before = memory_mib(cpu)
+    del big
+    reset_peak_memory(cpu)
+    after = memory_mib(cpu)
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs here: the CPU figure stays the process maximum")
+    assert after < before - 32
 
 
 def test_cpu_peak_is_unknown():
@@ -246,3 +332,34 @@ def test_measure_row():
     # the same step tracked directly gives the same bytes
     again = tracked(model, train_step_fn(model, optimizer, x, y), optimizer)
     assert again.peak_bytes == m.peak_memory_bytes and again.by_category() == m.memory_by_category
+
+
+# ---- the one alternating timer ----------------------------------------------------------------------
+def test_alternate_times_synchronises_around_every_timed_call(monkeypatch):
+    # on CUDA a step only queues kernels: each timed call must start and end with a synchronisation, or it
+    # absorbs the previous call's unfinished kernels. Recorded on the CPU, where _sync itself is a no-op.
+    import sys
+
+    from minillama.measuring import compare, measure as measure_module
+
+    events = []
+    monkeypatch.setattr(measure_module, "_sync", lambda device: events.append(("sync", torch.device(device).type)))
+    fns = {name: (lambda name=name: events.append(("call", name))) for name in ("a", "b", "c")}
+    times = measure_module.alternate_times(fns, "cuda", 2, warmup=1)
+    assert events[:3] == [("call", "a"), ("call", "b"), ("call", "c")]  # the warm-up, untimed
+    timed = events[3:]
+    assert [e[1] for e in timed if e[0] == "call"] == ["a", "b", "c", "c", "b", "a"]  # alternating order
+    assert timed == [x for name in ["a", "b", "c", "c", "b", "a"]
+                     for x in (("sync", "cuda"), ("call", name), ("sync", "cuda"))]
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
+    # one owner: bench --compare and the notebooks' timer are this function
+    assert compare.alternate_times is measure_module.alternate_times
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "notebooks"))
+    try:
+        import _common
+    finally:
+        sys.path.pop(0)
+    events.clear()
+    _common.time_alternating({"a": fns["a"]}, rounds=1, warmup=0)
+    kind = torch.device(_common.DEVICE).type
+    assert events == [("sync", kind), ("call", "a"), ("sync", kind)]

@@ -397,22 +397,46 @@ def _context_flags(args, model) -> tuple:
     return scaling, args.max_seq_len or int(scaling["factor"] * window)
 
 
-def _check_train_memory(args, model, max_len: int) -> None:
-    """Refuse, before any allocation, a training step that the memory model says cannot fit on the device."""
-    from ..evaluation.evaluate import available_memory_bytes
-    from ..measuring.memory import estimate_memory
+def train_memory_problem(args, model_args, param_dtype, max_len: int, *, device_type: str, free_bytes: int,
+                         loaded_bytes: int, world_size: int = 1) -> Optional[str]:
+    """None when one training step of `minillama train`'s flags fits on one rank, else why not (one sentence).
 
-    lora = {"r": args.lora_r, "targets": "all" if args.lora_targets == "all" else
+    The memory model's peak per rank (measuring.plan.train_step_need: the micro-batch, LoRA, the 4-bit base,
+    AMP, the optimizer, checkpointing, accumulation, FSDP's sharding over `world_size` ranks), weights
+    included, against the free memory measured after loading plus what the model already holds
+    (measuring.plan.preflight_message)."""
+    from ..measuring.plan import preflight_message, train_step_need
+    from ..training.distributed import resolve_strategy
+
+    lora = {"r": args.lora_r, "dropout": args.lora_dropout, "targets": "all" if args.lora_targets == "all" else
             tuple(t for t in args.lora_targets.split(",") if t)} if args.lora_r else None
+    quant4 = {"quant_type": args.quant_type, "double_quant": args.double_quant,
+              "blocksize": args.quant_blocksize} if args.load_in_4bit else None
+    strategy = resolve_strategy(args.strategy, base_trains=not args.lora_r, quantized=args.load_in_4bit,
+                                amp=args.amp) if world_size > 1 else "single"
+    need = train_step_need(model_args, batch=args.batch_size, seq_len=max_len - 1, param_dtype=param_dtype,
+                           amp=args.amp, lora=lora, quant4=quant4, optimizer=args.optimizer,
+                           checkpointing=bool(args.checkpointing), grad_accum=args.grad_accum, device=device_type,
+                           strategy=strategy, gpus=world_size, kernels=getattr(args, "kernels", True)).peak_bytes
+    where = f"{device_type}" + (f" (one of {world_size} ranks, {strategy})" if world_size > 1 else "")
+    return preflight_message(need, free_bytes=free_bytes, loaded_bytes=loaded_bytes, where=where)
+
+
+def _check_train_memory(args, model, max_len: int) -> None:
+    """Refuse, before any activation is allocated, a training step that the memory model says cannot fit on
+    the device (train_memory_problem, with the free memory measured now, after the weights were loaded)."""
+    from ..evaluation.evaluate import available_memory_bytes
+    from ..measuring.measure import model_bytes
+    from ..training import distributed
+
     device = next(model.parameters()).device
-    need = estimate_memory(model.args, batch=args.batch_size, seq_len=max_len - 1, mode="train", lora=lora,
-                           param_dtype=next(model.parameters()).dtype, optimizer=args.optimizer,
-                           checkpointing=bool(args.checkpointing), device=device.type).peak_bytes
-    have = available_memory_bytes(device)
-    if need > 0.9 * have:
-        raise ValueError(f"--max-seq-len {model.args.max_seq_len} with --batch-size {args.batch_size}: one training "
-                         f"step needs about {need / 1024**3:.2f} GiB (predicted), more than the "
-                         f"{have / 1024**3:.2f} GiB available on {device}; use a smaller batch or a shorter context.")
+    dtype = model.tok_embeddings.weight.dtype  # never quantised: the dtype the weights were loaded in
+    problem = train_memory_problem(args, model.args, dtype, max_len, device_type=device.type,
+                                   free_bytes=available_memory_bytes(device), loaded_bytes=model_bytes(model),
+                                   world_size=distributed.world_size())
+    if problem:
+        raise ValueError(f"--max-seq-len {model.args.max_seq_len} with --batch-size {args.batch_size}: {problem}; "
+                         f"use a smaller batch (--grad-accum), --checkpointing, LoRA or 4 bits, or a shorter context.")
 
 
 def cmd_train(args) -> int:

@@ -27,8 +27,8 @@ import torch
 from ..config import dtype_name, parse_dtype
 from ..files import atomic_write_bytes, atomic_write_text
 from ..kernels import enable_kernels
-from .measure import CATEGORIES, Measurement, measure
-from .memory import estimate_memory
+from .measure import CATEGORIES, Measurement, measure, model_flops_per_token
+from .memory import effective_amp, estimate_memory
 
 MiB = 1024**2
 
@@ -45,7 +45,9 @@ DIMENSIONS: dict[str, Dimension] = {}
 
 
 def register_dimension(name: str, values, apply: Optional[Callable[[Any, dict], None]] = None) -> None:
-    """Make `name` usable in grids (values: the default sweep). Later techniques call this."""
+    """Make `name` usable in grids (values: the default sweep). Later techniques call this. apply(value, ctx)
+    edits ctx["model"] and sets the estimate's arguments in ctx["estimate"]; to be usable by predict_config (the
+    notebooks' choice of the rows that fit a card) it leaves the model alone when ctx["model"] is None."""
     DIMENSIONS[name] = Dimension(name, tuple(values), apply)
 
 
@@ -67,7 +69,8 @@ def _apply_quant(value, ctx):
     from ..quant import quantize_model
 
     quant_type, double_quant = QUANT_SETTINGS[value]
-    quantize_model(ctx["model"], quant_type=quant_type, double_quant=double_quant, blocksize=64)
+    if ctx["model"] is not None:  # None: predict_config, the estimate only
+        quantize_model(ctx["model"], quant_type=quant_type, double_quant=double_quant, blocksize=64)
     ctx["estimate"]["quant4"] = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": 64}
 
 
@@ -96,7 +99,8 @@ def _apply_lora(r, ctx):
         from ..lora import apply_lora
 
         targets = ctx.get("lora_targets", ("wq", "wv"))
-        apply_lora(ctx["model"], r=r, alpha=2 * r, targets=targets)
+        if ctx["model"] is not None:
+            apply_lora(ctx["model"], r=r, alpha=2 * r, targets=targets)
         ctx["estimate"]["lora"] = {"r": r, "targets": targets}
 
 
@@ -105,10 +109,12 @@ register_dimension("lora", (0, 8), _apply_lora)
 
 
 def _apply_amp(mode, ctx):
-    """amp=off|fp16|bf16: the forward under autocast (fp16 with a GradScaler), fp32 master weights."""
+    """amp=off|fp16|bf16: the forward under autocast (fp16 with a GradScaler) over the model's weights: fp32 master
+    weights, or 16-bit ones (`--dtype bf16`), which autocast leaves as they are (memory.effective_amp)."""
     ctx["amp"] = mode
-    if mode != "off":
-        ctx["estimate"]["amp"] = mode
+    amp = effective_amp(mode, ctx["param_dtype"])
+    if amp:
+        ctx["estimate"]["amp"] = amp
 
 
 def _apply_accum(k, ctx):
@@ -121,7 +127,8 @@ def _apply_accum(k, ctx):
 
 def _apply_checkpointing(every, ctx):
     """checkpointing=k: every k-th block recomputes its activations in the backward pass (0: off)."""
-    ctx["model"].set_checkpointing(every)
+    if ctx["model"] is not None:
+        ctx["model"].set_checkpointing(every)
     if every:
         if every != 1:
             raise ValueError("The memory estimate models checkpointing of every block only (checkpointing=1).")
@@ -197,6 +204,50 @@ def config_name(cfg: dict) -> str:
     return " ".join(f"{k}={cfg[k]}" for k in keys)
 
 
+def _apply_dimensions(cfg: dict, model: Optional[torch.nn.Module], param_dtype) -> dict:
+    """Apply every dimension of `cfg` to `model` (None: only to the estimate's arguments, ctx["estimate"]).
+    Returns the context: model, estimate, amp, accum, optimizer, kernels."""
+    ctx = {"model": model, "param_dtype": param_dtype, "estimate": {}, "config": cfg, "amp": "off", "accum": 1,
+           "optimizer": "adamw", "kernels": True}
+    for key in cfg:
+        if key not in DIMENSIONS:
+            raise ValueError(f"Config key {key!r} is not a registered grid dimension: {sorted(DIMENSIONS)}.")
+    for key, dim in DIMENSIONS.items():  # in registration order: quant before lora, whatever the config's order
+        if key in cfg and dim.apply is not None:
+            dim.apply(cfg[key], ctx)
+    return ctx
+
+
+def _estimate(args, cfg: dict, ctx: dict, param_dtype, device: str):
+    """estimate_memory with the arguments the config's dimensions set in ctx["estimate"] (micro-batch = batch/accum)."""
+    return estimate_memory(args, batch=cfg["batch"] // ctx["accum"], seq_len=cfg["seq_len"],
+                           mode=cfg.get("mode", "train"), device=device, param_dtype=param_dtype, **ctx["estimate"])
+
+
+def predict_config(args, cfg: dict, *, param_dtype, device: str = "cpu"):
+    """The memory model's estimate of one step of a config, without building its model: the course's dimensions
+    set the estimate's arguments with ctx["model"] None, as they do for a measured row (run_config)."""
+    return _estimate(args, cfg, _apply_dimensions(cfg, None, parse_dtype(param_dtype)), param_dtype, device)
+
+
+def configs_that_fit(configs: list[dict], args, *, gpu_mem: int, param_dtype, device: str = "cuda"
+                     ) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(the configs whose predicted peak fits a card of gpu_mem bytes, [(config, why not)] for the others), by
+    predict_config and the planner's rule (plan.usable_bytes: 1 GiB for the CUDA context, 10% headroom)."""
+    from .plan import usable_bytes
+
+    usable = usable_bytes(gpu_mem, device)
+    fit, skipped = [], []
+    for cfg in configs:
+        peak = predict_config(args, cfg, param_dtype=param_dtype, device=device).peak_bytes
+        if peak <= usable:
+            fit.append(cfg)
+        else:
+            skipped.append((cfg, f"predicted peak {peak / 1024**3:.2f} GiB > {usable / 1024**3:.2f} GiB usable of "
+                                 f"{gpu_mem / 1024**3:.2f} GiB"))
+    return fit, skipped
+
+
 def build_step(make_model: Callable[[], torch.nn.Module], cfg: dict, *, seed: int = 0) -> dict:
     """A fresh model with the config applied, and `step`: a function running one whole step of it (the
     trainer's own train_step in train mode, a no-grad forward in inference mode), ready to be measured or
@@ -205,14 +256,7 @@ def build_step(make_model: Callable[[], torch.nn.Module], cfg: dict, *, seed: in
 
     model = make_model()
     args = model.args
-    ctx = {"model": model, "estimate": {}, "config": cfg, "amp": "off", "accum": 1, "optimizer": "adamw",
-           "kernels": True}
-    for key in cfg:
-        if key not in DIMENSIONS:
-            raise ValueError(f"Config key {key!r} is not a registered grid dimension: {sorted(DIMENSIONS)}.")
-    for key, dim in DIMENSIONS.items():  # in registration order: quant before lora, whatever the config's order
-        if key in cfg and dim.apply is not None:
-            dim.apply(cfg[key], ctx)
+    ctx = _apply_dimensions(cfg, model, model.tok_embeddings.weight.dtype)  # never quantised: the weights' dtype
     model = ctx["model"]
     if ctx["kernels"]:
         enable_kernels(model)
@@ -259,11 +303,13 @@ def run_config(make_model: Callable[[], torch.nn.Module], cfg: dict, *, preset: 
     batch, seq_len, mode = cfg["batch"], cfg["seq_len"], cfg.get("mode", "train")
     dtype = next(model.parameters()).dtype
     meta = {"preset": preset, "mode": mode, "batch": batch, "seq_len": seq_len, **cfg}
+    kind = "inference" if mode != "train" else ("lora" if ctx["estimate"].get("lora") else "full")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx["amp"])
     m: Measurement = measure(built["step"], model=model, optimizer=built["optimizer"],
                              tokens_per_step=batch * seq_len, name=config_name(cfg), warmup=warmup,
-                             repeats=repeats, meta=meta)
-    est = estimate_memory(model.args, batch=batch // ctx["accum"], seq_len=seq_len, mode=mode,
-                          device=device.type, param_dtype=dtype_name(dtype), **ctx["estimate"])
+                             repeats=repeats, meta=meta, model_flops_per_token=model_flops_per_token(
+                                 model.args, seq_len, kind), compute_dtype=amp or model.tok_embeddings.weight.dtype)
+    est = _estimate(model.args, cfg, ctx, dtype_name(dtype), device.type)
     row = m.to_row()
     row["predicted_peak_memory_bytes"] = est.peak_bytes
     row["predicted_by_category"] = est.at_peak  # what the model says is live at the peak, like the measurement
@@ -388,15 +434,13 @@ def needs_log_scale(values) -> bool:
 
 
 def _figure(n_rows: int, n_panels: int = 1):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A matplotlib Figure without pyplot: no backend is switched, so a notebook's own plots keep working."""
+    from matplotlib.figure import Figure
 
     height = min(12.0, max(3.0, 0.3 * n_rows + 1.6))  # one bar per row, horizontal: labels stay on one line
-    fig, axes = plt.subplots(1, n_panels, figsize=(MAX_FIG_WIDTH_IN if n_panels > 1 else 8.5, height),
-                             sharey=True, squeeze=False)
-    return plt, fig, list(axes[0])
+    fig = Figure(figsize=(MAX_FIG_WIDTH_IN if n_panels > 1 else 8.5, height))
+    axes = fig.subplots(1, n_panels, sharey=True, squeeze=False)
+    return fig, list(axes[0])
 
 
 def _memory_panel(ax, rows, labels) -> None:
@@ -433,48 +477,43 @@ def _bar_panel(ax, rows, labels, key: str, scale: float, xlabel: str) -> None:
 def plot_memory(rows: list[dict], path) -> None:
     """Horizontal stacked bars of peak memory by category per configuration, the prediction as a marker."""
     rows = [r for r in rows if "memory_by_category" in r]
-    plt, fig, (ax,) = _figure(len(rows))
+    fig, (ax,) = _figure(len(rows))
     _memory_panel(ax, rows, short_labels(rows)[1])
     ax.set_title(_title(rows), fontsize=9)
     fig.tight_layout()
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 def plot_bars(rows: list[dict], key: str, scale: float, xlabel: str, path) -> None:
     """One horizontal bar per configuration of rows[i][key] * scale (runtime with its spread, FLOPs); a log
     axis when the values span 10x or more."""
     rows = [r for r in rows if key in r]
-    plt, fig, (ax,) = _figure(len(rows))
+    fig, (ax,) = _figure(len(rows))
     _bar_panel(ax, rows, short_labels(rows)[1], key, scale, xlabel)
     ax.set_title(_title(rows), fontsize=9)
     fig.tight_layout()
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 def plot_lab(rows: list[dict], path) -> None:
     """The lab grid in one figure: memory by category and step time side by side, one line per row."""
     rows = [r for r in rows if "memory_by_category" in r]
-    plt, fig, (ax_m, ax_t) = _figure(len(rows), 2)
+    fig, (ax_m, ax_t) = _figure(len(rows), 2)
     labels = short_labels(rows)[1]
     _memory_panel(ax_m, rows, labels)
     _bar_panel(ax_t, rows, labels, "step_time_s", 1000, "step time (ms; bar: median, line: range of repeats)")
     fig.suptitle(_title(rows), fontsize=10)
     fig.tight_layout()
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 def plot_scaling(panels: dict[str, list[dict]], path) -> None:
     """Measured peak memory (points, by category) against one grid dimension per panel, with the memory
     model's prediction as a line. panels: {dimension: rows that differ only in that dimension}."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no backend is switched (see _figure)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(min(MAX_FIG_WIDTH_IN, 5 * len(panels)), 4), squeeze=False)
+    fig = Figure(figsize=(min(MAX_FIG_WIDTH_IN, 5 * len(panels)), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (key, rows) in zip(axes[0], panels.items()):
         rows = sorted((r for r in rows if "memory_by_category" in r), key=lambda r: r[key])
         x = [r[key] for r in rows]
@@ -494,7 +533,6 @@ def plot_scaling(panels: dict[str, list[dict]], path) -> None:
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 # ---- what each technique does, derived from the measured rows -----------------------------------------

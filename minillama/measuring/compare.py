@@ -17,7 +17,7 @@ losses of their last step must agree within LOSS_TOLERANCE, or the comparison wo
 
 Each row carries, per implementation: tokens/s, peak memory (MemoryTracker: exact bytes by category; on CUDA
 also the allocator's peak, less the other implementation's resident bytes), FLOPs (counted) and MFU (model
-FLOPs by formula, measure.model_flops_per_token, over the device's bf16 peak), the loss; and the ratios
+FLOPs by formula over the device's peak for the compute dtype: measure.mfu), the loss; and the ratios
 `tokens_per_s_ratio` and `peak_memory_ratio` (minillama / HF). A row whose package is missing is skipped with
 a message; a row that runs out of memory is recorded with the memory model's prediction.
 """
@@ -30,7 +30,6 @@ import json
 import math
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -41,8 +40,8 @@ from ..config import dtype_name, get_preset, parse_dtype
 from ..files import atomic_write_text
 from ..kernels import enable_kernels
 from ..model import create_model
-from .measure import (_sync, count_flops, device_name, device_peak_flops, model_flops_per_token,
-                      track_memory)
+from .measure import (alternate_times, count_flops, device_name, device_peak_flops, mfu,
+                      model_flops_per_token, track_memory)
 from .memory import estimate_memory, kv_cache_bytes
 
 MiB = 1024**2
@@ -290,20 +289,6 @@ def measure_pair(steps: dict, device: torch.device, warmup: int, repeats: int) -
     return res
 
 
-def alternate_times(fns: dict[str, Callable], device: torch.device, repeats: int) -> dict[str, list[float]]:
-    """Seconds of `repeats` calls of every function, alternating their order (A B, B A, ...)."""
-    times = {k: [] for k in fns}
-    order = list(fns)
-    for i in range(repeats):
-        for k in order if i % 2 == 0 else order[::-1]:
-            _sync(device)
-            t0 = time.perf_counter()
-            fns[k]()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
 def _inference_steps(ours, hf, inputs, new_tokens: int) -> tuple[dict, dict, dict]:
     """(prefill fns, generate steps, generated tokens): the prompt through the KV cache (logits of the last
     position only), and greedy generation of new_tokens (minillama.generate vs HF generate)."""
@@ -336,8 +321,9 @@ def _inference_steps(ours, hf, inputs, new_tokens: int) -> tuple[dict, dict, dic
     return prefill, steps, out
 
 
-def _impl_fields(res: dict, tokens: int, model_flops: int, peak_flops: Optional[float]) -> dict:
-    """Flat per-implementation fields (prefixed minillama_ / hf_) from measure_pair's results."""
+def _impl_fields(res: dict, tokens: int, flops_per_token: int, peak_flops: Optional[float]) -> dict:
+    """Flat per-implementation fields (prefixed minillama_ / hf_) from measure_pair's results; MFU by
+    measure.mfu (model FLOPs per token by formula, the same for both implementations)."""
     row = {}
     for impl, r in res.items():
         row[f"{impl}_tokens_per_s"] = tokens / r["step_time_s"]
@@ -346,7 +332,7 @@ def _impl_fields(res: dict, tokens: int, model_flops: int, peak_flops: Optional[
         row[f"{impl}_memory_by_category"] = r["memory_by_category"]
         row[f"{impl}_cuda_peak_bytes"] = r["cuda_peak_bytes"]
         row[f"{impl}_flops_per_step"] = r["flops_per_step"]
-        row[f"{impl}_mfu"] = model_flops / r["step_time_s"] / peak_flops if peak_flops else None
+        row[f"{impl}_mfu"] = mfu(flops_per_token, tokens, r["step_time_s"], peak_flops)
     row["tokens_per_s_ratio"] = row["minillama_tokens_per_s"] / row["hf_tokens_per_s"]
     row["peak_memory_ratio"] = row["minillama_peak_memory_bytes"] / row["hf_peak_memory_bytes"]
     if row["hf_cuda_peak_bytes"]:
@@ -397,15 +383,16 @@ def run_row(row: Row, s: Settings) -> dict:
     inputs, targets = make_batch(args.vocab_size, batch, seq, s.seed, device)
     out = {"batch": batch, "seq_len": seq, "params": sum(p.numel() for p in ours.parameters()),
            "trainable_params": sum(p.numel() for p in ours.parameters() if p.requires_grad)}
-    peak_flops = device_peak_flops(device)
+    peak_flops = device_peak_flops(device, s.torch_dtype())  # the dtype both implementations compute in
     tolerance = QUANT_LOSS_TOLERANCE if row.quant else LOSS_TOLERANCE[dtype_name(s.torch_dtype())]
     if row.kind == "train":
         last: dict = {}
         steps = _train_steps(ours, hf, inputs, targets, s, last)
         res = measure_pair(steps, device, s.warmup, s.repeats)
         kind = "full" if row.targets is None else "lora"
-        model_flops = model_flops_per_token(args, seq, kind) * batch * seq
-        out.update(model_flops_per_step=model_flops, **_impl_fields(res, batch * seq, model_flops, peak_flops))
+        per_token = model_flops_per_token(args, seq, kind)
+        out.update(model_flops_per_step=per_token * batch * seq,
+                   **_impl_fields(res, batch * seq, per_token, peak_flops))
         _losses(out, float(last["minillama"]), float(last["hf"]), tolerance)
         out["optimizer_steps"] = s.warmup + 2 + s.repeats
     else:
@@ -424,11 +411,12 @@ def _inference_row(ours, hf, inputs, targets, s: Settings, peak_flops) -> dict:
     res = measure_pair(steps, device, s.warmup, s.repeats)
     pre = alternate_times(prefill, device, s.repeats)
     args = ours.args
-    decode_flops = model_flops_per_token(args, seq + s.new_tokens // 2, "inference") * bsz * (s.new_tokens - 1)
+    per_token = model_flops_per_token(args, seq + s.new_tokens // 2, "inference")
+    decode_flops = per_token * bsz * (s.new_tokens - 1)
     for impl in IMPLS:  # decode = generation minus its prefill
         res[impl]["prefill_s"] = statistics.median(pre[impl])
         res[impl]["step_time_s"] = max(res[impl]["step_time_s"] - res[impl]["prefill_s"], 1e-9)
-    out = _impl_fields(res, bsz * (s.new_tokens - 1), decode_flops, peak_flops)
+    out = _impl_fields(res, bsz * (s.new_tokens - 1), per_token, peak_flops)
     for impl in IMPLS:
         out[f"{impl}_prefill_tokens_per_s"] = bsz * seq / res[impl]["prefill_s"]
     out["prefill_tokens_per_s_ratio"] = out["minillama_prefill_tokens_per_s"] / out["hf_prefill_tokens_per_s"]

@@ -34,20 +34,28 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporary")
 
-# Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s, from the vendors' data sheets, keyed by a
-# regular expression matched against the device name (first match wins, so specific names come first).
-# MFU is taken against this number whatever the model's dtype (the PaLM / nanoGPT convention).
-PEAK_FLOPS: dict[str, float] = {
-    r"H100.*PCIe": 756e12,
-    r"H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
-    r"H200": 989e12,
-    r"A100": 312e12,  # SXM and PCIe alike
-    r"A10G": 125e12,
-    r"\bL4\b": 121e12,  # not L40 / L40S
-    r"RTX 4090": 165e12,  # with fp32 accumulation
-    r"V100": 125e12,  # fp16 (no bf16 on Volta)
-    r"\bT4\b": 65e12,  # fp16
+# Dense (no sparsity) peak FLOP/s by compute dtype, from NVIDIA's data sheets (the sparse figures they print first
+# are halved): "bf16"/"fp16" tensor cores, "tf32" tensor cores (fp32 matmuls when torch allows TF32), "fp32"
+# without tensor cores. Keyed by a regular expression matched against the device name, first match wins, so
+# specific names come first; None: the card has no such unit (T4 and V100 have no bf16, T4 no TF32).
+#   A100 (SXM and PCIe, 40 and 80 GB): A100 data sheet. H100 SXM / PCIe / NVL, H200 SXM / NVL: H100 and H200 data
+#   sheets. L4, T4, A10G, V100, RTX 4090: their data sheets (4090: fp16/bf16 with fp32 accumulation).
+PEAK_FLOPS: dict[str, dict[str, Optional[float]]] = {
+    r"H200.*NVL": dict(bf16=835.5e12, fp16=835.5e12, tf32=417.5e12, fp32=60e12),
+    r"H200": dict(bf16=989.5e12, fp16=989.5e12, tf32=494.5e12, fp32=67e12),  # SXM ("NVIDIA H200")
+    r"H100.*NVL": dict(bf16=835.5e12, fp16=835.5e12, tf32=417.5e12, fp32=60e12),
+    r"H100.*PCIe": dict(bf16=756e12, fp16=756e12, tf32=378e12, fp32=51e12),
+    r"H100": dict(bf16=989.5e12, fp16=989.5e12, tf32=494.5e12, fp32=67e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    r"A100": dict(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12),  # SXM and PCIe, 40 and 80 GB alike
+    r"A10G": dict(bf16=125e12, fp16=125e12, tf32=62.5e12, fp32=31.2e12),
+    r"\bL4\b": dict(bf16=121e12, fp16=121e12, tf32=60e12, fp32=30.3e12),  # not L40 / L40S
+    r"RTX 4090": dict(bf16=165.2e12, fp16=165.2e12, tf32=82.6e12, fp32=82.6e12),
+    r"V100": dict(bf16=None, fp16=125e12, tf32=None, fp32=15.7e12),
+    r"\bT4\b": dict(bf16=None, fp16=65e12, tf32=None, fp32=8.1e12),
 }
+# Streaming multiprocessors of the whole GPU, for MIG slices (a slice's peak is its share of the SMs)
+FULL_SMS = {r"H200": 132, r"H100.*PCIe": 114, r"H100": 132, r"A100": 108}
+MIG_SLICES = 7  # a MIG profile "<g>g.<mem>gb" has g of the GPU's 7 compute slices
 
 
 # ---- devices ------------------------------------------------------------------------------------
@@ -72,20 +80,56 @@ def device_name(device) -> str:
     return device.type
 
 
-def peak_flops_for_name(name: str) -> Optional[float]:
-    """Peak dense bf16/fp16 FLOP/s of a device by its name; None when the name is not in PEAK_FLOPS."""
-    for pattern, flops in PEAK_FLOPS.items():
+def _lookup(table: dict, name: str):
+    for pattern, value in table.items():
         if re.search(pattern, name, flags=re.IGNORECASE):
-            return flops
+            return value
     return None
 
 
-def device_peak_flops(device) -> Optional[float]:
-    """Peak dense bf16/fp16 FLOP/s of a CUDA device; None for a CPU or an unknown device (MFU unknown)."""
+def peak_flops_for_name(name: str, dtype: str = "bf16", sm_count: Optional[int] = None) -> Optional[float]:
+    """Dense peak FLOP/s of a device by its name, for compute in `dtype` ("bf16", "fp16", "tf32", "fp32");
+    None when the name is unknown or the card has no such unit. A MIG slice ("NVIDIA A100-SXM4-40GB MIG
+    3g.20gb") gets its share of the GPU: sm_count / the full GPU's SMs when the slice's SM count is given
+    (torch.cuda.get_device_properties(...).multi_processor_count), else g / 7 compute slices."""
+    if dtype not in ("bf16", "fp16", "tf32", "fp32"):
+        raise ValueError(f"peak_flops_for_name(dtype={dtype!r}): expected 'bf16', 'fp16', 'tf32' or 'fp32'.")
+    peaks = _lookup(PEAK_FLOPS, name)
+    peak = peaks.get(dtype) if peaks else None
+    mig = re.search(r"\bMIG\s+(\d+)g\.", name, flags=re.IGNORECASE)
+    if peak is None or not mig:
+        return peak
+    full = _lookup(FULL_SMS, name)
+    if sm_count and full:
+        return peak * min(sm_count, full) / full
+    return peak * int(mig.group(1)) / MIG_SLICES
+
+
+def compute_dtype_name(dtype: torch.dtype) -> str:
+    """Which peak a matmul in `dtype` runs against: bf16, fp16, or for fp32 "tf32" when torch lets fp32
+    matmuls use TF32 tensor cores (torch.set_float32_matmul_precision "high"/"medium"), else "fp32"."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return "bf16" if dtype == torch.bfloat16 else "fp16"
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def device_peak_flops(device, dtype: torch.dtype = torch.bfloat16) -> Optional[float]:
+    """Dense peak FLOP/s of a CUDA device for compute in `dtype` (compute_dtype_name); None for a CPU or an
+    unknown device (MFU unknown). MIG slices are scaled by their SMs."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    return peak_flops_for_name(torch.cuda.get_device_name(device))
+    props = torch.cuda.get_device_properties(device)
+    return peak_flops_for_name(props.name, compute_dtype_name(dtype), props.multi_processor_count)
+
+
+def mfu(model_flops_per_token: float, tokens: int, seconds: float, peak_flops: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilisation, the one definition every table uses: model FLOPs per token (by formula,
+    model_flops_per_token: checkpointing's recomputation is NOT model FLOPs) x tokens / seconds / the dense peak
+    of the device for the compute dtype (device_peak_flops). None when the peak is unknown (a CPU)."""
+    if not peak_flops or seconds <= 0:
+        return None
+    return model_flops_per_token * tokens / seconds / peak_flops
 
 
 # ---- memory -------------------------------------------------------------------------------------
@@ -137,6 +181,15 @@ def _optimizer_tensors(optimizer: Optional[torch.optim.Optimizer]) -> Iterable[t
         yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model already holds: its parameters, buffers and the 4-bit constants attached to them, each
+    storage once (what MemoryTracker counts as "parameters" on entering)."""
+    seen = {}
+    for storage in _storages(_model_tensors(model)):
+        seen[(str(storage.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -166,8 +219,9 @@ class MemoryTracker(TorchDispatchMode):
     which `measure` reports next to the tracker's peak). Nor does it count storages that existed before
     entering and are not model or optimizer state (an input batch made earlier, say), memory made
     outside the dispatcher (`torch.from_numpy`, bitsandbytes' paged optimizer buffers, a direct
-    `UntypedStorage.resize_`), or storages on another device than the model's (AdamW keeps its `step`
-    counters on the CPU when the model is on CUDA). Tensors saved under someone else's saved-tensor
+    `UntypedStorage.resize_`), or storages on another device than the model's (a non-fused AdamW keeps
+    its `step` counters on the CPU when the model is on CUDA; the trainer's fused AdamW keeps them on the
+    parameters' device, where they are counted). Tensors saved under someone else's saved-tensor
     hooks (activation checkpointing, CPU offload) are not marked "activations": recomputed ones show
     as "temporary".
 
@@ -353,7 +407,7 @@ class Measurement:
     step_time_s: float  # median over the timed repeats
     tokens_per_s: float
     flops_per_step: int
-    mfu: Optional[float]  # flops_per_step / step_time_s / device peak; None when the peak is unknown
+    mfu: Optional[float]  # mfu(): model FLOPs (formula) / step_time_s / dtype-matched device peak; None if unknown
     cuda_max_allocated_bytes: Optional[int]  # torch.cuda.max_memory_allocated during the tracked step
     cuda_max_reserved_bytes: Optional[int]
     meta: dict = field(default_factory=dict)
@@ -393,6 +447,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def alternate_times(fns: dict[str, Callable], device, repeats: int, warmup: int = 0) -> dict[str, list[float]]:
+    """Seconds of `repeats` calls of every function, alternating their order (A B C, C B A, ...) so that a change
+    in the machine's load hits every function alike, after `warmup` untimed calls of each. CUDA is synchronised
+    before and after every timed call (no-op on the CPU): a GPU only queues kernels, and without the first
+    sync a timing would absorb the previous call's unfinished work (an optimizer step's kernels, say).
+    Returns {name: [seconds per repeat]}. The one alternating timer: bench --compare and the notebooks use it."""
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    order = list(fns)
+    for i in range(repeats):
+        for k in order if i % 2 == 0 else order[::-1]:
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[k]()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def track_memory(step_fn: Callable[[], object], model: torch.nn.Module,
                  optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[MemoryTracker, Optional[int], Optional[int]]:
     """One call of step_fn() under a MemoryTracker; on CUDA also torch.cuda.max_memory_allocated and
@@ -412,7 +488,9 @@ def track_memory(step_fn: Callable[[], object], model: torch.nn.Module,
 
 def measure(step_fn: Callable[[], object], *, model: torch.nn.Module,
             optimizer: Optional[torch.optim.Optimizer] = None, tokens_per_step: int, name: str = "",
-            warmup: int = 1, repeats: int = 3, meta: Optional[dict] = None) -> Measurement:
+            warmup: int = 1, repeats: int = 3, meta: Optional[dict] = None,
+            model_flops_per_token: Optional[float] = None, compute_dtype: Optional[torch.dtype] = None
+            ) -> Measurement:
     """Measure one step of training (or inference) of `model`.
 
     step_fn() runs one whole step, e.g. forward + backward + optimizer.step() + zero_grad(set_to_none=True),
@@ -423,6 +501,9 @@ def measure(step_fn: Callable[[], object], *, model: torch.nn.Module,
 
     meta gets device, device_name, torch (version), dtype (of the model's first parameter), params,
     trainable_params, warmup, repeats (and threads on CPU); keys in the caller's `meta` take precedence.
+    mfu: given the model FLOPs per token (model_flops_per_token(args, seq_len, kind), no recomputation) and the
+    dtype the matmuls run in (default: the first parameter's; the autocast dtype under AMP), mfu(); else None.
+    flops_per_step stays what count_flops counted, recomputation included.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"measure(): repeats={repeats} must be >= 1 and warmup={warmup} >= 0.")
@@ -445,8 +526,9 @@ def measure(step_fn: Callable[[], object], *, model: torch.nn.Module,
         times.append(time.perf_counter() - t0)
     step_time = statistics.median(times)
 
-    peak_flops = device_peak_flops(device)
     first = next(model.parameters(), None)
+    dtype = compute_dtype or (first.dtype if first is not None else torch.float32)
+    peak_flops = device_peak_flops(device, dtype)
     info = {
         "device": str(device),
         "device_name": device_name(device),
@@ -457,6 +539,7 @@ def measure(step_fn: Callable[[], object], *, model: torch.nn.Module,
         "warmup": warmup,
         "repeats": repeats,
         "step_times_s": times,  # every timed repeat, in order: the spread says what a time difference is worth
+        "peak_flops": peak_flops,  # the dense peak MFU is taken against (dtype-matched), None where unknown
     }
     if device.type == "cpu":
         info["threads"] = torch.get_num_threads()
@@ -468,7 +551,7 @@ def measure(step_fn: Callable[[], object], *, model: torch.nn.Module,
         step_time_s=step_time,
         tokens_per_s=tokens_per_step / step_time,
         flops_per_step=flops,
-        mfu=flops / step_time / peak_flops if peak_flops else None,
+        mfu=mfu(model_flops_per_token, tokens_per_step, step_time, peak_flops) if model_flops_per_token else None,
         cuda_max_allocated_bytes=max_allocated,
         cuda_max_reserved_bytes=max_reserved,
         meta=info,

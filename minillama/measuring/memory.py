@@ -18,10 +18,11 @@ param dtype).
 Categories (`minillama.measuring.measure.CATEGORIES`, the same as MemoryTracker's):
   parameters       the model's weights (4-bit packed weights and their constants included), LoRA weights
   gradients        .grad of every trainable parameter (dtype of the parameter)
-  optimizer_state  AdamW moments (+ the per-tensor `step` counters on CPU), 8-bit states and absmax
+  optimizer_state  AdamW moments (+ the per-tensor `step` counters, on the parameters' device with the
+                   trainer's fused AdamW), 8-bit states and absmax
   activations      tensors autograd saves for backward, alive at the end of the forward pass
   temporary        the transient alive at the peak moment besides the above (logits gradients,
-                   AdamW's sqrt/div temporaries, a layer's intermediates in inference)
+                   non-fused AdamW's sqrt/div temporaries, a layer's intermediates in inference)
 
 Moments. Memory is not the sum of the categories: the peak is the largest of a few moments of the step,
 each with its own live set (`MemoryEstimate.moments`):
@@ -60,7 +61,7 @@ from typing import Optional
 
 from ..config import DTYPES, ModelArgs, get_preset, parse_dtype
 from ..lora import ADAPTER_DTYPE, TARGETS, lora_parameter_count, normalise_targets
-from ..training.train import AMP_MODES, OPTIMIZERS
+from ..training.train import AMP_MODES, OPTIMIZERS, adamw_is_fused
 from .measure import CATEGORIES
 
 MODES = ("train", "inference", "eval")  # eval: a no-grad forward that also computes the loss
@@ -86,6 +87,17 @@ def format_bytes(n) -> str:
             return f"{sign}{a / div:.2f} {unit}"
     raise AssertionError("unreachable")
 
+
+
+def effective_amp(amp, param_dtype) -> Optional[str]:
+    """The autocast that estimate_memory models for a run with `amp` ("off", None, "bf16", "fp16") over weights of
+    `param_dtype`: the amp mode over fp32 master weights or weights of the other 16-bit dtype (autocast then
+    runs the linears on 16-bit copies of the weights); None over weights already in the amp dtype, where
+    autocast changes nothing. bench and the train pre-flight use it."""
+    if amp in (None, "off"):
+        return None
+    torch_dtype = parse_dtype(param_dtype)
+    return None if torch_dtype == parse_dtype(amp) else amp
 
 
 def _dtype_bytes(dtype, what: str) -> int:
@@ -233,12 +245,12 @@ class _Settings:
     """The resolved options of one estimate, so that the per-op rules read like the model code."""
 
     def __init__(self, args: ModelArgs, *, batch, seq_len, mode, param_dtype, amp, lora, quant4, optimizer,
-                 checkpointing, grad_accum, optimizer_state_dtype, device, foreach, grads_in_forward, kernels=True):
+                 checkpointing, grad_accum, optimizer_state_dtype, device, foreach, fused, grads_in_forward, kernels=True):
         self.args, self.B, self.T, self.N = args, batch, seq_len, batch * seq_len
         self.mode, self.train = mode, mode == "train"
         self.pb = _dtype_bytes(param_dtype, "param_dtype")  # bytes of a parameter
         self.amp = amp is not None
-        self.r = 4 if self.amp else self.pb  # residual stream
+        self.r = self.pb  # residual stream: the weights' dtype (fp32 master weights under amp)
         self.c = 2 if self.amp else self.pb  # linear / attention outputs
         self.lora = lora
         self.targets = set(lora["targets"]) if lora else set()
@@ -254,6 +266,8 @@ class _Settings:
         self.optimizer, self.optimizer_state_dtype = optimizer, optimizer_state_dtype
         self.on_cuda = str(device).startswith("cuda")
         self.foreach = foreach if foreach is not None else self.on_cuda  # torch's default: foreach on CUDA
+        # AdamW: the trainer's fused kernel (training.train.adamw_is_fused) unless `fused` says otherwise
+        self.fused = fused if fused is not None else adamw_is_fused("cuda" if self.on_cuda else "cpu")
         self.checkpointing, self.grad_accum, self.grads_in_forward = checkpointing, grad_accum, grads_in_forward
         self.kernels = kernels  # minillama.kernels' hand-written backward passes, or plain autograd
         self.cos_sin = 2 * seq_len * (args.head_dim // 2) * 4  # rope_cos_sin: fp32 [T, head_dim/2] each
@@ -320,18 +334,22 @@ def optimizer_bytes(s: _Settings, notes: _Notes) -> tuple[int, int]:
 
 def _adamw_bytes(s: _Settings, groups: list[list[int]], notes: _Notes) -> tuple[int, int]:
     """torch.optim.AdamW. state = 2 * trainable * sb (exp_avg, exp_avg_sq; sb = optimizer_state_dtype, default
-    the gradients' dtype) + 4 bytes of `step` per tensor on CPU (on CUDA the counters stay on the host).
-    Temporary: foreach = largest group's numel * sb (torch._foreach_sqrt of the group); single-tensor =
-    max_i(2*numel_i + numel_(i-1)) * sb."""
+    the gradients' dtype) + 4 bytes of `step` per tensor where the counters live on the parameters' device:
+    always with fused=True (the trainer's), on CPU otherwise (non-fused AdamW on CUDA keeps them on the host).
+    Temporary: fused = 0 (one kernel per group updates the tensors in place); foreach = largest group's
+    numel * sb (torch._foreach_sqrt of the group); single-tensor = max_i(2*numel_i + numel_(i-1)) * sb."""
     n, osd = s.counts["trainable"], s.optimizer_state_dtype
     sb = _dtype_bytes(osd, "optimizer_state_dtype") if osd else s.gb
     opt = 2 * n * sb
     notes.add("optimizer_state: AdamW exp_avg, exp_avg_sq", opt, f"2 * {n:,} * {sb}")
-    if not s.on_cuda:
+    if s.fused or not s.on_cuda:
         n_tensors = sum(len(g) for g in groups)
         opt += 4 * n_tensors
         notes.add("optimizer_state: AdamW step counters", 4 * n_tensors, f"{n_tensors} tensors * 4 (fp32 scalars)")
-    if s.foreach:  # _multi_tensor_adam: exp_avg_sq_sqrt = torch._foreach_sqrt(all of the group)
+    if s.fused:  # torch._fused_adamw_: reads and writes every tensor in place, no temporary
+        temp = 0
+        notes.add("temporary: AdamW fused", 0, "0 (the fused kernel updates the tensors in place)")
+    elif s.foreach:  # _multi_tensor_adam: exp_avg_sq_sqrt = torch._foreach_sqrt(all of the group)
         temp = max(sum(g) for g in groups) * sb
         notes.add("temporary: AdamW foreach sqrt(exp_avg_sq)", temp, "largest param group's numel * "
                   f"{sb} (torch._foreach_sqrt of the whole group)")
@@ -825,9 +843,9 @@ def _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accu
     _dtype_bytes(param_dtype, "param_dtype")
     if amp is not None and amp not in AMP_MODES:
         raise ValueError(f"estimate_memory: amp={amp!r} is unknown: expected None or one of {AMP_MODES}.")
-    if amp not in (None, "off") and _dtype_bytes(param_dtype, "param_dtype") != 4:
-        raise ValueError(f"estimate_memory: amp={amp!r} needs param_dtype='fp32' (autocast keeps fp32 master "
-                         f"weights), got {param_dtype!r}.")
+    if amp not in (None, "off") and effective_amp(amp, param_dtype) is None:
+        raise ValueError(f"estimate_memory: amp={amp!r} needs param_dtype='fp32' (fp32 master weights) or the "
+                         f"other 16-bit dtype (autocast to the weights' own dtype changes nothing), got {param_dtype!r}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"estimate_memory: optimizer={optimizer!r} is unknown: expected one of {OPTIMIZERS}.")
     if not isinstance(checkpointing, bool):
@@ -859,7 +877,7 @@ def _check_quant4(quant4, mode: str, lora) -> Optional[dict]:
 
 def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "train", param_dtype="fp32",
                     amp=None, lora=None, quant4=None, optimizer="adamw", checkpointing=False, grad_accum=1,
-                    optimizer_state_dtype=None, device="cpu", foreach=None, grads_in_forward=False,
+                    optimizer_state_dtype=None, device="cpu", foreach=None, fused=None, grads_in_forward=False,
                     kernels=True) -> MemoryEstimate:
     """Predicted bytes of one step of `minillama.Transformer(args)` on `batch` x `seq_len` tokens.
 
@@ -881,8 +899,11 @@ def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "t
     grads_in_forward: the previous step's gradients still live during the forward (train.py's loop
       calls zero_grad(set_to_none=True) between forward and backward; bench.py after the step).
       Gradient clipping (train.py) adds only one scalar per tensor (torch._foreach_norm) and is not counted.
-    device: "cpu" or "cuda" (AdamW is single-tensor on CPU, foreach on CUDA unless `foreach` says;
-      AdamW's `step` counters live on the CPU when the model is on CUDA).
+    device: "cpu" or "cuda".
+    fused: AdamW's implementation; None = the trainer's (training.train.make_optimizer: fused on CPU and
+      CUDA, no temporary, `step` counters on the parameters' device). fused=False: torch's default loop,
+      foreach (default on CUDA) or single-tensor (default on CPU) as `foreach` says, with its temporaries;
+      its `step` counters stay on the CPU when the model is on CUDA. `foreach` also picks SGD's form.
     kernels: True (train's default): minillama.kernels' hand-written backward passes (kernels.enable_kernels);
       False: the plain autograd model of model.py (the RMSNorms, SwiGLU and the loss keep more for backward).
     """
@@ -890,12 +911,14 @@ def estimate_memory(args: ModelArgs, *, batch: int, seq_len: int, mode: str = "t
         raise ValueError(f"estimate_memory: kernels={kernels!r}: expected True or False.")
     _validate(args, batch, seq_len, mode, param_dtype, amp, optimizer, grad_accum, checkpointing,
               optimizer_state_dtype, device)
+    if fused not in (None, True, False):
+        raise ValueError(f"estimate_memory: fused={fused!r} is invalid: expected None, True or False.")
     lora = _check_lora(lora)
     quant4 = _check_quant4(quant4, mode, lora)
     s = _Settings(args, batch=batch, seq_len=seq_len, mode=mode, param_dtype=param_dtype,
                   amp=None if amp == "off" else amp, lora=lora, quant4=quant4, optimizer=optimizer,
                   checkpointing=checkpointing, grad_accum=grad_accum, optimizer_state_dtype=optimizer_state_dtype,
-                  device=device, foreach=foreach, grads_in_forward=grads_in_forward, kernels=kernels)
+                  device=device, foreach=foreach, fused=fused, grads_in_forward=grads_in_forward, kernels=kernels)
     notes = _Notes([f"N = batch*seq_len = {batch}*{seq_len} = {s.N} tokens; r = {s.r} bytes (residual stream), "
                     f"c = {s.c} bytes (linear/attention outputs); sizes in MiB = 1024**2 bytes."])
     params = parameter_bytes(s, notes)
@@ -943,7 +966,7 @@ def llama3_8b_budget() -> list[dict]:
     report's number, in its "GB", which are GiB); report_rule_bytes (the report's number rebuilt by the
     rule it must have used, None where no rule was found); note (the rule, and why ours differs).
     The QLoRA rows are r=64 LoRA on all 7 linears of every block, bf16 adapters and gradients, NF4 with
-    double quantisation (blocksize 64), paged 8-bit AdamW, on CUDA (AdamW's step counters on the CPU)."""
+    double quantisation (blocksize 64), paged 8-bit AdamW, on CUDA."""
     args = get_preset("llama3-8b")
     L, d, V = args.n_layers, args.dim, args.vocab_size
     n = parameter_count(args)["total"]

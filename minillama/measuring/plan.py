@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ModelArgs
-from .memory import GiB, MiB, estimate_memory, format_bytes
+from .memory import GiB, MiB, effective_amp, estimate_memory, format_bytes
 
 METHODS = ("full", "lora", "qlora")
 QLORA_QUANT = {"quant_type": "nf4", "double_quant": True, "blocksize": 64}  # the QLoRA paper's setting
@@ -132,6 +132,15 @@ def check_plan_inputs(gpu_mem, seq_len, batch, gpus, lora_r, methods) -> None:
         raise ValueError(f"plan: unknown method(s) {bad}: expected some of {METHODS}.")
 
 
+def usable_bytes(gpu_mem: int, device: str = "cuda", reserve: Optional[int] = None,
+                 headroom: Optional[float] = None) -> float:
+    """What of a device's gpu_mem bytes a step's predicted peak may use: (gpu_mem - reserve) * (1 - headroom);
+    on CUDA by default 1 GiB for the context and kernels' workspaces and 10% for fragmentation, nothing on CPU."""
+    reserve = (1 * GiB if device == "cuda" else 0) if reserve is None else reserve
+    headroom = (0.10 if device == "cuda" else 0.0) if headroom is None else headroom
+    return (gpu_mem - reserve) * (1 - headroom)
+
+
 def plan(args: ModelArgs, *, gpu_mem: int, seq_len: int = 2048, batch: int = 4, gpus: int = 1, lora_r: int = 16,
          methods=METHODS, device: str = "cuda", reserve: Optional[int] = None, headroom: Optional[float] = None
          ) -> list[PlanRow]:
@@ -140,9 +149,7 @@ def plan(args: ModelArgs, *, gpu_mem: int, seq_len: int = 2048, batch: int = 4, 
     if seq_len > args.max_seq_len:
         raise ValueError(f"plan: seq_len={seq_len} is longer than the model's max_seq_len={args.max_seq_len}: "
                          f"extend the context first (RoPE scaling, notebook 07).")
-    reserve = (1 * GiB if device == "cuda" else 0) if reserve is None else reserve
-    headroom = (0.10 if device == "cuda" else 0.0) if headroom is None else headroom
-    usable = (gpu_mem - reserve) * (1 - headroom)
+    usable = usable_bytes(gpu_mem, device, reserve, headroom)
     rows = []
     for method in methods:
         for c in _candidates(method, batch, gpus, lora_r, device):
@@ -206,3 +213,41 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise ValueError(f"--gpu-mem {text!r} is invalid: expected a size like 24GiB, 80GB or 512MiB.")
     return int(value * units[unit])
+
+
+# ---- the pre-flight check of `minillama train` ------------------------------------------------------
+PREFLIGHT_HEADROOM = 0.10  # allocator fragmentation, as the planner's default headroom
+
+
+def train_step_need(args: ModelArgs, *, batch: int, seq_len: int, param_dtype, amp: str = "off", lora=None,
+                    quant4=None, optimizer: str = "adamw", checkpointing: bool = False, grad_accum: int = 1,
+                    device: str = "cuda", strategy: str = "single", gpus: int = 1, kernels: bool = True):
+    """The memory model's peak of one training step on one rank, as `minillama train` runs it: batch is the
+    micro-batch; AMP as memory.effective_amp says (autocast over fp32 master weights; 16-bit weights already
+    compute in 16 bits); FSDP shards full fine-tuning's static bytes over `gpus`
+    (_fsdp_peak). Returns the MemoryEstimate with its peak_bytes replaced by the per-rank peak."""
+    from dataclasses import replace
+
+    est = estimate_memory(args, batch=batch, seq_len=seq_len, mode="train", param_dtype=param_dtype,
+                          amp=effective_amp(amp, param_dtype), lora=lora, quant4=quant4,
+                          optimizer=optimizer, checkpointing=checkpointing, grad_accum=grad_accum, device=device,
+                          kernels=kernels)
+    if strategy == "fsdp" and gpus > 1:
+        est = replace(est, peak_bytes=_fsdp_peak(args, est, gpus))
+    return est
+
+
+def preflight_message(need: int, *, free_bytes: int, loaded_bytes: int, where: str,
+                      headroom: float = PREFLIGHT_HEADROOM) -> Optional[str]:
+    """None when a step whose whole predicted peak is `need` bytes fits, else the sentence that refuses it.
+
+    The check runs after the weights are loaded: `free_bytes` (the device's free memory then) no longer
+    contains them, so the peak, weights included, is compared with free + loaded (`loaded_bytes`: what the
+    model already holds on the device), less `headroom` for fragmentation. Counting the weights in the peak
+    and against the free memory both would refuse 7B full fine-tuning on an 80 GiB card."""
+    budget = (free_bytes + loaded_bytes) * (1 - headroom)
+    if need <= budget:
+        return None
+    return (f"one training step needs about {format_bytes(need)} (predicted, weights included), more than the "
+            f"{format_bytes(int(budget))} usable on {where} ({format_bytes(free_bytes)} free + "
+            f"{format_bytes(loaded_bytes)} already loaded, less {headroom:.0%} for fragmentation)")

@@ -236,6 +236,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def adamw_is_fused(device_type: str) -> bool:
+    """Whether make_optimizer's AdamW runs torch's fused kernel on parameters of this device type ("cpu",
+    "cuda"): it has no temporary besides the states, and keeps each tensor's `step` counter on the parameters'
+    device (the memory model, measuring.memory, reads it here)."""
+    return device_type in ("cpu", "cuda")
+
+
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
     """cfg.optimizer over the trainable parameters, weight decay on matrices only (as nanoGPT/llama2.c)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -249,7 +256,7 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimize
         # The fused kernel updates each tensor in one pass: the default loop makes a dozen element-wise ops
         # (and temporaries) per parameter. 4x faster for the tiny model's 4M parameters on a CPU (about 4 ms against
         # 15-19; `python benchmarks/profile_step.py --full`), a few launches instead of hundreds on CUDA.
-        fused = True if all(p.device.type in ("cpu", "cuda") for p in params) else None
+        fused = True if all(adamw_is_fused(p.device.type) for p in params) else None
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr)
@@ -698,10 +705,31 @@ def _start_log(log_path: Path, resume: bool, start: int) -> list[dict]:
     return kept
 
 
-def _memory_mib(device: torch.device) -> float:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a step's peak: CUDA's max_memory_allocated, or (Linux) the process's peak resident set, VmHWM,
+    which writing 5 to /proc/self/clear_refs resets. Elsewhere the CPU figure stays the process maximum."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def memory_mib(device: torch.device) -> float:
+    """The peak since reset_peak_memory, MiB: CUDA allocated, or the peak resident set (VmHWM) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak resident set (Linux: KiB)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak (Linux: KiB)
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -713,8 +741,8 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
     train_data: packed rows (inputs, targets) or an SFTDataset; val_data: {name: the same kinds}.
     Writes out_dir/log.jsonl (per optimizer step: step, loss, lr, tokens (positions processed so far,
     padding included), target_tokens (positions with a label so far), tokens_per_s and
-    target_tokens_per_s (the same two counts per second of this step), grad_norm, skipped, mem_mib (peak:
-    CUDA allocated, or the process's resident set on CPU), and every eval_every steps the held-out loss
+    target_tokens_per_s (the same two counts per second of this step), grad_norm, skipped, mem_mib (this
+    step's peak: CUDA allocated, or the process's resident set on CPU), and every eval_every steps the held-out loss
     per target token: val_loss for the set named "val", val_loss_<name> for another) and
     out_dir/checkpoint/ every save_every steps and at the end. resume=True continues from out_dir/checkpoint: same batches, same schedule,
     same RNG, so the log continues as the uninterrupted run's would (on CPU, exactly).
@@ -822,6 +850,7 @@ def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConf
                        unit="step")
     tokens_seen, targets_seen = (kept[-1].get(k, 0) for k in ("tokens", "target_tokens")) if kept else (0, 0)
     for step in bar:
+        reset_peak_memory(device)  # mem_mib is this step's peak
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -847,7 +876,7 @@ def _train_locked(model: Transformer, train_data, val_data: dict, cfg: TrainConf
         rec = {"step": step + 1, "loss": round(out["loss"], 6), "lr": lr, "tokens": tokens_seen,
                "target_tokens": targets_seen, "tokens_per_s": round(processed / dt, 1),
                "target_tokens_per_s": round(out["tokens"] / dt, 1), "grad_norm": _finite_or_none(out["grad_norm"]),
-               "skipped": out["skipped"], "mem_mib": round(_memory_mib(device), 1)}
+               "skipped": out["skipped"], "mem_mib": round(memory_mib(device), 1)}
         if scaler.is_enabled():
             rec["scale"] = scaler.get_scale()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
