@@ -209,3 +209,40 @@ def time_alternating(steps: dict, rounds: int = 5, warmup: int = 1) -> dict:
 def train_step_fn(cfg: dict):
     """One training step of a fresh model under a bench config dict (train mode at BATCH x SEQ), to time."""
     return bench.build_step(make_model, {"mode": "train", "batch": BATCH, "seq_len": SEQ, **cfg})["step"]
+
+
+def time_settings(settings: dict, rounds: int = 3, gpu_mem=None) -> dict:
+    """Seconds per training step of each setting ({name: bench config dict}, train mode at BATCH x SEQ):
+    alternated (time_alternating) when all their models fit on the device at once, as on the CPU; on a GPU where
+    they do not (Llama-2-7B: one full fine-tune fills an 80 GiB card), each built, timed and freed in turn. A
+    setting that does not fit the card alone is skipped with its reason (rows_that_fit)."""
+    import gc
+
+    configs = {k: {"mode": "train", "batch": BATCH, "seq_len": SEQ, **c} for k, c in settings.items()}
+    fit, skipped = rows_that_fit(list(configs.values()), gpu_mem)
+    for cfg, why in skipped:
+        print(f"skipped {bench.config_name(cfg)}: {why}")
+    kept = {k: c for k, c in configs.items() if any(c is f for f in fit)}
+    on_cpu = gpu_mem is None and not DEVICE.startswith("cuda")
+    if on_cpu or _fit_together(list(kept.values()), gpu_mem):
+        return time_alternating({k: train_step_fn(c) for k, c in kept.items()}, rounds=rounds)
+    print("the models do not fit on the card together: each setting timed alone, one after the other")
+    times = {}
+    for k, c in kept.items():
+        times[k] = time_alternating({k: train_step_fn(c)}, rounds=rounds)[k]
+        gc.collect()  # the step's model and optimizer go before the next setting is built
+        if DEVICE.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return times
+
+
+def _fit_together(configs, gpu_mem=None) -> bool:
+    """Whether the memory model's peaks of these configs, added up, fit the card (the planner's usable bytes)."""
+    from minillama.checkpoints.weights import read_model_args
+    from minillama.measuring.plan import usable_bytes
+
+    if gpu_mem is None:
+        gpu_mem = torch.cuda.mem_get_info(torch.device(DEVICE))[1]
+    args = read_model_args(MODEL_PATH)
+    need = sum(bench.predict_config(args, c, param_dtype=DTYPE, device="cuda").peak_bytes for c in configs)
+    return need <= usable_bytes(gpu_mem, "cuda")

@@ -2,7 +2,9 @@
 by the memory model for the card it finds (given here as a figure); `bench --grid techniques --dtype bf16` past
 its first AMP row."""
 
+import gc
 import importlib.util
+import weakref
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,38 @@ def test_measure_rows_skips_what_does_not_fit_and_says_why(monkeypatch, capsys):
     rows = common.measure_rows(cfgs, repeats=1, gpu_mem=card)
     assert [r["lora"] for r in rows] == [8] and rows[0]["dtype"] == "bfloat16"
     assert f"skipped mode=train batch=2 seq_len=32 lora=0: predicted peak {full / GiB:.2f} GiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("card", ["both", "one", "none"])
+def test_time_settings_never_builds_more_models_than_the_card_holds(monkeypatch, capsys, card):
+    # notebook 03-05's timings on a made-up card: both models fit together (alternated), only one at a time (each
+    # built, timed and freed in turn: Llama-2-7B's full fine-tunes on an 80 GiB card), or neither (skipped)
+    common = load_common(monkeypatch, MINILLAMA_DEVICE="cpu", MINILLAMA_DTYPE="bf16", MINILLAMA_BATCH="2",
+                         MINILLAMA_SEQ="32")
+    args = minillama.get_preset("tiny")
+    peak = bench.predict_config(args, {"mode": "train", "batch": 2, "seq_len": 32, "checkpointing": 0},
+                                param_dtype="bf16", device="cuda").peak_bytes
+    share = {"both": 2.5, "one": 1.5, "none": 0.5}[card]
+    alive, built = [], []
+    real = common.train_step_fn
+
+    def counting(cfg):  # how many steps (each with its own model) are alive when another one is built
+        gc.collect()
+        built.append(sum(r() is not None for r in alive))
+        step = real(cfg)
+        alive.append(weakref.ref(step))
+        return step
+
+    monkeypatch.setattr(common, "train_step_fn", counting)
+    times = common.time_settings({f"c{c}": {"checkpointing": c} for c in (0, 1)}, rounds=1,
+                                 gpu_mem=int(GiB + share * peak / 0.9))
+    out = capsys.readouterr().out
+    if card == "none":
+        assert times == {} and out.count("skipped") == 2
+        return
+    assert set(times) == {"c0", "c1"} and all(len(v) == 1 and v[0] > 0 for v in times.values())
+    assert built == ([0, 1] if card == "both" else [0, 0])
+    assert ("each setting timed alone" in out) == (card == "one")
 
 
 def test_bench_techniques_grid_in_bf16_runs_its_first_amp_row():
