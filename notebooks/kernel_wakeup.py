@@ -1,4 +1,4 @@
-"""IPython startup file for the kernels that the test run starts (notebooks/conftest.py installs it).
+"""IPython startup file for the kernels that the test run starts (tests/conftest.py installs it).
 
 A kernel can sit idle with a request waiting in its shell socket: zmq signals new messages through an
 edge-triggered file descriptor, and a message that arrives while the event loop is between two looks at the
