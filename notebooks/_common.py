@@ -67,14 +67,21 @@ def make_model():
 def rows_that_fit(configs, gpu_mem=None):
     """(configs to measure, [(config, why skipped)]): on CUDA those whose predicted peak fits the card (gpu_mem:
     its bytes, default the card's total memory), by the memory model; on the CPU all of them."""
-    if gpu_mem is None:
-        if not DEVICE.startswith("cuda"):
-            return list(configs), []
-        gpu_mem = torch.cuda.mem_get_info(torch.device(DEVICE))[1]
+    if gpu_mem is None and not DEVICE.startswith("cuda"):
+        return list(configs), []
+    return bench.configs_that_fit(configs, _model_args(), gpu_mem=_card_bytes(gpu_mem), param_dtype=DTYPE,
+                                  device="cuda")
+
+
+def _card_bytes(gpu_mem=None) -> int:
+    """gpu_mem, or the CUDA card's total memory."""
+    return torch.cuda.mem_get_info(torch.device(DEVICE))[1] if gpu_mem is None else gpu_mem
+
+
+def _model_args():
     from minillama.checkpoints.weights import read_model_args
 
-    return bench.configs_that_fit(configs, read_model_args(MODEL_PATH), gpu_mem=gpu_mem, param_dtype=DTYPE,
-                                  device="cuda")
+    return read_model_args(MODEL_PATH)
 
 
 def measure_rows(configs, repeats=3, gpu_mem=None):
@@ -238,11 +245,8 @@ def time_settings(settings: dict, rounds: int = 3, gpu_mem=None) -> dict:
 
 def _fit_together(configs, gpu_mem=None) -> bool:
     """Whether the memory model's peaks of these configs, added up, fit the card (the planner's usable bytes)."""
-    from minillama.checkpoints.weights import read_model_args
     from minillama.measuring.plan import usable_bytes
 
-    if gpu_mem is None:
-        gpu_mem = torch.cuda.mem_get_info(torch.device(DEVICE))[1]
-    args = read_model_args(MODEL_PATH)
+    args = _model_args()
     need = sum(bench.predict_config(args, c, param_dtype=DTYPE, device="cuda").peak_bytes for c in configs)
-    return need <= usable_bytes(gpu_mem, "cuda")
+    return need <= usable_bytes(_card_bytes(gpu_mem), "cuda")
