@@ -111,3 +111,14 @@ def test_the_check_finds_a_backward_import_a_cycle_and_a_module_without_a_room()
     assert "minillama.model (model) imports minillama.lora (lora), a later room" in found
     assert "import cycle: minillama.lora -> minillama.model -> minillama.lora" in found
     assert "minillama.extra belongs to no room of ARCHITECTURE.md's import order" in found
+
+
+def test_no_two_modules_share_a_file_name():
+    """Each file of the package has a name of its own (a package's __init__.py / __main__.py aside), so that
+    "open plan.py" or a traceback's "longctx.py" names one file, not two in different rooms."""
+    by_name: dict[str, list[str]] = {}
+    for path in sorted((REPO / PACKAGE).rglob("*.py")):
+        if path.name not in ("__init__.py", "__main__.py"):
+            by_name.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    shared = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    assert shared == {}, f"files that share a name: {shared}"

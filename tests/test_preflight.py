@@ -1,4 +1,4 @@
-"""`minillama train`'s pre-flight memory check (cli.main.train_memory_problem), with given free-memory figures.
+"""`minillama train`'s pre-flight memory check (cli.train_cmd.train_memory_problem), with given free-memory figures.
 
 The check runs after the weights are loaded, so the free memory it reads no longer contains them: the predicted
 peak (weights included) is compared with free + loaded. It takes LoRA, 4-bit bases, AMP, accumulation and FSDP's
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from minillama.cli.main import build_parser, train_memory_problem
+from minillama.cli.main import build_parser
+from minillama.cli.train_cmd import train_memory_problem
 from minillama.config import get_preset
 from minillama.measuring.memory import GiB
 from minillama.measuring.plan import PREFLIGHT_HEADROOM, train_step_need

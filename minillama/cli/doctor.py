@@ -170,3 +170,7 @@ def main() -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def add_parser(sub) -> None:
+    sub.add_parser("doctor", help="print the environment (paste it into bug reports)").set_defaults(func=lambda args: main())

@@ -30,7 +30,7 @@ def plan_table(plans: dict, methods) -> str:
     return "\n".join(lines)
 
 
-def cmd_plan(args) -> int:
+def run(args) -> int:
     margs = _model_args(args)
     sizes = [s.strip() for s in args.gpu_mem.split(",") if s.strip()] or [args.gpu_mem]
     gpu_mems = [parse_size(s) for s in sizes]  # every size checked before any plan is computed
@@ -48,7 +48,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def add_plan_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="will it fit? the cheapest technique settings for a GPU (memory model)")
     p.add_argument("--preset", default="llama2-7b",
                    help="tiny, llama2-7b, llama2-13b, llama3-8b, llama3.2-1b, llama3.2-3b, llama3.1-8b")
@@ -64,4 +64,4 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--top", type=int, default=8, help="rows to print")
     p.add_argument("--format", default="text", choices=("text", "md"),
                    help="md: one table row per --gpu-mem size, the best configuration of each method")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=run)
