@@ -173,4 +173,5 @@ def main() -> int:
 
 
 def add_parser(sub) -> None:
-    sub.add_parser("doctor", help="print the environment (paste it into bug reports)").set_defaults(func=lambda args: main())
+    d = sub.add_parser("doctor", help="print the environment (paste it into bug reports)")
+    d.set_defaults(func=lambda args: main())

@@ -171,8 +171,10 @@ def run(args) -> int:
                       checkpointing=args.checkpointing, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
                       rope_scaling=scaling, max_seq_len=max_seq_len, train_embeddings=args.train_embeddings,
-                      train_norms=args.train_norms, load_in_4bit=args.load_in_4bit, quant_type=args.quant_type, double_quant=args.double_quant,
-                      quant_blocksize=args.quant_blocksize, compile=args.compile, kernels=args.kernels, eval_every=args.eval_every or steps, save_every=args.save_every, seed=args.seed,
+                      train_norms=args.train_norms, load_in_4bit=args.load_in_4bit, quant_type=args.quant_type,
+                      double_quant=args.double_quant, quant_blocksize=args.quant_blocksize, compile=args.compile,
+                      kernels=args.kernels, eval_every=args.eval_every or steps, save_every=args.save_every,
+                      seed=args.seed,
                       data_sha256=file_sha256(args.data),  # a --resume on other data is refused, naming it
                       val_data_sha256=file_sha256(args.val_data) if args.val_data else "")
     say = print if distributed.is_main() else (lambda *a, **k: None)  # rank 0 speaks for the job
