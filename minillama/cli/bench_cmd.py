@@ -16,7 +16,8 @@ def run_compare_hf(args) -> int:
     keys = ("batch", "seq_len", "long_seq_len", "new_tokens", "repeats")
     check_positive(args, *keys)
     sizes = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    s = Settings.defaults(args.preset, pick_device(args.device), dtype=args.dtype, compile_hf=args.compile_hf, **sizes)
+    s = Settings.defaults(args.preset, pick_device(args.device), dtype=args.dtype, compile_hf=args.compile_hf,
+                          **sizes)
     rows = run_compare(s, args.rows, out_dir=args.out)
     print()
     print(format_compare(rows, "md", settings=s))
