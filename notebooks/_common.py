@@ -8,6 +8,7 @@ shipped tiny model):
   MINILLAMA_DEVICE  cpu | cuda                                                       default: cuda if available
   MINILLAMA_BATCH, MINILLAMA_SEQ  effective batch and sequence length of the measurements  default 8, 128
   MINILLAMA_DTYPE   the weights' dtype: fp32 | bf16 | fp16                          default: bf16 on CUDA, else fp32
+  MINILLAMA_PRESET  notebook 00's benchmarked shape: tiny | llama2-7b | ...            default tiny
 On a GPU the rows of a table that the memory model says will not fit the card are skipped, each named with its
 predicted peak (measure_rows, bench.configs_that_fit).
 """
