@@ -8,6 +8,7 @@ shipped tiny model):
   MINILLAMA_DEVICE  cpu | cuda                                                       default: cuda if available
   MINILLAMA_BATCH, MINILLAMA_SEQ  effective batch and sequence length of the measurements  default 8, 128
   MINILLAMA_DTYPE   the weights' dtype: fp32 | bf16 | fp16                          default: bf16 on CUDA, else fp32
+  MINILLAMA_PRESET  notebook 00's benchmarked shape: tiny | llama2-7b | ...            default tiny
 On a GPU the rows of a table that the memory model says will not fit the card are skipped, each named with its
 predicted peak (measure_rows, bench.configs_that_fit).
 """
@@ -250,3 +251,21 @@ def _fit_together(configs, gpu_mem=None) -> bool:
     args = _model_args()
     need = sum(bench.predict_config(args, c, param_dtype=DTYPE, device="cuda").peak_bytes for c in configs)
     return need <= usable_bytes(_card_bytes(gpu_mem), "cuda")
+
+
+# --- notebooks 00-01 ---
+# Notebook 00 benchmarks a preset's shape (section 5): the shipped tiny model on a laptop, "llama2-7b" in the GPU lab.
+PRESET = os.environ.get("MINILLAMA_PRESET", "tiny")
+# Its weights: MINILLAMA_MODEL when set, the shipped tiny model for the tiny preset, else None (random weights).
+PRESET_MODEL_PATH = MODEL_PATH if "MINILLAMA_MODEL" in os.environ or PRESET == "tiny" else None
+
+
+def repeats_ngram(ids, n: int) -> bool:
+    """Whether some run of n consecutive tokens occurs twice in ids (greedy decoding falling into a loop)."""
+    seen = set()
+    for i in range(len(ids) - n + 1):
+        key = tuple(ids[i:i + n])
+        if key in seen:
+            return True
+        seen.add(key)
+    return False

@@ -231,5 +231,8 @@ def fit_explorer(**question) -> FitAnswer:
     out = widgets.interactive_output(show, c)
     names = list(c)
     left, right = widgets.VBox([c[n] for n in names[:6]]), widgets.VBox([c[n] for n in names[6:]])
-    display(widgets.VBox([widgets.HBox([left, right]), out]))
+    bundle = widgets.VBox([widgets.HBox([left, right]), out])._repr_mimebundle_()
+    # Where widgets do not render (a saved copy of the notebook), the first answer instead of the VBox(...) repr.
+    bundle["text/plain"] = first.text()
+    display(bundle, raw=True)
     return first

@@ -125,3 +125,19 @@ def test_a_redraw_sends_its_figure_even_after_matplotlib_was_switched_to_agg(mon
     _explorer.show(preset="llama2-7b", seq_len=4096)
     assert "predicted peak" in capsys.readouterr().out
     assert [type(o).__name__ for o in shown] == ["Image"] and shown[0].data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_saved_copy_shows_the_first_answer_instead_of_the_widget_repr(monkeypatch, capsys):
+    """Where widgets do not render (a notebook saved with its outputs), the explorer's cell shows the first
+    question's verdict, not `VBox(children=(...`."""
+    pytest.importorskip("ipywidgets")
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.append((objs, kw)))
+    first = _explorer.fit_explorer(**QUESTIONS[0])
+    bundles = [objs[0] for objs, kw in shown if kw.get("raw")]
+    assert len(bundles) == 1 and "application/vnd.jupyter.widget-view+json" in bundles[0]
+    text = bundles[0]["text/plain"]
+    assert "VBox(" not in text and text.startswith("llama2-7b, batch 4 x 2048 tokens, one 24 GiB GPU")
+    assert "DOES NOT FIT" in text and first.best.label() in text  # 44 GiB of LoRA on 24 GiB; the planner's best
