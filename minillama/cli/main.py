@@ -325,7 +325,7 @@ def cmd_build_tiny(args) -> int:
 
 
 def cmd_longctx(args) -> int:
-    from ..course.longctx import sweep_from_args
+    from ..course.context_extension import sweep_from_args
 
     sweep_from_args(args)
     return 0
@@ -727,7 +727,7 @@ def _add_course(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_build_tiny)
 
-    from ..course.longctx import add_arguments
+    from ..course.context_extension import add_arguments
 
     lc = sub.add_parser("longctx", help="the long-context sweep: tiny from 256 to 1,024 tokens (scalings x LoRA)")
     add_arguments(lc)
