@@ -89,7 +89,6 @@ def format_bytes(n) -> str:
     raise AssertionError("unreachable")
 
 
-
 def effective_amp(amp, param_dtype) -> Optional[str]:
     """The autocast that estimate_memory models for a run with `amp` ("off", None, "bf16", "fp16") over weights of
     `param_dtype`: the amp mode over fp32 master weights or weights of the other 16-bit dtype (autocast then
@@ -195,8 +194,6 @@ def quant4_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
     return packed + consts + 16 * 4
 
 
-
-
 def _dequant_bytes(s: "_Settings", numel: int) -> int:
     """The transient of dequantising one 4-bit weight of `numel` values for a matmul (the per-layer temporary:
     Linear4bit dequantises at every use, forward and backward, and frees the copy right after).
@@ -231,8 +228,6 @@ class MemoryEstimate:
             lines.append(f"{c:<16}{self.by_category[c] / MiB:>12.2f}{self.at_peak.get(c, 0) / MiB:>14.2f}")
         lines.append(f"{'peak':<16}{'':>12}{self.peak_bytes / MiB:>14.2f}   ({self.peak_moment})")
         return "\n".join(lines)
-
-
 
 
 class _Notes(list):
