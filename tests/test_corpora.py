@@ -1,4 +1,5 @@
-"""Tests for minillama.course.corpora (fast: standard library + optional sentencepiece)."""
+"""Tests for minillama.course.corpora and the passkey protocol it uses (minillama.evaluation.passkey); fast: standard
+library + optional sentencepiece."""
 
 import io
 import json
@@ -9,6 +10,7 @@ import re
 import pytest
 
 from minillama.course import corpora as C
+from minillama.evaluation import passkey as P
 
 SMALL = dict(n_stories=12, n_val_stories=6, n_passkey_train=50,
              n_passkey_val_per_setting=1, n_instructions=240, n_almanac=100)
@@ -19,9 +21,9 @@ SMALL = dict(n_stories=12, n_val_stories=6, n_passkey_train=50,
 @pytest.mark.parametrize("make", [
     lambda s: C.make_story(s, 300),
     lambda s: C.make_stories(7, s),
-    lambda s: C.make_passkey(s, 20, 0.5),
-    lambda s: C.make_passkeys(6, s, 12),
-    lambda s: C.passkey_training_text(s, 20, 0.3),
+    lambda s: P.make_passkey(s, 20, 0.5),
+    lambda s: P.make_passkeys(6, s, 12),
+    lambda s: P.passkey_training_text(s, 20, 0.3),
     lambda s: C.make_instructions(60, s),
     lambda s: C.make_facts(s),
 ])
@@ -122,30 +124,30 @@ def test_long_story_refers_back_far_from_intro():
 
 def test_passkey_layout_and_invariant():
     for seed in range(20):
-        item = C.make_passkey(seed, 15, seed / 19)
+        item = P.make_passkey(seed, 15, seed / 19)
         key, prompt = item["answer"], item["prompt"]
         assert re.fullmatch(r"[1-9]\d{4}", key)
-        assert prompt.startswith(C.PASSKEY_INTRO)
+        assert prompt.startswith(P.PASSKEY_INTRO)
         assert prompt.endswith("The pass key is") and not prompt.endswith(" ")
         assert prompt.count(key) == 2
         assert re.findall(r"\d+", prompt) == [key, key]
         assert item["n_filler"] == 15 and item["depth"] == seed / 19
-        text = C.passkey_training_text(seed, 15, seed / 19)
+        text = P.passkey_training_text(seed, 15, seed / 19)
         assert text == prompt + " " + key + "."
         assert text.count(key) == 3
 
 
 def test_passkey_depth_is_monotone():
-    positions = [C.make_passkey(7, 20, d)["prompt"].index("The pass key is ")
-                 for d in C.DEFAULT_DEPTHS]
+    positions = [P.make_passkey(7, 20, d)["prompt"].index("The pass key is ")
+                 for d in P.DEFAULT_DEPTHS]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
-    first = C.make_passkey(7, 20, 0.0)["prompt"]
-    assert first.startswith(C.PASSKEY_INTRO + " The pass key is ")
+    first = P.make_passkey(7, 20, 0.0)["prompt"]
+    assert first.startswith(P.PASSKEY_INTRO + " The pass key is ")
 
 
 def test_make_passkeys_cycles_depths():
-    items = C.make_passkeys(10, 0, 8)
-    assert [it["depth"] for it in items] == list(C.DEFAULT_DEPTHS) * 2
+    items = P.make_passkeys(10, 0, 8)
+    assert [it["depth"] for it in items] == list(P.DEFAULT_DEPTHS) * 2
 
 
 # --------------------------------------------------------------- instructions
@@ -259,12 +261,12 @@ def test_almanac_teaches_the_world_but_not_the_facts():
     lambda: C.make_stories(0, 0),
     lambda: C.make_stories(3, 0, lengths=()),
     lambda: C.make_stories(3, 0, lengths=(100, -5)),
-    lambda: C.make_passkey(0, 10, 1.5),
-    lambda: C.make_passkey(0, 10, -0.1),
-    lambda: C.make_passkey(0, 0, 0.5),
-    lambda: C.make_passkeys(0, 0, 10),
-    lambda: C.make_passkeys(3, 0, 10, depths=(0.5, 2.0)),
-    lambda: C.passkey_training_text(0, 10, 3),
+    lambda: P.make_passkey(0, 10, 1.5),
+    lambda: P.make_passkey(0, 10, -0.1),
+    lambda: P.make_passkey(0, 0, 0.5),
+    lambda: P.make_passkeys(0, 0, 10),
+    lambda: P.make_passkeys(3, 0, 10, depths=(0.5, 2.0)),
+    lambda: P.passkey_training_text(0, 10, 3),
     lambda: C.make_instructions(0, 0),
     lambda: C.make_instructions(5, 0, kinds=["poetry"]),
     lambda: C.split_instructions([], held_out_fraction=1.0),
@@ -283,7 +285,7 @@ def test_bad_arguments_raise_value_error(call):
 
 def test_error_message_names_argument():
     with pytest.raises(ValueError, match="depth"):
-        C.make_passkey(0, 10, 1.5)
+        P.make_passkey(0, 10, 1.5)
     with pytest.raises(ValueError, match="unknown kind 'poetry'"):
         C.make_instructions(5, 0, kinds=["poetry"])
 
@@ -294,7 +296,7 @@ def test_sentencepiece_bpe_round_trips_a_story():
     spm = pytest.importorskip("sentencepiece")
     sample = C.make_stories(30, 0, lengths=(200, 400))
     lines = [p for s in sample for p in s.split("\n")]
-    lines += [C.passkey_training_text(i, 10, 0.5) for i in range(20)]
+    lines += [P.passkey_training_text(i, 10, 0.5) for i in range(20)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=1000,
@@ -306,5 +308,5 @@ def test_sentencepiece_bpe_round_trips_a_story():
     ids = sp.encode(story)
     assert sp.decode(ids) == story
     assert len(ids) < 2 * len(story.split())   # compact: small vocabulary
-    key_text = C.passkey_training_text(99, 12, 0.25)
+    key_text = P.passkey_training_text(99, 12, 0.25)
     assert sp.decode(sp.encode(key_text)) == key_text

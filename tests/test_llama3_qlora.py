@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# main() imports minillama.course.longctx to build its parser, and that module takes `train` by name: imported
+# main() imports minillama.course.context_extension to build its parser, and that module takes `train` by name: imported
 # first, as in test_qlora.py, so that the killed_at_batch fixture's stream is the one training uses.
-import minillama.course.longctx  # noqa: F401
+import minillama.course.context_extension  # noqa: F401
 from _llama3 import STRINGS, MetaTokenizer, build_llama3_tokenizer
 from minillama import load_model, load_tokenizer, save_model
 from minillama.cli.main import main

@@ -31,7 +31,7 @@ needs_tiny = pytest.mark.skipif(not (tiny_model_dir() / "tokenizer.model").exist
 @needs_tiny
 def test_a_short_lora_run_at_1024_lowers_the_loss_of_the_tiny_model(tmp_path):
     from minillama import load_tokenizer
-    from minillama.course.longctx import eval_docs, long_training_docs
+    from minillama.course.context_extension import eval_docs, long_training_docs
     from minillama.training.data import pack_documents
 
     torch.set_num_threads(2)
@@ -99,7 +99,7 @@ def test_peft_and_transformers_reproduce_the_logits_of_a_scaled_adapter(tmp_path
 
 @needs_tiny
 def test_the_sweep_on_a_micro_budget_writes_every_field_the_same_twice(tmp_path):
-    from minillama.course.longctx import SweepConfig, run_sweep
+    from minillama.course.context_extension import SweepConfig, run_sweep
 
     model_dir = tmp_path / "micro"  # a random model with the shipped tokenizer and a window of 32 tokens
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=2048, multiple_of=16, max_seq_len=32)

@@ -1,4 +1,5 @@
-"""The analytic memory model (minillama.measuring.memory): parameter counts, the QLoRA report's Llama-3-8B budget,
+"""The analytic memory model (minillama.measuring.memory, .activations): parameter counts, the published
+budgets (minillama.measuring.budgets: the QLoRA report's Llama-3-8B table),
 bytes per parameter, bad input, and predictions against MemoryTracker's exact count on CPU."""
 
 import pytest
@@ -8,9 +9,10 @@ from torch import nn
 import minillama
 from minillama import get_preset
 from minillama.kernels import enable_kernels
-from minillama.measuring.measure import MemoryTracker
-from minillama.measuring.memory import (CATEGORIES, LINEARS, estimate_memory, format_bytes, llama3_8b_budget,
-                              parameter_count, qlora_budget_table)
+from minillama.lora import TARGETS
+from minillama.measuring.budgets import llama3_8b_budget, qlora_budget_table
+from minillama.measuring.measure import CATEGORIES, MemoryTracker
+from minillama.measuring.memory import estimate_memory, format_bytes, parameter_count
 from minillama.training.train import TrainConfig, make_optimizer
 
 GiB = 1024**3
@@ -42,7 +44,7 @@ def test_parameter_counts_equal_real_modules(targets, r, expected):
     n_model = sum(p.numel() for p in model.parameters())
     counts = parameter_count(get_preset("llama2-7b"), lora={"r": r, "targets": targets})
     assert counts["base"] == n_model == 6_738_415_616
-    names = LINEARS if targets == "all" else targets
+    names = TARGETS if targets == "all" else targets
     assert counts["lora"] == lora_numel_of_real_modules(model, r, names) == expected
     assert counts["total"] == n_model + expected and counts["trainable"] == expected
     assert parameter_count(get_preset("llama2-7b")) == {"total": n_model, "trainable": n_model, "lora": 0,
@@ -52,7 +54,7 @@ def test_parameter_counts_equal_real_modules(targets, r, expected):
 def test_llama3_8b_counts_match_the_module():
     model = meta_model("llama3-8b")
     assert parameter_count(get_preset("llama3-8b"))["total"] == sum(p.numel() for p in model.parameters())
-    assert lora_numel_of_real_modules(model, 64, LINEARS) == parameter_count(
+    assert lora_numel_of_real_modules(model, 64, TARGETS) == parameter_count(
         get_preset("llama3-8b"), lora={"r": 64, "targets": "all"})["lora"] == 167_772_160
 
 

@@ -46,8 +46,9 @@ def test_bad_train_config():
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     from minillama.course import corpora as C
+    from minillama.evaluation import passkey as P
 
-    texts = C.make_stories(16, seed=5, lengths=(100, 200)) + [C.passkey_training_text(i, 10, 0.5) for i in range(16)]
+    texts = C.make_stories(16, seed=5, lengths=(100, 200)) + [P.passkey_training_text(i, 10, 0.5) for i in range(16)]
     tok = train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=400)
     docs = [tok.encode(t, eos=True) for t in texts]
     return tok, pack_documents(docs, 64, seed=0)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-# main() imports minillama.course.longctx to build its parser, and that module takes `train` by name: imported
+# main() imports minillama.course.context_extension to build its parser, and that module takes `train` by name: imported
 # here first, it never binds the spy a test below puts in T.train (a later test would train with the spy).
-import minillama.course.longctx  # noqa: F401
+import minillama.course.context_extension  # noqa: F401
 import minillama.training.train as T
 from minillama.cli.main import main
 

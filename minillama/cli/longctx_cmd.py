@@ -1,15 +1,15 @@
-"""`minillama longctx`: the long-context sweep of the tiny model (minillama.course.longctx)."""
+"""`minillama longctx`: the long-context sweep of the tiny model (minillama.course.context_extension)."""
 
 
 def run(args) -> int:
-    from ..course.longctx import sweep_from_args
+    from ..course.context_extension import sweep_from_args
 
     sweep_from_args(args)
     return 0
 
 
 def add_parser(sub) -> None:
-    from ..course.longctx import add_arguments
+    from ..course.context_extension import add_arguments
 
     lc = sub.add_parser("longctx", help="the long-context sweep: tiny from 256 to 1,024 tokens (scalings x LoRA)")
     add_arguments(lc)

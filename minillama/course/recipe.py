@@ -18,10 +18,11 @@ from typing import Optional
 import torch
 
 from ..config import get_preset
+from ..evaluation.passkey import passkey_training_text
 from ..files import atomic_write_bytes, atomic_write_text
-from .corpora import passkey_training_text, write_corpora
-from ..training.data import pack_documents, read_jsonl_texts
 from ..tokenizer import Tokenizer
+from ..training.data import pack_documents, read_jsonl_texts
+from .corpora import write_corpora
 
 # Llama-2's tokenizer settings: BPE with byte fallback, digits split, BOS=1, EOS=2, no pad. Identity
 # normalisation and kept whitespace make decode(encode(text)) == text for the corpora (newlines too).
@@ -84,7 +85,7 @@ Files: `config.json`, `model.safetensors` ({info['weights_bytes'] / 1024**2:.2f}
 Command (the whole recipe, from nothing): `{info['command']}`
 
 1. Corpora: `minillama corpora --out data/corpora --seed {info['seed']}` (stories with long-range references,
-   passkey documents, the almanac; see `minillama/course/corpora.py`).
+   passkey documents, the almanac; see `minillama/course/corpora/`).
 2. Tokenizer: sentencepiece BPE, {a['vocab_size']} pieces, byte fallback, digits split, BOS=1, EOS=2, no pad,
    trained on the training stories, passkey documents and almanac.
 3. Pre-training: documents as `[BOS] text [EOS]`, packed into rows of {a['max_seq_len']} tokens;

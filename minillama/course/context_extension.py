@@ -1,4 +1,4 @@
-"""Long-context LoRA, the course's sweep: extend the tiny model from its 256 tokens to 1,024 (factor 4).
+"""The course's context-extension experiment: long-context LoRA, the tiny model from 256 tokens to 1,024 (x4).
 
 Every fine-tuned variant gets the same budget (steps x batch of 1,024-token rows, learning rate, rank), on
 the same long documents made from the repo's own corpora (`long_training_docs`):
@@ -13,15 +13,15 @@ the same long documents made from the repo's own corpora (`long_training_docs`):
 
 Beside them, the rows without fine-tuning: "base" (the table extended, no scaling), "linear-x4",
 "ntk-x4", "yarn-x4". Each row is measured by perplexity of held-out stories at 128/256/512/1,024 tokens
-(the same tokens at every length), passkey retrieval at 1,024 at five depths, and (when the evaluation
-module provides it) secret phrases at the start, middle and end of a long prompt.
+(the same tokens at every length), passkey retrieval at 1,024 at five depths, and secret phrases at the
+start, middle and end of a long prompt (all three measured by minillama.evaluation.longctx).
 
 Output: DIR/results.json, DIR/results.csv and DIR/adapters/NAME/ (PEFT's layout plus rope_config.json,
 the position settings that make transformers + PEFT compute the same logits). Fixed seeds and a fixed
 number of threads: the adapters and results.csv come out byte for byte the same on the same machine
 and torch; results.json differs only in its meta (date, wall time).
 
-    python -m minillama.course.longctx --out data/longctx      (or: minillama longctx --out data/longctx)
+    python -m minillama.course.context_extension --out data/longctx      (or: minillama longctx --out data/longctx)
 
 The defaults are the shipped sweep's settings (300 steps, 4 rows of 1,024 tokens, 2 jobs of 1 thread).
 """
@@ -48,26 +48,16 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from ..checkpoints import load_model
-from ..evaluation.evaluate import passkey_accuracy, passkey_prompt_filler, perplexity
+from ..evaluation.evaluate import passkey_prompt_filler
+from ..evaluation.longctx import passkey_grid, phrases_accuracy, ppl_by_context
+from ..evaluation.passkey import passkey_training_text
 from ..files import atomic_directory
 from ..rope import scaling_from_spec
 from ..tokenizer import load_tokenizer
 from ..training.data import pack_documents, read_jsonl_texts
 from ..training.train import TrainConfig, save_run_adapter, train
-from .corpora import make_story, passkey_training_text
+from .corpora import make_story
 from .paths import corpora_dir, tiny_model_dir
-
-try:  # the long-context evaluation module; until it lands, a thin fallback on evaluate.py
-    from ..evaluation.longctx import passkey_grid, phrases_accuracy, ppl_by_context
-except ImportError:  # pragma: no cover - depends on the branch
-    phrases_accuracy = None
-
-    def ppl_by_context(model, docs, contexts, scored_tokens) -> dict:
-        return {c: perplexity(model, docs, c, scored_tokens=scored_tokens)["ppl"] for c in contexts}
-
-    def passkey_grid(model, tokenizer, contexts, depths, trials, seed) -> dict:
-        return {c: passkey_accuracy(model, tokenizer, c, trials * len(depths), seed, depths)["per_depth"]
-                for c in contexts}
 
 
 class Variant(NamedTuple):
@@ -162,16 +152,15 @@ def finetune(model, rows, cfg: SweepConfig, targets: str, extras: bool, work: Pa
 
 
 def evaluate_variant(model, tok, docs, cfg: SweepConfig) -> dict:
-    """ppl by context, passkey by depth at the longest context, phrases (when available), rounded."""
+    """ppl by context, passkey by depth and secret phrases at the longest context, rounded."""
     longest = max(cfg.contexts)
     ppl = ppl_by_context(model, docs, list(cfg.contexts), longest)
     grid = passkey_grid(model, tok, [longest], list(cfg.depths), cfg.passkey_trials, 1234 + cfg.seed)
     out = {"ppl": {str(c): round(float(ppl[c]), 4) for c in cfg.contexts},
            "passkey": {str(c): {str(float(d)): round(float(a), 4) for d, a in by_depth.items()}
                        for c, by_depth in grid.items()}}
-    if phrases_accuracy is not None:
-        acc = phrases_accuracy(model, tok, longest, cfg.phrases_trials, 1234 + cfg.seed)
-        out["phrases"] = {str(k): round(float(v), 4) for k, v in acc.items()}
+    acc = phrases_accuracy(model, tok, longest, cfg.phrases_trials, 1234 + cfg.seed)
+    out["phrases"] = {str(k): round(float(v), 4) for k, v in acc.items()}
     return out
 
 
@@ -255,7 +244,7 @@ def readme(results: dict) -> str:
     """data/longctx/README.md: the command, where and when it ran, the tables."""
     m = results["meta"]
     return (f"# Long-context sweep: the tiny model from {m['context'] // m['sweep']['factor']} to {m['context']} tokens\n\n"
-            f"Made by `{m['command']}` (see `minillama/course/longctx.py`) on {m['device']}, torch {m['torch']}, "
+            f"Made by `{m['command']}` (see `minillama/course/context_extension.py`) on {m['device']}, torch {m['torch']}, "
             f"{m['date']}: {m['wall_s']:.0f} s wall, {m['cpu_s']:.0f} CPU seconds. Every fine-tuned variant: "
             f"{m['steps']} steps of {m['sweep']['batch_size']} rows of {m['context']} tokens ({m['train_rows']} packed "
             f"rows of long stories and passkey documents), LoRA rank {m['sweep']['rank']}, lr {m['sweep']['lr']:g}. "
@@ -320,7 +309,7 @@ def _meta(cfg: SweepConfig, model_path: Path, context: int, rows, command: str, 
             "command": command,
             "model": "data/tiny (shipped)" if model_path.resolve() == tiny_model_dir().resolve() else str(model_path), "context": context, "steps": cfg.steps,
             "train_rows": int(rows[0].shape[0]), "sweep": dataclasses.asdict(cfg),
-            "phrases": "evaluated" if phrases_accuracy is not None else "not available (minillama.evaluation.longctx)"}
+            "phrases": "evaluated"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -338,7 +327,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sweep_from_args(args) -> dict:
-    """The sweep of parsed arguments (shared by `minillama longctx` and `python -m minillama.course.longctx`)."""
+    """The sweep of parsed arguments (shared by `minillama longctx` and `python -m minillama.course.context_extension`)."""
     for key in ("steps", "batch_size", "rank", "ppl_docs", "passkey_trials", "threads", "jobs"):
         if getattr(args, key) <= 0:
             raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid: expected a positive integer.")
@@ -354,10 +343,10 @@ def sweep_from_args(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minillama.course.longctx", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minillama.course.context_extension", description=__doc__.split("\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    args.sweep_command = "python -m minillama.course.longctx " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.sweep_command = "python -m minillama.course.context_extension " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         sweep_from_args(args)
     except (ValueError, FileNotFoundError, OSError) as e:
