@@ -80,3 +80,9 @@ def test_executed_copy_is_fresh_stamped_and_clean(path):
             assert out["output_type"] != "error", f"docs/notebooks/{path.name} cell {i}: an error"
             assert not (out["output_type"] == "stream" and out["name"] == "stderr"), (
                 f"docs/notebooks/{path.name} cell {i}: stderr output: {''.join(out['text'])[:200]}")
+
+
+def test_readme_links_every_executed_copy():
+    readme = (REPO / "README.md").read_text()
+    for path in NOTEBOOKS:
+        assert f"](docs/notebooks/{path.name})" in readme, path.name
