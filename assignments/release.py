@@ -25,8 +25,8 @@ INSTRUCTOR_ONLY = ("tests/test_assignments.py", "tests/test_grader_security.py")
 # (they quote a solution line)
 FIXED_MTIME = 946684800  # 2000-01-01: the same timestamps in every release
 INSTRUCTORS = "\n## For instructors\n"  # assignments/README.md's instructor part: left out of the student edition
-STUDENT_NOTE = ("\n## This edition\n\nThis is the student edition: the pieces of the five assignments in `minillama/` "
-                "raise `NotImplementedError` until you write them, and `python -m assignments test aN` is its one "
+STUDENT_NOTE = ("\n## This edition\n\nThis is the student edition: the pieces of the five assignments in `minillama/`\n"
+                "raise `NotImplementedError` until you write them, and `python -m assignments test aN` is its one\n"
                 "assignment command. Grading runs on the course's side (Gradescope).\n")
 
 

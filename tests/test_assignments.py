@@ -26,7 +26,7 @@ from assignments.grade_all import grade_all  # noqa: E402
 from assignments.manifest import ASSIGNMENTS, Assignment  # noqa: E402
 from assignments.markers import MarkerError, find_blocks, scan, student_source  # noqa: E402
 from assignments.public import PUBLIC  # noqa: E402
-from assignments.release import STUDENT_TOOLS, marked_modules, release  # noqa: E402
+from assignments.release import STUDENT_TOOLS, marked_modules, release, student_readme  # noqa: E402
 from assignments.results import build_results, validate  # noqa: E402
 
 SWIGLU = "hidden/test_a1_llama.py::test_swiglu_matches_the_formula"
@@ -113,6 +113,8 @@ def test_student_readme_is_the_students_own(student):
         assert instructor_only not in text, instructor_only
     for readme in ("README.md", "ARCHITECTURE.md"):  # true in both editions: no "the package is the solution"
         assert "is the reference solution" not in (student / readme).read_text(), readme
+    with pytest.raises(MarkerError, match="assignments/README.md: no line '## For instructors' found"):
+        student_readme("# Assignments\n")  # a README the cut cannot find: refused, not shipped whole
 
 
 def test_each_assignments_public_command_holds_its_graded_public_tests():
