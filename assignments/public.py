@@ -47,6 +47,7 @@ def run_public_tests(assignment: str, root) -> int:
     """Run them, saying first what they need; returns pytest's exit status (0: all passed)."""
     cmd = pytest_command(assignment)
     needs = PUBLIC[assignment].needs
-    print(f"{assignment}: {len(PUBLIC[assignment].tests)} public tests; they need "
+    names = ", ".join(t.split("::")[1] for t in PUBLIC[assignment].tests)
+    print(f"{assignment}'s public tests ({names}) need "
           f"{' and '.join(needs) + ' done too' if needs else 'nothing else'}.", flush=True)
     return subprocess.run(cmd, cwd=root).returncode
