@@ -177,7 +177,11 @@ def main(argv=None) -> int:
         return 0
     cpu_mode_environment()
     for path in paths:
-        out = execute(path, args.timeout)
+        try:
+            out = execute(path, args.timeout)
+        except RuntimeError as e:  # a failed cell: its copy is left as it was
+            print(f"execute_notebooks: {e}", file=sys.stderr)
+            return 1
         print(f"{path.name}: {json.loads(out.read_text())['metadata'][STAMP_KEY]['seconds']} s -> "
               f"{out.relative_to(REPO)}")
     return 0

@@ -86,3 +86,22 @@ def test_readme_links_every_executed_copy():
     readme = (REPO / "README.md").read_text()
     for path in NOTEBOOKS:
         assert f"](docs/notebooks/{path.name})" in readme, path.name
+
+
+def test_execute_writes_a_stamped_copy_and_nothing_for_a_failing_notebook(tmp_path, monkeypatch):
+    """A two-cell notebook runs into a stamped copy that the freshness checks accept; one whose cell raises
+    leaves no copy behind and names the notebook."""
+    monkeypatch.setattr(execute_notebooks, "NOTEBOOKS", tmp_path)
+    monkeypatch.setattr(execute_notebooks, "COPIES", tmp_path / "copies")
+    cell = lambda src: {"cell_type": "code", "execution_count": None, "id": f"c{len(src)}", "metadata": {},
+                        "outputs": [], "source": src}
+    good = {"cells": [cell("x = 6 * 7"), cell("print(x)")], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "98_good.ipynb").write_text(json.dumps(good, indent=1) + "\n")
+    copy = json.loads(execute_notebooks.execute(tmp_path / "98_good.ipynb", timeout=120).read_text())
+    assert copy["metadata"]["minillama_executed"]["source_hash"] == execute_notebooks.source_hash(good)
+    assert copy["cells"][0]["cell_type"] == "markdown" and copy["cells"][2]["outputs"][0]["text"] == "42\n"
+    bad = {**good, "cells": [cell("raise ValueError('broken on purpose')")]}
+    (tmp_path / "99_bad.ipynb").write_text(json.dumps(bad, indent=1) + "\n")
+    with pytest.raises(RuntimeError, match="99_bad.ipynb: a cell failed, so no copy was written"):
+        execute_notebooks.execute(tmp_path / "99_bad.ipynb", timeout=120)
+    assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == ["98_good.ipynb"]
