@@ -6,9 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .markers import MarkerError
-
 ROOT = Path(__file__).resolve().parent.parent
+INSTRUCTOR = (ROOT / "assignments" / "grade.py").exists()  # the student edition holds only `test`
 
 
 def _limits(args):
@@ -21,6 +20,11 @@ def _release(args) -> int:
     files = release(ROOT, Path(args.out))
     print(f"student edition: {len(files)} files in {args.out}")
     return 0
+
+
+def _test(args) -> int:
+    from .public import run_public_tests
+    return run_public_tests(args.assignment, ROOT)
 
 
 def _grade(args) -> int:
@@ -51,8 +55,19 @@ def _autograder(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m assignments", description="Student edition, grading, Gradescope.")
+    p = argparse.ArgumentParser(prog="python -m assignments", description="Public tests per assignment; in the "
+                                "instructor edition also the student edition, grading, Gradescope.")
     sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("test", help="run one assignment's public tests")
+    t.add_argument("assignment", help="a1 ... a5")
+    t.set_defaults(func=_test)
+    if INSTRUCTOR:
+        _instructor_commands(sub)
+    return p
+
+
+def _instructor_commands(sub) -> None:
+    """release, grade, grade-all, autograder: the instructor edition's tooling (not in the student edition)."""
     r = sub.add_parser("release", help="write the student edition")
     r.add_argument("--out", required=True)
     r.set_defaults(func=_release)
@@ -74,14 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("autograder", help="write Gradescope's autograder.zip")
     a.add_argument("--out", required=True)
     a.set_defaults(func=_autograder)
-    return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (MarkerError, ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError) as e:  # MarkerError is a ValueError
         print(f"python -m assignments {args.command}: error: {e}", file=sys.stderr)
         return 2
 

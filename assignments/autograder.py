@@ -70,7 +70,7 @@ def build_autograder(root: Path, out: Path) -> None:
             _add(z, "run_autograder", RUN.encode(), 0o755)
             for rel in files:
                 _add(z, rel, (tmp_dir / rel).read_bytes())
-            for name in TOOLING:
+            for name in (n for n in TOOLING if f"assignments/{n}" not in files):  # not twice
                 _add(z, f"assignments/{name}", (root / "assignments" / name).read_bytes())
             for f in sorted((root / "assignments" / "hidden").glob("*.py")):
                 _add(z, f"assignments/hidden/{f.name}", f.read_bytes())

@@ -105,14 +105,18 @@ def find_blocks(path: str, source: str) -> list[Block]:
     return out
 
 
-def student_source(path: str, source: str) -> str:
-    """The file with every solution block replaced by its NotImplementedError and prompt markers removed."""
+def student_source(path: str, source: str, solved=()) -> str:
+    """The file with every solution block replaced by its NotImplementedError and prompt markers removed;
+    the blocks of the assignments in `solved` keep their code (a student's edition with those done)."""
     blocks = {b.begin: b for b in find_blocks(path, source)}
     lines, out, skip_to = source.split("\n"), [], 0
     for i, line in enumerate(lines, start=1):
         if i <= skip_to:
             continue
-        if i in blocks:
+        if i in blocks and blocks[i].assignment in solved:
+            out.extend(blocks[i].body)
+            skip_to = blocks[i].end
+        elif i in blocks:
             b = blocks[i]
             out.append(f'{b.indent}raise NotImplementedError("{b.message}")')
             skip_to = b.end

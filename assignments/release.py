@@ -12,15 +12,33 @@ from pathlib import Path
 
 from .markers import ANY_MARKER, MarkerError, student_source
 
+# The student edition's own command: `python -m assignments test aN` (public tests; no grading tooling).
+STUDENT_TOOLS = ("__init__.py", "__main__.py", "public.py")
 # What the student edition holds (paths relative to the repository root); nothing else is copied.
 ALLOW = ("README.md", "ARCHITECTURE.md", "pyproject.toml", "environment.yml", "minillama", "notebooks",
-         "tests", "data", "docs", "benchmarks", "assignments/README.md", "assignments/a*/README.md")
+         "tests", "data", "docs", "benchmarks", "assignments/README.md", "assignments/a*/README.md",
+         *(f"assignments/{name}" for name in STUDENT_TOOLS))
 # Never copied, wherever they are (build outputs, caches, editor files).
 EXCLUDE = ("__pycache__", "*.pyc", ".ipynb_checkpoints", "*.egg-info", ".pytest_cache", ".DS_Store", "runs",
            "build", ".git")
 INSTRUCTOR_ONLY = ("tests/test_assignments.py", "tests/test_grader_security.py")  # the tooling's own tests
 # (they quote a solution line)
 FIXED_MTIME = 946684800  # 2000-01-01: the same timestamps in every release
+INSTRUCTORS = "\n## For instructors\n"  # assignments/README.md's instructor part: left out of the student edition
+STUDENT_NOTE = ("\n## This edition\n\nThis is the student edition: the pieces of the five assignments in `minillama/`\n"
+                "raise `NotImplementedError` until you write them, and `python -m assignments test aN` is its one\n"
+                "assignment command. Grading runs on the course's side (Gradescope).\n")
+
+
+def student_readme(text: str) -> str:
+    """assignments/README.md for students: its student part, without the instructors' section and commands
+    (already the student's when the source is itself a student edition, as in Gradescope's autograder)."""
+    if text.endswith(STUDENT_NOTE) and INSTRUCTORS not in text:
+        return text
+    if INSTRUCTORS not in text:
+        raise MarkerError(f"assignments/README.md: no line '{INSTRUCTORS.strip()}' found; the student edition "
+                          "keeps the text above it.")
+    return text.split(INSTRUCTORS)[0].rstrip("\n") + "\n" + STUDENT_NOTE
 
 
 def _gitignored(root: Path) -> list[str]:
@@ -69,6 +87,8 @@ def write_edition(root: Path, dest: Path) -> list[str]:
         if rel.endswith(".py"):
             text = student_source(rel, src.read_text(encoding="utf-8"))
             out.write_bytes(text.encode("utf-8"))
+        elif rel == "assignments/README.md":
+            out.write_bytes(student_readme(src.read_text(encoding="utf-8")).encode("utf-8"))
         else:
             data = src.read_bytes()
             if rel.endswith(".ipynb") and ANY_MARKER.search(

@@ -46,6 +46,16 @@ def _hidden_output(message: str) -> str:
 WITHHELD = "withheld: it quoted a hidden test or the reference solution, which the grader never shows"
 
 
+def canary_note(run, canary: str) -> str:
+    """One sentence for the log: pytest's summary below counts the canary checks, which must fail, as failures."""
+    ran = [n for n, k in run.items.items() if k[0] == f"hidden/{canary}" and n in run.results]
+    failed = [n for n in ran if not run.results[n][0]]
+    return (f"Not graded: the log below holds {len(ran)} canary checks (test_canary_*), which fail on purpose; "
+            f"{len(failed)} of them failed as they must, so pytest's summary counts them among its failures "
+            "(an F each), at no cost in points. They show that the submission did not change how tests are judged "
+            "(one that passed would void the run).")
+
+
 def build_results(assignments, run, notes, canary: str, elapsed: float, scrub=(), quotes=lambda text: False) -> dict:
     """Gradescope's results from a run; `scrub` strings become <grader>; a test whose message `quotes`
     flags scores nothing and shows WITHHELD instead, and so does a log that quotes one."""
@@ -75,7 +85,8 @@ def build_results(assignments, run, notes, canary: str, elapsed: float, scrub=()
         log = log.replace(s, "<grader>")
     if quotes(log):
         log = f"[the output of the tests was {WITHHELD}]"
-    output = "\n".join(summary + [""] + notes + ([run.reason] if run.reason else []) + ["", log[-8000:]])
+    output = "\n".join(summary + [""] + notes + ([run.reason] if run.reason else []) +
+                       ["", canary_note(run, canary), "", log[-8000:]])
     return {"score": total, "execution_time": round(elapsed, 1), "output": output,
             "stdout_visibility": "hidden", "visibility": "after_published", "tests": tests}
 

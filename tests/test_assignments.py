@@ -8,6 +8,7 @@ genuinely pass. The hostile cases grade two fast hidden tests of assignment 1 on
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +26,9 @@ from assignments.grade import Limits, grade  # noqa: E402
 from assignments.grade_all import grade_all  # noqa: E402
 from assignments.manifest import ASSIGNMENTS, Assignment  # noqa: E402
 from assignments.markers import MarkerError, find_blocks, scan, student_source  # noqa: E402
-from assignments.release import marked_modules, release  # noqa: E402
-from assignments.results import validate  # noqa: E402
+from assignments.public import PUBLIC  # noqa: E402
+from assignments.release import STUDENT_TOOLS, marked_modules, release, student_readme  # noqa: E402
+from assignments.results import build_results, validate  # noqa: E402
 
 SWIGLU = "hidden/test_a1_llama.py::test_swiglu_matches_the_formula"
 KV = "hidden/test_a1_llama.py::test_kv_cache_update_writes_in_place_at_an_offset"
@@ -75,7 +77,8 @@ def test_release_is_deterministic_and_holds_no_solution(student, tmp_path):
     files = sorted(p.relative_to(student).as_posix() for p in student.rglob("*") if p.is_file())
     assert files == again and all((student / f).read_bytes() == (tmp_path / "again" / f).read_bytes() for f in files)
     assert not (student / "assignments" / "hidden").exists()
-    assert not [f for f in files if f.startswith("assignments/") and not f.endswith("README.md")]
+    tools = [f for f in files if f.startswith("assignments/") and not f.endswith("README.md")]
+    assert tools == sorted(f"assignments/{name}" for name in STUDENT_TOOLS)
     text = {f: (student / f).read_text(errors="replace") for f in files if f.endswith((".py", ".ipynb"))}
     for f, t in text.items():
         assert "BEGIN SOLUTION" not in t and "END SOLUTION" not in t and "BEGIN PROMPT" not in t, f
@@ -101,6 +104,62 @@ def test_student_edition_imports_and_its_cli_starts(student):
     out = subprocess.run([sys.executable, "-m", "minillama.cli", "--help"], cwd=student, env=env, timeout=300,
                          capture_output=True, text=True)
     assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_student_readme_is_the_students_own(student):
+    text = (student / "assignments" / "README.md").read_text()
+    assert "This is the student edition" in text and "python -m assignments test a1" in text
+    for instructor_only in ("For instructors", "instructor edition", "assignments release", "assignments grade",
+                            "assignments autograder", "hidden/", "test_assignments.py"):
+        assert instructor_only not in text, instructor_only
+    for readme in ("README.md", "ARCHITECTURE.md"):  # true in both editions: no "the package is the solution"
+        assert "is the reference solution" not in (student / readme).read_text(), readme
+    with pytest.raises(MarkerError, match="assignments/README.md: no line '## For instructors' found"):
+        student_readme("# Assignments\n")  # a README the cut cannot find: refused, not shipped whole
+    assert student_readme(text) == text  # an edition made from a student edition (the autograder's source)
+
+
+def test_each_assignments_public_command_holds_its_graded_public_tests():
+    for a in ASSIGNMENTS:
+        graded = {tid for tid, _ in a.tests if tid.startswith("tests/")}
+        assert graded <= set(PUBLIC[a.id].tests), a.id
+        assert all(need < a.id for need in PUBLIC[a.id].needs), a.id  # only earlier assignments
+        assert f"python -m assignments test {a.id}" in (ROOT / "assignments" / a.folder / "README.md").read_text()
+
+
+def test_public_a1_command_passes_with_only_a1_done(tmp_path):
+    """A student edition in which a1's blanks hold the reference code and every other piece is still a stub:
+    `python -m assignments test a1` passes, a2's fails on its own stub, and no instructor command exists."""
+    edition = tmp_path / "student"
+    release(ROOT, edition)
+    for rel in marked_modules(ROOT):
+        (edition / rel).write_text(student_source(rel, (ROOT / rel).read_text(), solved=("a1",)))
+    env = {**os.environ, "PYTHONPATH": str(edition)}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "assignments", *args], cwd=edition, env=env,
+                                       capture_output=True, text=True, timeout=900)
+    a1 = run("test", "a1")
+    assert a1.returncode == 0 and re.search(r"\n\d+ passed in", a1.stdout), a1.stdout[-3000:]
+    assert "failed" not in a1.stdout and "need nothing else" in a1.stdout and "test_logits_equal_hf" in a1.stdout
+    a2 = run("test", "a2")
+    assert a2.returncode == 1 and 'NotImplementedError: a2: ' in a2.stdout and "need a1 done" in a2.stdout
+    grade_cmd = run("grade", "--submission", ".", "--out", "r.json")
+    assert grade_cmd.returncode == 2 and "invalid choice: 'grade'" in grade_cmd.stderr
+
+
+def test_grade_output_says_the_failing_canaries_cost_nothing():
+    from assignments.grade import Run
+    run = Run()
+    canary = "test_canary_0123abcd.py"
+    for name in ("test_canary_allclose", "test_canary_assert_close", "test_canary_assert"):
+        run.items[f"h/{canary}::{name}"] = (f"hidden/{canary}", name)
+        run.results[f"h/{canary}::{name}"] = (False, "assert False")
+    run.items["h/t.py::test_swiglu_matches_the_formula"] = ("hidden/test_a1_llama.py", "test_swiglu_matches_the_formula")
+    run.results["h/t.py::test_swiglu_matches_the_formula"] = (True, "")
+    run.log = "F.FF\n3 failed, 1 passed"
+    results = build_results(MINI, run, [], canary, 1.0)
+    assert results["score"] == 1.0 and [t["score"] for t in results["tests"]] == [1.0, 0.0]
+    assert "3 canary checks (test_canary_*), which fail on purpose; 3 of them failed as they must" in results["output"]
+    assert "at no cost in points" in results["output"]
 
 
 # ---- grading: the reference and the student edition ---------------------------------------------------
