@@ -471,9 +471,8 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
     effects = technique_effects(rows)
     text = format_table(rows, "md") + "\n"
     if effects:
-        text += ("\nWhat each technique does over the pairs of rows that differ only in it (median ratio "
-                 "technique-on / technique-off and its range; 'same' within 3%, a step time within the spread of "
-                 "its repeats; 'depends' when the pairs disagree):\n\n" + format_effects(effects) + "\n")
+        text += ("\nWhat each technique does: median ratio on/off over the pairs of rows differing only in it "
+                 "('same': within 3%, or a step time within its repeats' spread):\n\n" + format_effects(effects) + "\n")
     atomic_write_text(paths["md"], text)
     if any("memory_by_category" in r for r in rows):
         keys = list(DIMENSIONS)
