@@ -52,7 +52,7 @@ from .corpora import REPHRASED_TEMPLATES, TRAINED_TEMPLATES, facts_training_text
 from ..training.data import pack_documents, read_jsonl_texts
 from ..evaluation.evaluate import passkey_accuracy
 from ..measuring.measure import device_name
-from ..measuring.report import table
+from ..measuring import report
 from ..generate import generate
 from ..lora import apply_lora, trainable_parameters, use_adapter
 from ..tokenizer import load_tokenizer
@@ -355,7 +355,7 @@ def format_table(results: dict) -> str:
            f"prompts); controls: {m['controls']} pre-training facts; NLL: nats/token, {m['stories']} held-out stories; "
            f"passkey: {m['passkey_trials']} trials. one-fact: each adapter on its own fact (loss: mean; controls, NLL, "
            f"passkey: the first); stacked: all summed.")
-    return table(heads, cells, "md", above=above) + "\n\n" + key + "\n"
+    return report.table(heads, cells, "md", above=above) + "\n\n" + key + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
