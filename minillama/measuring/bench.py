@@ -341,9 +341,10 @@ def run_grid(make_model: Callable[[], torch.nn.Module], grid: str, *, preset: st
 
 
 def row_line(row: dict) -> str:
-    """One measured row on one line, each value after its column's name (the table's columns, empty ones left out)."""
+    """One measured row on one line, each value after its column's name (the table's columns; empty and
+    unknown values left out)."""
     cells = [(h, f(row)) for h, f in COLUMNS]
-    return cells[0][1] + ": " + ", ".join(f"{h} {v}" for h, v in cells[1:] if v)
+    return cells[0][1] + ": " + ", ".join(f"{h} {v}" for h, v in cells[1:] if v not in ("", UNKNOWN))
 
 
 # ---- tables (drawn by measuring.report) -----------------------------------------------------------
