@@ -104,9 +104,11 @@ def show_table(rows):
 def show_memory_plot(rows, name):
     from IPython.display import Image, display
 
+    from minillama.measuring import report
+
     out = REPO / "runs" / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
-    bench.plot_memory(rows, out / name)
+    report.plot_memory(rows, out / name, list(bench.DIMENSIONS))
     display(Image(filename=str(out / name)))
 
 
@@ -194,15 +196,18 @@ def shipped_note(meta: dict, command: str = None) -> str:
 
 
 def show_figure(fig, name: str) -> Path:
-    """Save a matplotlib figure under runs/notebooks/ (at most MAX_FIGURE_PX wide) and display it."""
-    import matplotlib.pyplot as plt
+    """Save a matplotlib figure under runs/notebooks/ (measuring.report.save_figure: at most ~1,400 px wide)
+    and display it; a pyplot figure is closed, so that the notebook does not draw it a second time."""
     from IPython.display import Image, display
 
-    dpi = min(100, MAX_FIGURE_PX / fig.get_figwidth())
+    from minillama.measuring.report import save_figure
+
     FIGURES.mkdir(parents=True, exist_ok=True)
-    path = FIGURES / name
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    path = save_figure(fig, FIGURES / name)
+    if fig.canvas.manager is not None:  # made by pyplot (a plain Figure has no manager)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     display(Image(filename=str(path)))
     return path
 

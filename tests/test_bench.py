@@ -1,7 +1,6 @@
 """`minillama bench`: grids, rows, files, and technique registration (timings are printed, never asserted)."""
 
 import csv
-import itertools
 import json
 
 import pytest
@@ -86,10 +85,10 @@ def test_lora_dimension_collapses_optimizer_state_and_is_predicted(monkeypatch):
     assert abs(lora["prediction_error"]) < 0.10 and abs(full["prediction_error"]) < 0.10
 
 
-# ---- figures and the effects table, on synthetic rows (no model: fast, and the expected values are explicit) ----
+# ---- the effects table, on synthetic rows (no model: fast, and the expected values are explicit; test_report uses them) ----
 def fake_row(times=(0.10, 0.11, 0.12), **cfg):
     cfg = {"mode": "train", "batch": 8, "seq_len": 128, **cfg}
-    mib = lambda x: int(x * bench.MiB)  # noqa: E731
+    mib = lambda x: int(x * 1024**2)  # noqa: E731
     cats = {"parameters": mib(16), "gradients": mib(0 if cfg.get("lora") else 16),
             "optimizer_state": mib(0.5 if cfg.get("lora") else 32),
             "activations": mib(cfg.pop("act", 40)), "temporary": mib(4)}
@@ -97,44 +96,6 @@ def fake_row(times=(0.10, 0.11, 0.12), **cfg):
             "predicted_peak_memory_bytes": sum(cats.values()), "flops_per_step": 1e9, "step_time_s": sorted(times)[1],
             "step_times_s": list(times), "device_name": "cpu (test)", "torch": "test", "dtype": "float32",
             "preset": "test"}
-
-
-def test_short_labels_name_what_differs_and_the_title_what_is_shared():
-    rows = [fake_row(lora=0, amp="off"), fake_row(lora=16, amp="bf16")]
-    shared, labels = bench.short_labels(rows)
-    assert labels == ["full, fp32", "LoRA r16, bf16 AMP"]
-    assert shared == "train, batch 8, seq 128"
-
-
-def test_figures_fit_1400_px_and_a_10x_range_gets_a_log_axis(tmp_path):
-    from matplotlib.image import imread
-
-    assert bench.needs_log_scale([1.0, 10.0]) and not bench.needs_log_scale([1.0, 9.9])
-    rows = [fake_row(times=(t, t, t), lora=r, amp=a, accum=k, checkpointing=c)
-            for t, (r, a, k, c) in zip([0.1 * (1 + i) for i in range(24)],
-                                       itertools.product((0, 16), ("off", "fp16", "bf16"), (1, 4), (0, 1)))]
-    bench.plot_lab(rows, tmp_path / "lab.png")
-    bench.plot_memory(rows, tmp_path / "memory.png")
-    bench.plot_bars(rows, "step_time_s", 1000, "step time (ms)", tmp_path / "runtime.png")
-    bench.plot_scaling({"batch": [fake_row(batch=b) for b in (1, 2, 4)]}, tmp_path / "scaling.png")
-    for name in ("lab", "memory", "runtime", "scaling"):
-        height, width = imread(tmp_path / f"{name}.png").shape[:2]
-        assert width <= 1400 and height <= 1500, (name, width, height)
-
-
-def test_figures_leave_matplotlibs_backend_alone(tmp_path):
-    """bench's figures are drawn without pyplot: a notebook's inline backend stays in place (they called
-    matplotlib.use("Agg"), after which a notebook's plt.show() drew nothing)."""
-    import matplotlib
-
-    before = matplotlib.get_backend()
-    matplotlib.use("svg")  # any non-Agg backend stands in for a notebook's inline one
-    try:
-        bench.plot_memory([fake_row()], tmp_path / "memory.png")
-        bench.plot_scaling({"batch": [fake_row(batch=b) for b in (1, 2)]}, tmp_path / "scaling.png")
-        assert matplotlib.get_backend() == "svg"
-    finally:
-        matplotlib.use(before)
 
 
 def test_effects_are_true_of_every_pair_or_say_depends():

@@ -78,4 +78,4 @@ def test_one_fact_two_epochs_run(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
     table = (out / "table.md").read_text()
-    assert table.count("\n| ") == 1 + 1 + 3  # separator, base row, three adapter rows
+    assert table.count("\n| ") == 1 + 1 + 3  # header (under the settings line), base row, three adapter rows

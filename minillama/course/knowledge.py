@@ -52,6 +52,7 @@ from .corpora import REPHRASED_TEMPLATES, TRAINED_TEMPLATES, facts_training_text
 from ..training.data import pack_documents, read_jsonl_texts
 from ..evaluation.evaluate import passkey_accuracy
 from ..measuring.measure import device_name
+from ..measuring import report
 from ..generate import generate
 from ..lora import apply_lora, trainable_parameters, use_adapter
 from ..tokenizer import load_tokenizer
@@ -330,35 +331,31 @@ ROW_KEYS = ("setting", "r", "alpha", "epochs", "lr", "steps", "trainable_params"
 
 
 def format_table(results: dict) -> str:
-    """A markdown table of the rows (NLL in nats per token; before -> after)."""
+    """A markdown table of the rows (measuring.report.table): the settings every row shares in one line above,
+    a short key below (before -> after; NLL in nats per token)."""
     m, b = results["meta"], results["base"]
-    head = ("| adapter | r | epochs | lr | steps | trainable params | training-text loss | recall trained | "
-            "recall rephrased | recall QA | control cloze | control QA | stories NLL | passkey |")
-    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
-    lines.append(f"| none (base model) | - | - | - | - | 0 | - | {b['recall_trained']:.2f} | "
-                 f"{b['recall_rephrased']:.2f} | {b['recall_qa']:.2f} | {b['control_cloze']:.2f} | {b['control_qa']:.2f} | "
-                 f"{b['stories_nll']:.3f} | {b['passkey']:.2f} |")
+    heads = ["adapter", "r", "epochs", "lr", "steps", "trainable params", "training-text loss", "recall trained",
+             "recall rephrased", "recall QA", "control cloze", "control QA", "stories NLL", "passkey"]
+    cells = [["none (base model)", "-", "-", "-", "-", "0", "-", f"{b['recall_trained']:.2f}",
+              f"{b['recall_rephrased']:.2f}", f"{b['recall_qa']:.2f}", f"{b['control_cloze']:.2f}",
+              f"{b['control_qa']:.2f}", f"{b['stories_nll']:.3f}", f"{b['passkey']:.2f}"]]
     for r in results["rows"]:
-        lines.append(f"| {r['setting']} | {r['r']} | {r['epochs']} | {r['lr']:g} | {r['steps']} | "
-                     f"{r['trainable_params']:,} | {r['first_loss']:.2f} -> {r['final_loss']:.2f} | "
-                     f"{r['recall_trained']:.2f} | {r['recall_rephrased']:.2f} | {r['recall_qa']:.2f} | "
-                     f"{r['control_cloze_before']:.2f} -> {r['control_cloze']:.2f} | "
-                     f"{r['control_qa_before']:.2f} -> {r['control_qa']:.2f} | "
-                     f"{r['stories_nll_before']:.3f} -> {r['stories_nll']:.3f} | "
-                     f"{r['passkey_before']:.2f} -> {r['passkey']:.2f} |")
+        cells.append([r["setting"], str(r["r"]), str(r["epochs"]), f"{r['lr']:g}", str(r["steps"]),
+                      f"{r['trainable_params']:,}", f"{r['first_loss']:.2f} -> {r['final_loss']:.2f}",
+                      f"{r['recall_trained']:.2f}", f"{r['recall_rephrased']:.2f}", f"{r['recall_qa']:.2f}",
+                      f"{r['control_cloze_before']:.2f} -> {r['control_cloze']:.2f}",
+                      f"{r['control_qa_before']:.2f} -> {r['control_qa']:.2f}",
+                      f"{r['stories_nll_before']:.3f} -> {r['stories_nll']:.3f}",
+                      f"{r['passkey_before']:.2f} -> {r['passkey']:.2f}"])
     n = m["facts"]
-    notes = (f"\n{n} facts; recall = greedy continuation starts with the answer ({3 * n} trained-phrasing, "
-             f"{4 * n} rephrased cloze and {m['qa_prompts']} QA prompts; "
-             f"'one-fact' = each one-fact adapter alone on its own fact (its training-text loss: the mean over "
-             f"adapters, each on its own fact; its controls, NLL and passkey: the first adapter); "
-             f"'stacked' = all one-fact adapters summed, weight 1 each). Control: {m['controls']} facts of the "
-             f"world that the base model learnt in pre-training, asked as cloze and as QA, before -> after. "
-             f"NLL in nats per token on {m['stories']} held-out stories, before -> after; "
-             f"passkey: {m['passkey_trials']} trials at context {m['seq_len']}. LoRA on {m['targets']}, "
-             f"alpha = 2r, dropout {m['dropout']}, batch {m['batch']}, cutoff {m['seq_len']}, {m['schedule']}. "
-             f"Measured on {m['device']}, {m['dtype']}, torch {m['torch']}, preset {m['preset']}; "
-             f"{m['wall_s']} s in all.")
-    return "\n".join(lines) + "\n" + notes + "\n"
+    above = (f"{n} facts, LoRA on {m['targets']} (alpha 2r, dropout {m['dropout']}), batch {m['batch']}, cutoff "
+             f"{m['seq_len']}, {m['schedule']} | {m['device']}, {m['dtype']}, torch {m['torch']}, preset "
+             f"{m['preset']}, {m['wall_s']} s")
+    key = (f"Recall: greedy output starts with the answer ({3 * n} trained, {4 * n} rephrased, {m['qa_prompts']} QA "
+           f"prompts); controls: {m['controls']} pre-training facts; NLL: nats/token, {m['stories']} held-out stories; "
+           f"passkey: {m['passkey_trials']} trials. one-fact: each adapter on its own fact (loss: mean; controls, NLL, "
+           f"passkey: the first); stacked: all summed.")
+    return report.table(heads, cells, "md", above=above) + "\n\n" + key + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

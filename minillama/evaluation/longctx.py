@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..generate import generate
-from ..measuring.memory import kv_cache_bytes
+from ..measuring.memory import MiB, kv_cache_bytes
+from ..measuring.report import new_figure, save_figure, write_csv
 from ..model import Transformer
 from ..rope import ROPE_TYPES, check_scaling, scaling_type
 from .evaluate import check_fits, check_retrieval_fits, passkey_accuracy, perplexity
@@ -250,28 +251,12 @@ def load_variants(model_path, specs: Sequence[str], adapters: Sequence[str], max
         yield name, model, trained.max_seq_len
 
 
-# ---- tables and figures ----------------------------------------------------------------------------------
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no backend is switched (safe inside notebooks)
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _save(fig, path) -> Path:
-    import io
-
-    from ..files import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
-
-
+# ---- figures and files (in measuring.report's one style) -------------------------------------------------
 def plot_ppl(ppl: dict[str, dict[int, float]], path, trained: Optional[int] = None, title: str = "") -> Path:
     """Perplexity against context length, one line per variant ({variant: {context: ppl}}), log scales."""
     from matplotlib.ticker import FormatStrFormatter
 
-    fig = _figure(9, 5)
+    fig = new_figure(9, 5)
     ax = fig.add_subplot()
     every = sorted({int(c) for curve in ppl.values() for c in curve})
     for name, curve in ppl.items():
@@ -289,7 +274,7 @@ def plot_ppl(ppl: dict[str, dict[int, float]], path, trained: Optional[int] = No
     ax.set_title(title or "perplexity against context length")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_passkey(grids: dict[str, dict[int, dict[float, float]]], path, title: str = "") -> Path:
@@ -297,7 +282,7 @@ def plot_passkey(grids: dict[str, dict[int, dict[float, float]]], path, title: s
     n = len(grids)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig = _figure(3.0 * cols + 0.8, 2.6 * rows + 0.4)
+    fig = new_figure(3.0 * cols + 0.8, 2.6 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (name, grid) in zip(axes.flat, grids.items()):
         contexts = sorted(grid, key=int)
@@ -317,19 +302,19 @@ def plot_passkey(grids: dict[str, dict[int, dict[float, float]]], path, title: s
     fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_kv_cache(rows: list[dict], path, title: str = "") -> Path:
     """KV-cache MiB (measured and predicted) and decoding tokens/s against context length."""
-    fig = _figure(11, 4)
+    fig = new_figure(11, 4)
     mem, speed = fig.subplots(1, 2)
     xs = [r["context"] for r in rows]
-    mem.plot(xs, [r["measured_bytes"] / 2**20 for r in rows], marker="o", label="measured (cache buffers)")
-    mem.plot(xs, [r["predicted_bytes"] / 2**20 for r in rows], linestyle="--", marker="x",
+    mem.plot(xs, [r["measured_bytes"] / MiB for r in rows], marker="o", label="measured (cache buffers)")
+    mem.plot(xs, [r["predicted_bytes"] / MiB for r in rows], linestyle="--", marker="x",
              label="predicted (kv_cache_bytes)")
     mem.set_xlabel("context length (tokens)")
-    mem.set_ylabel("KV cache (MiB)")
+    mem.set_ylabel("KV cache (MiB = 1024**2 bytes)")
     mem.legend(fontsize=8)
     speed.plot(xs, [r["decode_tokens_per_s"] for r in rows], marker="o")
     speed.set_xlabel("context length (tokens)")
@@ -337,13 +322,11 @@ def plot_kv_cache(rows: list[dict], path, title: str = "") -> Path:
     for ax in (mem, speed):
         ax.grid(True, alpha=0.3)
     fig.suptitle(title or "KV cache against context length")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_rows(rows: list[dict], out_dir, meta: dict) -> dict[str, Path]:
     """results.json ({"meta", "rows"}) and results.csv (one line per row, nested dicts flattened) in out_dir."""
-    import csv
-    import io
     import json
 
     from ..files import atomic_write_text
@@ -352,11 +335,5 @@ def write_rows(rows: list[dict], out_dir, meta: dict) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv"}
     atomic_write_text(paths["json"], json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
-    flat = [{(f"{k}_{kk}" if isinstance(v, dict) else k): (vv if isinstance(v, dict) else v)
-             for k, v in r.items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])} for r in rows]
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
-    w.writeheader()
-    w.writerows(flat)
-    atomic_write_text(paths["csv"], buf.getvalue())
+    write_csv(rows, paths["csv"])
     return paths

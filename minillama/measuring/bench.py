@@ -12,8 +12,6 @@ e.g. {full, LoRA} x {fp32, bf16} without a second copy of this code.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import os
@@ -25,12 +23,12 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import dtype_name, parse_dtype
-from ..files import atomic_write_bytes, atomic_write_text
+from ..files import atomic_write_text
 from ..kernels import enable_kernels
 from .measure import CATEGORIES, Measurement, measure, model_flops_per_token
 from .memory import effective_amp, estimate_memory
-
-MiB = 1024**2
+from .report import (UNKNOWN, mib, percent, plot_bars, plot_memory, short_labels, table, where_measured,
+                     write_csv)
 
 
 @dataclass
@@ -343,196 +341,41 @@ def run_grid(make_model: Callable[[], torch.nn.Module], grid: str, *, preset: st
 
 
 def row_line(row: dict) -> str:
-    """One measured row on one line, each value after its column's name (the table's columns, empty ones left out)."""
+    """One measured row on one line, each value after its column's name (the table's columns; empty and
+    unknown values left out)."""
     cells = [(h, f(row)) for h, f in COLUMNS]
-    return cells[0][1] + ": " + ", ".join(f"{h} {v}" for h, v in cells[1:] if v)
+    return cells[0][1] + ": " + ", ".join(f"{h} {v}" for h, v in cells[1:] if v not in ("", UNKNOWN))
 
 
-# ---- tables and plots --------------------------------------------------------------------------
-def _mib(n) -> str:
-    return "" if n is None else f"{n / MiB:.2f}"
-
-
+# ---- tables (drawn by measuring.report) -----------------------------------------------------------
 COLUMNS = [  # (header, function of a row)
     ("configuration", lambda r: r["name"]),
-    ("peak MiB", lambda r: _mib(r.get("peak_memory_bytes"))),
-    ("predicted MiB", lambda r: _mib(r.get("predicted_peak_memory_bytes"))),
+    ("peak MiB", lambda r: mib(r.get("peak_memory_bytes"))),
+    ("predicted MiB", lambda r: mib(r.get("predicted_peak_memory_bytes"))),
     ("error", lambda r: f"{100 * r['prediction_error']:+.1f}%" if "prediction_error" in r else ""),
-    *[(f"{c} MiB", (lambda c: lambda r: _mib(r.get("memory_by_category", {}).get(c)))(c)) for c in CATEGORIES],
+    *[(f"{c} MiB", (lambda c: lambda r: mib(r.get("memory_by_category", {}).get(c)))(c)) for c in CATEGORIES],
     ("step ms", lambda r: f"{1000 * r['step_time_s']:.1f}" if "step_time_s" in r else ""),
     ("tokens/s", lambda r: f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else ""),
     ("GFLOP/step", lambda r: f"{r['flops_per_step'] / 1e9:.2f}" if "flops_per_step" in r else ""),
-    ("MFU", lambda r: (f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "unknown") if "step_time_s" in r
+    ("MFU", lambda r: (percent(r["mfu"]) if r.get("mfu") is not None else UNKNOWN) if "step_time_s" in r
      else r.get("error", "")),
 ]
 
 
 def describe(rows: list[dict]) -> str:
-    """Where the table was measured: device, dtype, torch, preset (from the first measured row)."""
-    r = next((r for r in rows if "device_name" in r), rows[0] if rows else {})
-    return (f"device: {r.get('device_name', '?')} | dtype: {r.get('dtype', '?')} | torch {r.get('torch', '?')} | "
-            f"preset: {r.get('preset', '?')} | MiB = 1024**2 bytes")
+    """One line above a table: the settings every row shares, where it was measured, the unit."""
+    shared = short_labels(rows, list(DIMENSIONS))[0] if len(rows) > 1 else ""
+    return (f"{shared} | " if shared else "") + where_measured(rows) + " | MiB = 1024**2 bytes"
 
 
 def format_table(rows: list[dict], fmt: str = "md", header: bool = True, name_width: int = 0) -> str:
-    """The rows as a markdown, plain-text or HTML table (with the measurement context above it).
+    """The rows as a markdown, plain-text or HTML table, each row named by what differs between the rows and
+    the rest said once above (header=False: the rows only, no line above and, in text, no column names).
     name_width: the least width of the text table's first column (rows printed one at a time then line up)."""
-    heads = [h for h, _ in COLUMNS]
-    cells = [[f(r) for _, f in COLUMNS] for r in rows]
-    if fmt == "html":
-        th = "".join(f"<th>{h}</th>" for h in heads)
-        trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells)
-        return f"<p>{describe(rows)}</p><table><tr>{th}</tr>{trs}</table>"
-    if fmt == "md":
-        lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-        lines += ["| " + " | ".join(row) + " |" for row in cells]
-        return (describe(rows) + "\n\n" if header else "") + "\n".join(lines)
-    if fmt == "text":
-        widths = [max(len(h), *(len(row[i]) for row in cells), name_width if i == 0 else 0)
-                  for i, h in enumerate(heads)]
-        line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
-        body = [line(row) for row in cells]
-        return "\n".join(([describe(rows), line(heads)] if header else []) + body)
-    raise ValueError(f"Table format {fmt!r} is unknown: expected 'md', 'text' or 'html'.")
-
-
-def _save_figure(fig, path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=FIG_DPI, format=Path(path).suffix.lstrip(".") or "png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-FIG_DPI = 120
-MAX_FIG_WIDTH_IN = 11.5  # 1,380 px at FIG_DPI: readable on a laptop screen and in a notebook
-SHORT = {"mode": str, "lora": lambda v: f"LoRA r{v}" if v else "full", "amp": lambda v: "fp32" if v == "off" else f"{v} AMP",
-         "accum": lambda v: f"accum {v}", "checkpointing": lambda v: ("ckpt" if v == 1 else f"ckpt every {v}") if v else "no ckpt",
-         "batch": lambda v: f"batch {v}", "seq_len": lambda v: f"seq {v}", "quant": lambda v: f"quant {v}"}
-
-
-def short_labels(rows: list[dict]) -> tuple[str, list[str]]:
-    """(the settings every row shares, one short label per row naming only what differs between rows)."""
-    keys = [k for k in DIMENSIONS if any(k in r for r in rows)]
-    word = lambda k, v: SHORT[k](v) if k in SHORT else f"{k}={v}"  # noqa: E731
-    varying = [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
-    shared = ", ".join(word(k, rows[0][k]) for k in keys if k not in varying and k in rows[0])
-    labels = [", ".join(word(k, r[k]) for k in varying if k in r) or r.get("name", "") for r in rows]
-    return shared, labels
-
-
-def _title(rows: list[dict]) -> str:
-    """Two lines: the shared settings, then where it was measured."""
-    shared, _ = short_labels(rows)
-    r = next((r for r in rows if "device_name" in r), rows[0] if rows else {})
-    return (f"{r.get('preset', '?')} model, {shared}\n"
-            f"{r.get('device_name', '?')}, torch {r.get('torch', '?')}, {r.get('dtype', '?')} master weights")
-
-
-def needs_log_scale(values) -> bool:
-    """A log axis when the positive values span a factor of 10 or more (a linear one would squash the rest)."""
-    v = [x for x in values if x > 0]
-    return bool(v) and max(v) >= 10 * min(v)
-
-
-def _figure(n_rows: int, n_panels: int = 1):
-    """A matplotlib Figure without pyplot: no backend is switched, so a notebook's own plots keep working."""
-    from matplotlib.figure import Figure
-
-    height = min(12.0, max(3.0, 0.3 * n_rows + 1.6))  # one bar per row, horizontal: labels stay on one line
-    fig = Figure(figsize=(MAX_FIG_WIDTH_IN if n_panels > 1 else 8.5, height))
-    axes = fig.subplots(1, n_panels, sharey=True, squeeze=False)
-    return fig, list(axes[0])
-
-
-def _memory_panel(ax, rows, labels) -> None:
-    y = range(len(rows))
-    left = [0.0] * len(rows)
-    for cat in CATEGORIES:
-        vals = [r["memory_by_category"][cat] / MiB for r in rows]
-        ax.barh(y, vals, left=left, label=cat, color=f"C{CATEGORIES.index(cat)}")
-        left = [a + v for a, v in zip(left, vals)]
-    ax.scatter([r["predicted_peak_memory_bytes"] / MiB for r in rows], y, color="black", marker="|", s=150,
-               label="predicted peak", zorder=3)
-    ax.set_yticks(list(y), labels, fontsize=8)
-    ax.invert_yaxis()  # first row on top, as in the table
-    ax.set_xlabel("peak memory (MiB = 1024**2 bytes)")
-    ax.legend(fontsize=7, loc="lower right")
-
-
-def _bar_panel(ax, rows, labels, key: str, scale: float, xlabel: str) -> None:
-    vals = [scale * r[key] for r in rows]
-    ax.barh(range(len(rows)), vals, color="tab:gray")
-    if "step_times_s" in rows[0] and key == "step_time_s":  # the spread of the timed repeats
-        lo = [scale * (r[key] - min(r["step_times_s"])) for r in rows]
-        hi = [scale * (max(r["step_times_s"]) - r[key]) for r in rows]
-        ax.errorbar(vals, range(len(rows)), xerr=[lo, hi], fmt="none", color="black", capsize=2)
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    if not ax.yaxis_inverted():
-        ax.invert_yaxis()
-    if needs_log_scale(vals):
-        ax.set_xscale("log")
-        xlabel += " (log scale)"
-    ax.set_xlabel(xlabel)
-
-
-def plot_memory(rows: list[dict], path) -> None:
-    """Horizontal stacked bars of peak memory by category per configuration, the prediction as a marker."""
-    rows = [r for r in rows if "memory_by_category" in r]
-    fig, (ax,) = _figure(len(rows))
-    _memory_panel(ax, rows, short_labels(rows)[1])
-    ax.set_title(_title(rows), fontsize=9)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def plot_bars(rows: list[dict], key: str, scale: float, xlabel: str, path) -> None:
-    """One horizontal bar per configuration of rows[i][key] * scale (runtime with its spread, FLOPs); a log
-    axis when the values span 10x or more."""
-    rows = [r for r in rows if key in r]
-    fig, (ax,) = _figure(len(rows))
-    _bar_panel(ax, rows, short_labels(rows)[1], key, scale, xlabel)
-    ax.set_title(_title(rows), fontsize=9)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def plot_lab(rows: list[dict], path) -> None:
-    """The lab grid in one figure: memory by category and step time side by side, one line per row."""
-    rows = [r for r in rows if "memory_by_category" in r]
-    fig, (ax_m, ax_t) = _figure(len(rows), 2)
-    labels = short_labels(rows)[1]
-    _memory_panel(ax_m, rows, labels)
-    _bar_panel(ax_t, rows, labels, "step_time_s", 1000, "step time (ms; bar: median, line: range of repeats)")
-    fig.suptitle(_title(rows), fontsize=10)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def plot_scaling(panels: dict[str, list[dict]], path) -> None:
-    """Measured peak memory (points, by category) against one grid dimension per panel, with the memory
-    model's prediction as a line. panels: {dimension: rows that differ only in that dimension}."""
-    from matplotlib.figure import Figure  # no pyplot: no backend is switched (see _figure)
-
-    fig = Figure(figsize=(min(MAX_FIG_WIDTH_IN, 5 * len(panels)), 4))
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (key, rows) in zip(axes[0], panels.items()):
-        rows = sorted((r for r in rows if "memory_by_category" in r), key=lambda r: r[key])
-        x = [r[key] for r in rows]
-        ax.plot(x, [r["predicted_peak_memory_bytes"] / MiB for r in rows], "k--", label="predicted peak")
-        ax.plot(x, [r["peak_memory_bytes"] / MiB for r in rows], "ko", label="measured peak")
-        for i, cat in enumerate(CATEGORIES):  # the colours of the stacked bars: C0, C1, ... in CATEGORIES order
-            ax.plot(x, [r["memory_by_category"][cat] / MiB for r in rows], "o-", ms=3, lw=1, color=f"C{i}",
-                    label=f"measured {cat}")
-        ax.set_xticks(x, [str(v) for v in x])  # a linear axis: memory linear in batch or length is a straight line
-        ax.set_xlabel({"batch": "batch (rows)", "seq_len": "sequence length (tokens)"}.get(key, key))
-        ax.set_ylabel("MiB (1024**2 bytes)")
-        ax.set_title(f"{short_labels(rows)[0]}", fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center right")  # beside the panels, over no data
-    r = rows[0] if rows else {}
-    fig.suptitle(f"peak memory of one training step, {r.get('preset', '?')} model, {r.get('device_name', '?')}",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
-    _save_figure(fig, path)
+    labels = short_labels(rows, list(DIMENSIONS))[1] if len(rows) > 1 else [r["name"] for r in rows]
+    cells = [[label] + [f(r) for _, f in COLUMNS[1:]] for label, r in zip(labels, rows)]
+    text = table([h for h, _ in COLUMNS], cells, fmt, above=describe(rows) if header else "", name_width=name_width)
+    return text if header or fmt != "text" else "\n".join(text.splitlines()[1:])
 
 
 # ---- what each technique does, derived from the measured rows -----------------------------------------
@@ -613,30 +456,8 @@ def format_effects(effects: list[dict]) -> str:
     """The qualitative table (markdown): each cell the word true of every pair, the median ratio on/off and
     its range; 'depends' says how many pairs went which way."""
     heads = ["technique", "pairs"] + [k for k, _ in EFFECT_KEYS]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for e in effects:
-        cells = [e["technique"], str(e["pairs"])] + [_effect_cell(e[k], k) for k, _ in EFFECT_KEYS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_csv(rows: list[dict], path) -> None:
-    """The rows as CSV: each dict-valued field (memory by category, ...) becomes one column per key,
-    named `<field>_<key>` (`*_by_category` fields: `<first word>_<category>_bytes`)."""
-    flat = []
-    for r in rows:
-        r = dict(r)
-        for key in [k for k, v in r.items() if isinstance(v, dict)]:
-            short = key.split("_")[0] + "_{}_bytes" if key.endswith("_by_category") else key + "_{}"
-            for sub, v in r.pop(key).items():
-                r[short.format(sub)] = v
-        flat.append(r)
-    fields = list(dict.fromkeys(k for r in flat for k in r))
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    w.writerows(flat)
-    atomic_write_text(path, buf.getvalue())
+    cells = [[e["technique"], str(e["pairs"])] + [_effect_cell(e[k], k) for k, _ in EFFECT_KEYS] for e in effects]
+    return table(heads, cells, "md")
 
 
 def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
@@ -651,14 +472,14 @@ def write_results(rows: list[dict], out_dir) -> dict[str, Path]:
     effects = technique_effects(rows)
     text = format_table(rows, "md") + "\n"
     if effects:
-        text += ("\nWhat each technique does over the pairs of rows that differ only in it (median ratio "
-                 "technique-on / technique-off and its range; 'same' within 3%, a step time within the spread of "
-                 "its repeats; 'depends' when the pairs disagree):\n\n" + format_effects(effects) + "\n")
+        text += ("\nWhat each technique does: median ratio on/off over the pairs of rows differing only in it "
+                 "('same': within 3%, or a step time within its repeats' spread):\n\n" + format_effects(effects) + "\n")
     atomic_write_text(paths["md"], text)
     if any("memory_by_category" in r for r in rows):
-        plot_memory(rows, paths["memory"])
-        plot_bars(rows, "step_time_s", 1000, "step time (ms)", paths["runtime"])
-        plot_bars(rows, "flops_per_step", 1e-9, "GFLOP per step", paths["flops"])
+        keys = list(DIMENSIONS)
+        plot_memory(rows, paths["memory"], keys)
+        plot_bars(rows, "step_time_s", 1000, "step time (ms)", paths["runtime"], keys)
+        plot_bars(rows, "flops_per_step", 1e-9, "GFLOP per step", paths["flops"], keys)
     return paths
 
 

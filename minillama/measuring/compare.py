@@ -43,8 +43,8 @@ from ..model import create_model
 from .measure import (alternate_times, count_flops, device_name, device_peak_flops, mfu,
                       model_flops_per_token, track_memory)
 from .memory import estimate_memory, kv_cache_bytes
+from .report import UNKNOWN, mib, percent, plot_bars, table, where_measured, write_csv
 
-MiB = 1024**2
 IMPLS = ("minillama", "hf")
 # |loss_minillama / loss_hf - 1| after the same steps: fp32 differs only by the order of additions; bf16 and
 # the 4-bit base by rounding at every op (each implementation rounds at other places).
@@ -509,13 +509,13 @@ def run_compare(s: Settings, rows=None, *, out_dir=None, progress: Callable[[str
     return results
 
 
-# ---- tables -----------------------------------------------------------------------------------------
-def _mib(n) -> str:
-    return "" if n is None else f"{n / MiB:.1f}"
-
-
+# ---- tables (drawn by measuring.report) -----------------------------------------------------------
 def _num(fmt: str):
     return lambda v: "" if v is None else format(v, fmt)
+
+
+def _mfu(v) -> str:
+    return UNKNOWN if v is None else percent(v)  # no published peak for this device (a CPU): dropped if all are
 
 
 COMPARE_COLUMNS = [  # (header, key, formatter)
@@ -523,12 +523,12 @@ COMPARE_COLUMNS = [  # (header, key, formatter)
     ("tok/s minillama", "minillama_tokens_per_s", _num(".0f")),
     ("tok/s HF", "hf_tokens_per_s", _num(".0f")),
     ("speed x", "tokens_per_s_ratio", _num(".2f")),
-    ("peak MiB minillama", "minillama_peak_memory_bytes", _mib),
-    ("peak MiB HF", "hf_peak_memory_bytes", _mib),
+    ("peak MiB minillama", "minillama_peak_memory_bytes", lambda v: mib(v, 1)),
+    ("peak MiB HF", "hf_peak_memory_bytes", lambda v: mib(v, 1)),
     ("memory x", "peak_memory_ratio", _num(".2f")),
-    ("predicted MiB", "predicted_peak_memory_bytes", _mib),
-    ("MFU minillama", "minillama_mfu", lambda v: "" if v is None else f"{100 * v:.1f}%"),
-    ("MFU HF", "hf_mfu", lambda v: "" if v is None else f"{100 * v:.1f}%"),
+    ("predicted MiB", "predicted_peak_memory_bytes", lambda v: mib(v, 1)),
+    ("MFU minillama", "minillama_mfu", _mfu),
+    ("MFU HF", "hf_mfu", _mfu),
     ("loss minillama", "minillama_loss", _num(".5f")),
     ("loss HF", "hf_loss", _num(".5f")),
     ("losses agree", "losses_agree", lambda v: "" if v is None else ("yes" if v else "NO")),
@@ -539,48 +539,36 @@ def _cells(r: dict) -> list[str]:
     if "skipped" in r or "error" in r:
         note = r.get("skipped") or r["error"]
         return [r["name"], f"skipped: {note}" if "skipped" in r else note] + [""] * 5 + [
-            _mib(r.get("predicted_peak_memory_bytes"))] + [""] * 5
+            mib(r.get("predicted_peak_memory_bytes"), 1)] + [""] * 5
     return [f(r.get(key)) for _, key, f in COMPARE_COLUMNS]
 
 
 def describe_compare(rows: list[dict], s: Optional[Settings] = None) -> str:
+    """One line above the table: where, the packages' versions, the sizes, which rows use kernels or compile."""
     r = rows[0] if rows else {}
-    sizes = f" | batch {s.batch}, seq {s.seq_len} (long: batch 1, seq {s.long_seq_len}), LoRA r={s.r}" if s else ""
+    parts = [where_measured(rows), f"transformers {r.get('transformers', '-')}, peft {r.get('peft', '-')}, "
+                                   f"bitsandbytes {r.get('bitsandbytes', '-')}"]
+    if s:
+        parts.append(f"batch {s.batch} x seq {s.seq_len} (long: 1 x {s.long_seq_len}), LoRA r{s.r}")
+    if any(x.get("kernels") for x in rows):  # their peak is not the plain autograd model's
+        parts.append("train rows: minillama with minillama.kernels, HF by autograd")
     compiled = next((x["compiled"] for x in rows if x.get("compiled", "none") != "none"), "none")
-    if compiled != "none":  # say it in the header: a compiled row is not the stack as students run it
-        sizes += (" | *-compiled rows: minillama's blocks torch.compiled, HF "
-                  + ("decoder layers compiled too" if compiled == "both" else "eager (as it runs by default)")
-                  + "; their memory is counted in an eager step (the tracker cannot see inside compiled code)")
-    kernels = [x["name"] for x in rows if x.get("kernels")]
-    if kernels:  # which rows run minillama.kernels: their peak is not the plain autograd model's
-        sizes += (f" | minillama with its hand-written backward passes (minillama.kernels) in "
-                  f"{'every train row' if len(kernels) == sum(x.get('kind') == 'train' for x in rows) else ', '.join(kernels)}"
-                  "; HF differentiated by autograd")
-    return (f"device: {r.get('device_name', '?')} | dtype: {r.get('dtype', '?')} | torch {r.get('torch', '?')}, "
-            f"transformers {r.get('transformers', '-')}, peft {r.get('peft', '-')}, bitsandbytes "
-            f"{r.get('bitsandbytes', '-')} | preset: {r.get('preset', '?')}{sizes} | MiB = 1024**2 bytes; "
-            f"ratios are minillama / HF")
+    if compiled != "none":  # not the stack as students run it; memory counted in an eager step
+        parts.append("*-compiled: minillama's blocks" + (" and HF's layers" if compiled == "both" else ", HF eager"))
+    return " | ".join(parts + ["MiB = 1024**2 bytes, ratios minillama / HF"])
 
 
 def format_compare(rows: list[dict], fmt: str = "md", header: bool = True, settings: Optional[Settings] = None) -> str:
-    """The compared rows as a markdown or plain-text table."""
-    heads = [h for h, _, _ in COMPARE_COLUMNS]
-    cells = [_cells(r) for r in rows]
-    if fmt == "md":
-        lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-        lines += ["| " + " | ".join(c) + " |" for c in cells]
-        return (describe_compare(rows, settings) + "\n\n" if header else "") + "\n".join(lines)
-    if fmt != "text":
+    """The compared rows as a markdown or plain-text table (header=False in text: the rows only)."""
+    if fmt not in ("md", "text"):
         raise ValueError(f"Table format {fmt!r} is unknown: expected 'md' or 'text'.")
-    widths = [max(len(h), 8) for h in heads]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(14) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
-    return "\n".join(([describe_compare(rows, settings), line(heads)] if header else []) + [line(c) for c in cells])
+    above = describe_compare(rows, settings) if header else ""
+    text = table([h for h, _, _ in COMPARE_COLUMNS], [_cells(r) for r in rows], fmt, above=above, name_width=14)
+    return text if header or fmt != "text" else "\n".join(text.splitlines()[1:])
 
 
 def write_compare(rows: list[dict], out_dir, s: Optional[Settings] = None) -> dict[str, Path]:
     """results.json (with the settings), results.csv, table.md, speed.png and memory.png in out_dir."""
-    from .bench import plot_bars, write_csv
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / v for k, v in (("json", "results.json"), ("csv", "results.csv"), ("md", "table.md"),
@@ -591,7 +579,9 @@ def write_compare(rows: list[dict], out_dir, s: Optional[Settings] = None) -> di
     atomic_write_text(paths["md"], format_compare(rows, "md", settings=s) + "\n")
     measured = [r for r in rows if "tokens_per_s_ratio" in r]
     if measured:
-        plot_bars(measured, "tokens_per_s_ratio", 1, "tokens/s, minillama / HF (>1: minillama faster)", paths["speed"])
+        names = [r["name"] for r in measured]
+        plot_bars(measured, "tokens_per_s_ratio", 1, "tokens/s, minillama / HF (>1: minillama faster)", paths["speed"],
+                  labels=names)
         plot_bars(measured, "peak_memory_ratio", 1, "peak memory, minillama / HF (<1: minillama smaller)",
-                  paths["memory"])
+                  paths["memory"], labels=names)
     return paths
