@@ -250,3 +250,43 @@ def _fit_together(configs, gpu_mem=None) -> bool:
     args = _model_args()
     need = sum(bench.predict_config(args, c, param_dtype=DTYPE, device="cuda").peak_bytes for c in configs)
     return need <= usable_bytes(_card_bytes(gpu_mem), "cuda")
+
+
+# --- notebooks 02-04 ---
+def time_change(times, base_times) -> str:
+    """'x1.23 faster', 'x1.10 slower' or 'within noise': step times taken alternately in one run against the base's;
+    a difference counts only when the ranges of the repeats do not overlap (the rule of `verdict`)."""
+    m, s = spread(times)
+    mb, sb = spread(base_times)
+    if abs(m - mb) <= s + sb:
+        return "within noise"
+    return f"x{max(m, mb) / max(min(m, mb), 1e-12):.2f} {'faster' if m < mb else 'slower'}"
+
+
+def step_verdict(name: str, times, base_name: str, base_times) -> str:
+    """One plain sentence: 'bf16 AMP: x1.23 faster step than fp32 (ranges do not overlap)', or 'bf16 AMP against
+    fp32: step time within noise (ranges overlap)'."""
+    change = time_change(times, base_times)
+    if change == "within noise":
+        return f"{name} against {base_name}: step time within noise (ranges overlap)"
+    return f"{name}: {change} step than {base_name} (ranges do not overlap)"
+
+
+def memory_time_table(memory: dict, times: dict, base: str, predicted: dict = None) -> str:
+    """Markdown: one line per setting with its memory at the peak by category and in all (MiB; memory:
+    {setting: {category: bytes}}), the memory model's peak (predicted: {setting: bytes}, optional) and the step
+    time taken alternately in this run (times: {setting: [seconds per round]}, median ± half the range) with its
+    change against the setting `base`, side by side."""
+    head = ["setting", *CATEGORIES, "peak", *(["predicted peak"] if predicted else []),
+            "step ms (alternated)", f"time vs {base}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, cats in memory.items():
+        t = times.get(name)
+        ms = "-" if t is None else "{:.1f} ± {:.1f}".format(*(1000 * v for v in spread(t)))
+        change = "-" if t is None or base not in times else "base" if name == base else time_change(t, times[base])
+        cells = [name, *(f"{cats.get(c, 0) / MiB:.2f}" for c in CATEGORIES), f"**{sum(cats.values()) / MiB:.2f}**",
+                 *([f"{predicted[name] / MiB:.2f}"] if predicted else []), ms, change]
+        lines.append("| " + " | ".join(cells) + " |")
+    return (f"MiB (1024**2 bytes) at the peak of one training step, by category; step time in ms over "
+            f"{len(next(iter(times.values()), []))} alternated rounds (median ± half the range) [{where(DEVICE)}]\n\n"
+            + "\n".join(lines))
