@@ -263,27 +263,29 @@ def time_change(times, base_times) -> str:
     return f"x{max(m, mb) / max(min(m, mb), 1e-12):.2f} {'faster' if m < mb else 'slower'}"
 
 
-def step_verdict(name: str, times, base_name: str, base_times) -> str:
+def step_verdict(name: str, times, base_name: str, base_times, what: str = "step") -> str:
     """One plain sentence: 'bf16 AMP: x1.23 faster step than fp32 (ranges do not overlap)', or 'bf16 AMP against
-    fp32: step time within noise (ranges overlap)'."""
+    fp32: step time within noise (ranges overlap)'; `what` names what was timed."""
     change = time_change(times, base_times)
     if change == "within noise":
-        return f"{name} against {base_name}: step time within noise (ranges overlap)"
-    return f"{name}: {change} step than {base_name} (ranges do not overlap)"
+        return f"{name} against {base_name}: {what} time within noise (ranges overlap)"
+    return f"{name}: {change} {what} than {base_name} (ranges do not overlap)"
 
 
-def memory_time_table(memory: dict, times: dict, base: str, predicted: dict = None) -> str:
+def memory_time_table(memory: dict, times: dict, base, predicted: dict = None, base_name: str = None) -> str:
     """Markdown: one line per setting with its memory at the peak by category and in all (MiB; memory:
     {setting: {category: bytes}}), the memory model's peak (predicted: {setting: bytes}, optional) and the step
     time taken alternately in this run (times: {setting: [seconds per round]}, median ± half the range) with its
-    change against the setting `base`, side by side."""
+    change against its base, side by side. base: one setting, or {setting: its base setting}; base_name: what the
+    last column's header calls the base (default: the base setting's name)."""
+    bases = base if isinstance(base, dict) else {name: base for name in memory}
     head = ["setting", *CATEGORIES, "peak", *(["predicted peak"] if predicted else []),
-            "step ms (alternated)", f"time vs {base}"]
+            "step ms (alternated)", f"time vs {base_name or base}"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, cats in memory.items():
-        t = times.get(name)
+        t, b = times.get(name), bases.get(name)
         ms = "-" if t is None else "{:.1f} ± {:.1f}".format(*(1000 * v for v in spread(t)))
-        change = "-" if t is None or base not in times else "base" if name == base else time_change(t, times[base])
+        change = "-" if t is None or b not in times else "base" if name == b else time_change(t, times[b])
         cells = [name, *(f"{cats.get(c, 0) / MiB:.2f}" for c in CATEGORIES), f"**{sum(cats.values()) / MiB:.2f}**",
                  *([f"{predicted[name] / MiB:.2f}"] if predicted else []), ms, change]
         lines.append("| " + " | ".join(cells) + " |")
