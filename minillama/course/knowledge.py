@@ -329,8 +329,9 @@ ROW_KEYS = ("setting", "r", "alpha", "epochs", "lr", "steps", "trainable_params"
             "train_s")
 
 
-def format_table(results: dict) -> str:
-    """A markdown table of the rows (NLL in nats per token; before -> after)."""
+def format_table(results: dict, notes: bool = True) -> str:
+    """A markdown table of the rows (NLL in nats per token; before -> after), and under it (notes=True) what each
+    column means and where the rows were measured."""
     m, b = results["meta"], results["base"]
     head = ("| adapter | r | epochs | lr | steps | trainable params | training-text loss | recall trained | "
             "recall rephrased | recall QA | control cloze | control QA | stories NLL | passkey |")
@@ -346,6 +347,8 @@ def format_table(results: dict) -> str:
                      f"{r['control_qa_before']:.2f} -> {r['control_qa']:.2f} | "
                      f"{r['stories_nll_before']:.3f} -> {r['stories_nll']:.3f} | "
                      f"{r['passkey_before']:.2f} -> {r['passkey']:.2f} |")
+    if not notes:
+        return "\n".join(lines) + "\n"
     n = m["facts"]
     notes = (f"\n{n} facts; recall = greedy continuation starts with the answer ({3 * n} trained-phrasing, "
              f"{4 * n} rephrased cloze and {m['qa_prompts']} QA prompts; "
