@@ -272,12 +272,14 @@ def step_verdict(name: str, times, base_name: str, base_times, what: str = "step
     return f"{name}: {change} {what} than {base_name} (ranges do not overlap)"
 
 
-def memory_time_table(memory: dict, times: dict, base, predicted: dict = None, base_name: str = None) -> str:
+def memory_time_table(memory: dict, times: dict, base, predicted: dict = None, base_name: str = None,
+                      context: str = "") -> str:
     """Markdown: one line per setting with its memory at the peak by category and in all (MiB; memory:
     {setting: {category: bytes}}), the memory model's peak (predicted: {setting: bytes}, optional) and the step
     time taken alternately in this run (times: {setting: [seconds per round]}, median ± half the range) with its
     change against its base, side by side. base: one setting, or {setting: its base setting}; base_name: what the
-    last column's header calls the base (default: the base setting's name)."""
+    last column's header calls the base (default: the base setting's name); context: what every row shares (batch,
+    sequence length, dtype, model), said above the table with the device."""
     bases = base if isinstance(base, dict) else {name: base for name in memory}
     head = ["setting", *CATEGORIES, "peak", *(["predicted peak"] if predicted else []),
             "step ms (alternated)", f"time vs {base_name or base}"]
@@ -289,6 +291,7 @@ def memory_time_table(memory: dict, times: dict, base, predicted: dict = None, b
         cells = [name, *(f"{cats.get(c, 0) / MiB:.2f}" for c in CATEGORIES), f"**{sum(cats.values()) / MiB:.2f}**",
                  *([f"{predicted[name] / MiB:.2f}"] if predicted else []), ms, change]
         lines.append("| " + " | ".join(cells) + " |")
-    return (f"MiB (1024**2 bytes) at the peak of one training step, by category; step time in ms over "
-            f"{len(next(iter(times.values()), []))} alternated rounds (median ± half the range) [{where(DEVICE)}]\n\n"
+    return (f"{context + ': ' if context else ''}MiB (1024**2 bytes) at the peak of one training step, by category; "
+            f"step time in ms over {len(next(iter(times.values()), []))} alternated rounds (median ± half the range) "
+            f"[{where(DEVICE)}]\n\n"
             + "\n".join(lines))
