@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 
 import minillama  # noqa: E402
 from minillama.course.paths import corpora_dir, tiny_model_dir  # noqa: E402
-from minillama.measuring import bench  # noqa: E402
+from minillama.measuring import bench, report  # noqa: E402
 from minillama.measuring.measure import CATEGORIES, alternate_times, device_name  # noqa: E402
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3  # binary units, everywhere in the notebooks
@@ -104,7 +104,6 @@ def show_table(rows):
 def show_memory_plot(rows, name):
     from IPython.display import Image, display
 
-    from minillama.measuring import report
 
     out = REPO / "runs" / "notebooks"
     out.mkdir(parents=True, exist_ok=True)
@@ -274,3 +273,48 @@ def repeats_ngram(ids, n: int) -> bool:
             return True
         seen.add(key)
     return False
+
+
+# --- notebooks 02-04 ---
+def time_change(times, base_times) -> str:
+    """'x1.23 faster', 'x1.10 slower' or 'within noise': step times taken alternately in one run against the base's;
+    a difference counts only when the ranges of the repeats do not overlap (the rule of `verdict`)."""
+    m, s = spread(times)
+    mb, sb = spread(base_times)
+    if abs(m - mb) <= s + sb:
+        return "within noise"
+    return f"x{max(m, mb) / max(min(m, mb), 1e-12):.2f} {'faster' if m < mb else 'slower'}"
+
+
+def step_verdict(name: str, times, base_name: str, base_times, what: str = "step") -> str:
+    """One plain sentence: 'bf16 AMP: x1.23 faster step than fp32 (ranges do not overlap)', or 'bf16 AMP against
+    fp32: step time within noise (ranges overlap)'; `what` names what was timed."""
+    change = time_change(times, base_times)
+    if change == "within noise":
+        return f"{name} against {base_name}: {what} time within noise (ranges overlap)"
+    return f"{name}: {change} {what} than {base_name} (ranges do not overlap)"
+
+
+def memory_time_table(memory: dict, times: dict, base, predicted: dict = None, base_name: str = None,
+                      context: str = "") -> str:
+    """Markdown: one line per setting with its memory at the peak by category and in all (MiB; memory:
+    {setting: {category: bytes}}), the memory model's peak (predicted: {setting: bytes}, optional) and the step
+    time taken alternately in this run (times: {setting: [seconds per round]}, median ± half the range) with its
+    change against its base, side by side. base: one setting, or {setting: its base setting}; base_name: what the
+    last column's header calls the base (default: the base setting's name); context: what every row shares (batch,
+    sequence length, dtype, model), said above the table with the device."""
+    bases = base if isinstance(base, dict) else {name: base for name in memory}
+    head = ["setting", *CATEGORIES, "peak", *(["predicted peak"] if predicted else []),
+            "step ms (alternated)", f"time vs {base_name or base}"]
+    rows = []
+    for name, cats in memory.items():
+        t, b = times.get(name), bases.get(name)
+        ms = "-" if t is None else "{:.1f} ± {:.1f}".format(*(1000 * v for v in spread(t)))
+        change = "-" if t is None or b not in times else "base" if name == b else time_change(t, times[b])
+        cells = [name, *(f"{cats.get(c, 0) / MiB:.2f}" for c in CATEGORIES), f"**{sum(cats.values()) / MiB:.2f}**",
+                 *([f"{predicted[name] / MiB:.2f}"] if predicted else []), ms, change]
+        rows.append(cells)
+    above = (f"{context + ': ' if context else ''}MiB (1024**2 bytes) at the peak of one training step, by category; "
+             f"step time in ms over {len(next(iter(times.values()), []))} alternated rounds (median ± half the range) "
+             f"[{where(DEVICE)}]")
+    return report.table(head, rows, "md", above=above)

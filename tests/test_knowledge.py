@@ -79,3 +79,13 @@ def test_one_fact_two_epochs_run(tmp_path):
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 1 + 1 + 3  # header (under the settings line), base row, three adapter rows
+
+
+def test_format_table_without_notes_keeps_the_rows():
+    """notes=False (notebook 02's shipped tables) drops the settings line and the key, not a row: every line of
+    the short table stands in the full one."""
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "results" / "knowledge-all-3facts" / "results.json"
+    res = json.loads(path.read_text())
+    full, short = knowledge.format_table(res), knowledge.format_table(res, notes=False)
+    assert set(short.strip().splitlines()) < set(full.strip().splitlines()) and "held-out stories" in full and "held-out stories" not in short
+    assert short.count("\n| single |") == len(res["rows"]) == 1  # the header, the base model and the one row

@@ -330,9 +330,9 @@ ROW_KEYS = ("setting", "r", "alpha", "epochs", "lr", "steps", "trainable_params"
             "train_s")
 
 
-def format_table(results: dict) -> str:
-    """A markdown table of the rows (measuring.report.table): the settings every row shares in one line above,
-    a short key below (before -> after; NLL in nats per token)."""
+def format_table(results: dict, notes: bool = True) -> str:
+    """A markdown table of the rows (measuring.report.table): with notes, the settings every row shares in one line
+    above and a short key below (before -> after; NLL in nats per token); notes=False: the rows alone."""
     m, b = results["meta"], results["base"]
     heads = ["adapter", "r", "epochs", "lr", "steps", "trainable params", "training-text loss", "recall trained",
              "recall rephrased", "recall QA", "control cloze", "control QA", "stories NLL", "passkey"]
@@ -347,6 +347,8 @@ def format_table(results: dict) -> str:
                       f"{r['control_qa_before']:.2f} -> {r['control_qa']:.2f}",
                       f"{r['stories_nll_before']:.3f} -> {r['stories_nll']:.3f}",
                       f"{r['passkey_before']:.2f} -> {r['passkey']:.2f}"])
+    if not notes:
+        return report.table(heads, cells, "md") + "\n"
     n = m["facts"]
     above = (f"{n} facts, LoRA on {m['targets']} (alpha 2r, dropout {m['dropout']}), batch {m['batch']}, cutoff "
              f"{m['seq_len']}, {m['schedule']} | {m['device']}, {m['dtype']}, torch {m['torch']}, preset "
