@@ -11,7 +11,7 @@ from minillama.kernels import enable_kernels
 from minillama.measuring.measure import MemoryTracker
 from minillama.measuring.memory import (CATEGORIES, LINEARS, estimate_memory, format_bytes, llama3_8b_budget,
                               parameter_count, qlora_budget_table)
-from minillama.training.train import TrainConfig, make_optimizer
+from minillama.training import TrainConfig, make_optimizer
 
 GiB = 1024**3
 

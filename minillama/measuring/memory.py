@@ -61,7 +61,7 @@ from typing import Optional
 
 from ..config import DTYPES, ModelArgs, get_preset, parse_dtype
 from ..lora import ADAPTER_DTYPE, TARGETS, lora_parameter_count, normalise_targets
-from ..training.train import AMP_MODES, OPTIMIZERS, adamw_is_fused
+from ..training.config import AMP_MODES, OPTIMIZERS, adamw_is_fused
 from .measure import CATEGORIES
 
 MODES = ("train", "inference", "eval")  # eval: a no-grad forward that also computes the loss
