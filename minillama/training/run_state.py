@@ -172,13 +172,16 @@ def write_checkpoint(path, model: Transformer, optimizer, scaler, step: int, cfg
                             f"checkpoint (if any) is untouched.") from e
 
 
-def find_checkpoint(out_dir: Path) -> Optional[Path]:
-    """out_dir/checkpoint, or the previous one set aside by a save that was killed between its two renames."""
+def find_checkpoint(out_dir: Path) -> Path:
+    """out_dir/checkpoint, or the previous one set aside by a save that was killed between its two renames;
+    FileNotFoundError when there is neither."""
     ckpt = out_dir / "checkpoint"
     if (ckpt / TRAIN_STATE).exists():
         return ckpt
     old = sorted((p for p in out_dir.glob(".checkpoint.old-*") if not p.is_symlink()), key=lambda p: p.stat().st_mtime)
-    return old[-1] if old and (old[-1] / TRAIN_STATE).exists() else None
+    if old and (old[-1] / TRAIN_STATE).exists():
+        return old[-1]
+    raise FileNotFoundError(f"Cannot resume: {ckpt / TRAIN_STATE} does not exist.")
 
 
 def read_train_state(ckpt: Path, without_optimizer: bool = False) -> dict:

@@ -203,22 +203,22 @@ def memory_mib(device: torch.device) -> float:
 
 
 # ---- the loop ------------------------------------------------------------------------------------
+# out_dir/log.jsonl holds one record per optimizer step: step, loss, lr, tokens (positions processed so far,
+# padding included), target_tokens (positions with a label so far), tokens_per_s and target_tokens_per_s (the
+# same two counts per second of this step), grad_norm, skipped, mem_mib (this step's peak: CUDA allocated, or the
+# process's resident set on CPU), scale (with fp16's GradScaler), and every eval_every steps the held-out loss per
+# target token: val_loss for the set named "val", val_loss_<name> for another (val_key).
 def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_dir, *, tokenizer=None,
           resume: bool = False, progress: bool = True, strict_amp: bool = False, strategy: str = "auto",
           stop_at: Optional[int] = None) -> list[dict]:
     """Train `model` in place; returns the log records of the steps run now.
 
-    train_data: packed rows (inputs, targets) or an SFTDataset; val_data: {name: the same kinds}.
-    Writes out_dir/log.jsonl (per optimizer step: step, loss, lr, tokens (positions processed so far,
-    padding included), target_tokens (positions with a label so far), tokens_per_s and
-    target_tokens_per_s (the same two counts per second of this step), grad_norm, skipped, mem_mib (this
-    step's peak: CUDA allocated, or the process's resident set on CPU), and every eval_every steps the held-out loss
-    per target token: val_loss for the set named "val", val_loss_<name> for another) and
-    out_dir/checkpoint/ every save_every steps and at the end. resume=True continues from out_dir/checkpoint: same batches, same schedule,
-    same RNG, so the log continues as the uninterrupted run's would (on CPU, exactly).
-    Under torchrun (several processes) `strategy` picks DDP or FSDP (training/distributed.py); rank 0 alone
-    holds the run folder's lock and writes the log and the checkpoints. stop_at=k stops after step k with a
-    checkpoint (a job's time limit); --resume continues as if it had not stopped.
+    train_data: packed rows (inputs, targets) or an SFTDataset; val_data: {name: the same kinds}. Writes
+    out_dir/log.jsonl (the fields above) and out_dir/checkpoint/ every save_every steps and at the end.
+    resume=True continues from out_dir/checkpoint: same batches, same schedule, same RNG, so the log continues as
+    the uninterrupted run's would (on CPU, exactly). Under torchrun (several processes) `strategy` picks DDP or
+    FSDP (distributed.py); rank 0 alone holds the run folder's lock and writes the log and the checkpoints.
+    stop_at=k stops after step k with a checkpoint (a job's time limit); resume continues as if it had not stopped.
     """
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
@@ -245,13 +245,8 @@ def train(model: Transformer, train_data, val_data: dict, cfg: TrainConfig, out_
             if cfg.compile and strategy == "fsdp":
                 raise ValueError("TrainConfig.compile with FSDP is not supported here (FSDP wraps the blocks that "
                                  "compile_blocks compiles); use DDP, or train without --compile.")
-            state = None
-            if resume:
-                ckpt = find_checkpoint(out_dir)
-                if ckpt is None:
-                    raise FileNotFoundError(f"Cannot resume: {out_dir / 'checkpoint' / 'train_state.pt'} does not "
-                                            f"exist.")
-                state = restore_weights(ckpt, model, cfg, strategy)  # before wrapping: FSDP shards what is loaded
+            # the checkpoint's weights before wrapping: FSDP shards what is loaded here
+            state = restore_weights(find_checkpoint(out_dir), model, cfg, strategy) if resume else None
             runner = distributed.wrap(model, strategy, amp)
             optimizer = make_optimizer(runner, cfg)
             scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
