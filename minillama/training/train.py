@@ -1,6 +1,7 @@
 """The training loop, one for every lesson: pre-training the tiny model, SFT, LoRA, long context.
 
-Each technique of the course is switched by TrainConfig and lives in one place here:
+Each technique of the course is switched by TrainConfig (config.py); those that change the model are applied
+before the first step by techniques.prepare_model, the others run in the loop below:
 
 * LoRA (`lora_r` > 0): `minillama.lora.apply_lora` before the first step; only the adapters train and
   checkpoints hold the adapter, not the model.
