@@ -124,7 +124,7 @@ def test_compile_bad_input(tmp_path, capsys, monkeypatch):
 def test_a_compile_failure_costs_its_row_only(monkeypatch):
     """A GPU slot is short: a compiler error (Triton, C++) is recorded in its row and the next row still runs;
     the same error in an eager row is a bug and is raised."""
-    monkeypatch.setattr(T, "compile_problem", lambda device: None)
+    monkeypatch.setattr(techniques, "compile_problem", lambda device: None)
 
     def fails(row, s):
         raise RuntimeError("CppCompileError: C++ compile error\n(the compiler's log)")
