@@ -9,7 +9,7 @@ the fewest tensors for the backward pass and recomputing cheap element-wise resu
     SiLUMulLinear       w2(silu(w1 x) * w3 x)  keeps w1 x and w3 x (not w2's input p), for a plain trainable w2
     LinearCrossEntropy  the loss               keeps its gradients only (never every position's logits)
 
-They are switched on from outside, as torch.compile (training.train.compile_blocks) and LoRA are:
+They are switched on from outside, as torch.compile (training.techniques.compile_blocks) and LoRA are:
 enable_kernels(model) gives each RMSNorm and FeedForward and the model's loss an instance-level method that
 shadows the class's; disable_kernels(model) deletes them. Values and gradients equal the plain model's
 (tests/test_kernels.py). Without a backward pass (torch.no_grad: evaluation, generation) the plain forward

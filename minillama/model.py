@@ -12,7 +12,7 @@
 
 The plain formulas, as the paper and Meta's code write them, differentiated by autograd. Every technique of
 the course is a flag or a wrapper on this one model, never a copy: LoRA (lora.py), 4-bit weights (quant.py),
-the hand-written backward passes that keep fewer tensors (kernels.py), torch.compile (training.train).
+the hand-written backward passes that keep fewer tensors (kernels.py), torch.compile (training.techniques).
 """
 
 from __future__ import annotations

@@ -196,17 +196,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ---- the command line's TYPE:FACTOR ------------------------------------------------------------------
 def scaling_from_spec(spec: str, original: int, flag: str = "--rope-scaling") -> Optional[dict]:
-    """The rope_scaling dict of a command-line spec: "linear:4", "ntk:4", "dynamic:4", "yarn:4", "llama3:8",
-    or "none" (None: the position table is only extended, no interpolation). `original` is the window the
-    checkpoint was trained with; it becomes original_max_position_embeddings where the method needs it."""
-    valid = ("none",) + ROPE_TYPES
+    """The rope_scaling dict of a spec written "TYPE:FACTOR" ("linear:4", "ntk:4", "dynamic:4", "yarn:4",
+    "llama3:8"; `minillama train --rope-scaling`, `minillama eval --variants`), or "none" / "base" (None: the
+    trained angles, the position table only extended). `flag` names the spec in an error.
+
+    `original` is the window the checkpoint was trained with. It becomes original_max_position_embeddings only
+    for the methods that read it (NEEDS_ORIGINAL), as in transformers: its rope init functions read it for yarn
+    and llama3, while its linear and dynamic read no such key (their config check warns of it as unrecognised;
+    HF's dynamic takes config.max_position_embeddings as the trained window: minillama's dynamic keeps the window
+    in the dict, and the HF export moves it there). ntk, which HF has no type for, reads none either."""
     text = spec.strip().lower() if isinstance(spec, str) else spec
-    if text == "none":
+    if text in ("none", "base"):
         return None
     kind, sep, factor = text.partition(":") if isinstance(text, str) else (None, "", "")
     if kind not in ROPE_TYPES:
-        raise ValueError(f"{flag} {spec!r}: unknown type {kind!r}: expected TYPE:FACTOR with TYPE one of {valid} "
-                         f"(e.g. linear:4), or none.")
+        raise ValueError(f"{flag} {spec!r}: unknown type {kind!r}: expected TYPE:FACTOR with TYPE one of "
+                         f"{ROPE_TYPES} (e.g. linear:4), or none (also written base).")
     try:
         value = float(factor)
     except ValueError:

@@ -74,8 +74,9 @@ def spm_path(tmp_path_factory):
 def killed_at_batch(monkeypatch):
     """kill(n): the training loop's batch stream raises KeyboardInterrupt while fetching batch n (0-based), as if
     the process were killed there; restore() puts the real stream back for the resumed run."""
-    import minillama.training.train as T
+    import importlib
 
+    T = importlib.import_module("minillama.training.train")  # the loop's module (the package's `train` is the function)
     real = T.batches
 
     def kill(n):

@@ -17,7 +17,8 @@ from minillama.cli.doctor import (BNB_KERNELS_LOGGER, bnb_cpu_4bit_path, cpu_bf1
                                   read_cpuinfo, silence_bitsandbytes_kernels_warning)
 from minillama.course.paths import corpora_dir, tiny_model_dir
 from minillama.measuring import bench
-from minillama.training.train import progress_text, resolve_amp
+from minillama.training.config import resolve_amp
+from minillama.training.train import progress_text
 
 TINY = tiny_model_dir()
 needs_tiny = pytest.mark.skipif(not (TINY / "model.safetensors").exists(), reason="the shipped tiny model is missing")

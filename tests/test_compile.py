@@ -1,4 +1,4 @@
-"""torch.compile of the blocks (training.train.compile_blocks, TrainConfig.compile, train --compile, bench --compare
+"""torch.compile of the blocks (training.techniques.compile_blocks, TrainConfig.compile, train --compile, bench --compare
 hf --compile): the same values and gradients as the eager model and as HF, the same checkpoints, the blocks plain
 again after training, and the comparison's timed steps still compiled after its tracked ones.
 
@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-import minillama.training.train as T
 from minillama import ModelArgs, create_model
 from minillama.cli.main import main
 from minillama.measuring import compare
 from minillama.rope import apply_rope, rope_cos_sin
-from minillama.training.train import TrainConfig, compile_blocks, compile_problem, train
+from minillama.training import TrainConfig, compile_blocks, techniques, train
+from minillama.training.techniques import compile_problem
 
 needs_compiler = pytest.mark.skipif(compile_problem("cpu") is not None, reason=str(compile_problem("cpu")))
 SMALL = compare.Settings(batch=2, seq_len=32, repeats=1, warmup=1)
@@ -104,7 +104,7 @@ def test_compile_bad_input(tmp_path, capsys, monkeypatch):
         TrainConfig(compile="yes")
     assert main(["bench", "--compile-hf", "--out", str(tmp_path / "grid")]) == 2
     assert "--compile-hf is for --compare hf" in capsys.readouterr().err
-    monkeypatch.setattr(T.shutil, "which", lambda name: None)  # no C++ compiler on this machine
+    monkeypatch.setattr(techniques.shutil, "which", lambda name: None)  # no C++ compiler on this machine
     assert "needs a C++ compiler" in compile_problem("cpu")
     row = compare.compare_row(compare.ROWS["full-compiled"], SMALL)  # skipped, saying why; nothing is built
     assert "needs a C++ compiler" in row["skipped"] and row["compiled"] == "minillama"
@@ -124,7 +124,7 @@ def test_compile_bad_input(tmp_path, capsys, monkeypatch):
 def test_a_compile_failure_costs_its_row_only(monkeypatch):
     """A GPU slot is short: a compiler error (Triton, C++) is recorded in its row and the next row still runs;
     the same error in an eager row is a bug and is raised."""
-    monkeypatch.setattr(T, "compile_problem", lambda device: None)
+    monkeypatch.setattr(techniques, "compile_problem", lambda device: None)
 
     def fails(row, s):
         raise RuntimeError("CppCompileError: C++ compile error\n(the compiler's log)")
@@ -139,7 +139,7 @@ def test_a_compile_failure_costs_its_row_only(monkeypatch):
 def test_doctor_says_whether_compile_is_usable(monkeypatch):
     from minillama.cli.doctor import compile_support
 
-    monkeypatch.setattr(T.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(techniques.shutil, "which", lambda name: "/usr/bin/g++")
     assert compile_support("cpu").startswith("usable on cpu (train --compile")
-    monkeypatch.setattr(T.shutil, "which", lambda name: None)
+    monkeypatch.setattr(techniques.shutil, "which", lambda name: None)
     assert compile_support("cpu").startswith("torch.compile needs a C++ compiler for the CPU")

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import minillama.training.train as T
 from minillama.cli.main import main
 from minillama.course.paths import corpora_dir, tiny_model_dir
-from minillama.training import distributed
+from minillama.training import distributed, run_state
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--model", str(tiny_model_dir()), "--data", str(corpora_dir() / "stories_val.jsonl"), "--max-len", "33",
@@ -48,7 +47,7 @@ def test_ddp_lora_equals_one_process(tmp_path):
     assert one.keys() == two.keys()
     for k in one:
         assert float((one[k] - two[k]).abs().max()) <= 1e-7, k
-    state = T._read_train_state(tmp_path / "two" / "checkpoint")  # each rank's own random states (issue 28)
+    state = run_state.read_train_state(tmp_path / "two" / "checkpoint")  # each rank's own random states (issue 28)
     assert len(state["rng_ranks"]) == 2 and state["rng"] is not None
 
 
@@ -212,19 +211,19 @@ def test_each_rank_restores_its_own_random_states(monkeypatch):
     issue 28 every rank got rank 0's CUDA states, so rank r's dropout masks restarted from another stream."""
     import torch
 
-    from minillama.training.train import TrainConfig
+    from minillama.training import TrainConfig
 
     ranks = [{"torch": torch.get_rng_state(), "python": None, "tag": r} for r in range(2)]
-    state = T._train_state(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+    state = run_state._train_state(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
                            torch.amp.GradScaler("cpu", enabled=False), 1, TrainConfig(), ranks)
     assert state["rng_ranks"] == ranks and state["rng"] is ranks[0]
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     for r in (0, 1):
         monkeypatch.setattr(distributed, "rank", lambda r=r: r)
-        assert T._own_rng_state(state)["tag"] == r
+        assert run_state._own_rng_state(state)["tag"] == r
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
-    assert T._own_rng_state(state)["tag"] == 0
-    assert T._own_rng_state({"rng": ranks[1]})["tag"] == 1  # an older checkpoint: rng only
+    assert run_state._own_rng_state(state)["tag"] == 0
+    assert run_state._own_rng_state({"rng": ranks[1]})["tag"] == 1  # an older checkpoint: rng only
 
 
 def test_a_checkpoint_save_gets_a_timeout_that_grows_with_its_size(one_rank_group, monkeypatch):
@@ -252,6 +251,6 @@ def test_a_rank_other_than_0_leaves_the_optimizer_state_on_disk(tmp_path):
 
     state = {"step": 2, "optimizer": {"state": {0: {"exp_avg": torch.ones(1000)}}, "param_groups": []},
              "scaler": {}, "rng": {}, "config": {}}
-    torch.save(state, tmp_path / T.TRAIN_STATE)
-    assert T._read_train_state(tmp_path, without_optimizer=True)["optimizer"] is None
-    assert T._read_train_state(tmp_path)["optimizer"]["state"][0]["exp_avg"].sum() == 1000
+    torch.save(state, tmp_path / run_state.TRAIN_STATE)
+    assert run_state.read_train_state(tmp_path, without_optimizer=True)["optimizer"] is None
+    assert run_state.read_train_state(tmp_path)["optimizer"]["state"][0]["exp_avg"].sum() == 1000

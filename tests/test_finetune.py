@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import minillama
-import minillama.training.train as T
 from minillama import ModelArgs, create_model
 from minillama.measuring import bench
+from minillama.training import TrainConfig, evaluate_loss, make_optimizer, train, train_step
+from minillama.training.config import resolve_amp
 from minillama.training.data import (IGNORE_INDEX, SFTDataset, alpaca_prompt, collate, load_sft, read_alpaca,
                             split_held_out, tokenize_sft)
-from minillama.training.train import TrainConfig, resolve_amp, train, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "data" / "tiny"
@@ -307,7 +307,7 @@ def test_an_8bit_optimizer_without_bitsandbytes_says_how_to_install(monkeypatch)
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(ImportError, match="needs bitsandbytes, which is not installed"):
-        T.make_optimizer(small_model(), TrainConfig(optimizer="adamw8bit"))
+        make_optimizer(small_model(), TrainConfig(optimizer="adamw8bit"))
 
 
 # ---- the CLI and the shipped model -------------------------------------------------------------------
@@ -354,7 +354,7 @@ def test_sft_of_the_tiny_model_lowers_validation_loss(tmp_path):
     val, _ = load_sft(CORPORA / "instructions_val.json", tok, 256, pad_id=tok.eos_id)
     cfg = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=4, lora_r=16, lora_alpha=32,
                       lora_dropout=0.05, eval_every=40, save_every=40)
-    before = T.evaluate_loss(tiny, val, batch_size=16)
+    before = evaluate_loss(tiny, val, batch_size=16)
     log = train(tiny, data, {"val": val}, cfg, tmp_path, progress=False)
     assert log[-1]["val_loss"] < 0.6 * before
 

@@ -9,7 +9,7 @@ from minillama.config import ModelArgs
 from minillama.kernels import disable_kernels, enable_kernels, kernels_enabled
 from minillama.lora import apply_lora
 from minillama.model import RMSNorm, create_model
-from minillama.training.train import TrainConfig, prepare_model
+from minillama.training import TrainConfig, prepare_model
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16, max_seq_len=32)
 

@@ -14,6 +14,7 @@ from minillama import ModelArgs, create_model, load_tokenizer, save_model
 from minillama.cli.main import main
 from minillama.course.paths import tiny_model_dir
 from minillama.measuring.memory import kv_cache_bytes
+from minillama.rope import scaling_from_spec
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=16, max_seq_len=512)
 
@@ -126,14 +127,16 @@ def test_kv_cache_profile_refuses_a_cache_that_cannot_fit(monkeypatch):
     assert all(layer.attention.cache is None for layer in m.layers)  # refused before setup_cache
 
 
-def test_variant_scaling():
-    assert lc.variant_scaling("base", 256) is None
-    assert lc.variant_scaling(" YaRN:4 ", 256) == {"rope_type": "yarn", "factor": 4.0,
-                                                   "original_max_position_embeddings": 256}
-    with pytest.raises(ValueError, match=r"expected base or TYPE:FACTOR with TYPE one of \('linear', 'ntk'"):
-        lc.variant_scaling("longrope:4", 256)
-    with pytest.raises(ValueError, match="factor 0.5 is invalid for 'ntk'"):
-        lc.variant_scaling("ntk:0.5", 256)
+def test_variant_specs_are_read_by_rope_scaling_from_spec():
+    """`eval --variants` specs go through the one TYPE:FACTOR parser (rope.scaling_from_spec), named "variant"."""
+    assert scaling_from_spec("base", 256, flag="variant") is None
+    assert scaling_from_spec(" YaRN:4 ", 256, flag="variant") == {"rope_type": "yarn", "factor": 4.0,
+                                                                  "original_max_position_embeddings": 256}
+    with pytest.raises(ValueError, match=r"variant 'longrope:4': unknown type 'longrope': expected TYPE:FACTOR "
+                                         r"with TYPE one of \('linear', 'ntk'"):
+        scaling_from_spec("longrope:4", 256, flag="variant")
+    with pytest.raises(ValueError, match="variant 'ntk:0.5': the factor must be above 1"):
+        scaling_from_spec("ntk:0.5", 256, flag="variant")
 
 
 def test_a_scaling_that_contradicts_the_checkpoint_is_refused():

@@ -11,7 +11,7 @@ from minillama import ModelArgs, create_model, load_model, save_model
 from minillama.course.paths import corpora_dir, tiny_model_dir
 from minillama.lora import apply_lora, load_adapter
 from minillama.rope import scaling_from_spec
-from minillama.training.train import TrainConfig, evaluate_loss, extend_context, save_run_adapter, train
+from minillama.training import TrainConfig, evaluate_loss, extend_context, save_run_adapter, train
 
 SMALL = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16, max_seq_len=32)
 

@@ -11,7 +11,7 @@ import minillama
 from minillama import get_preset
 from minillama.measuring.measure import (CATEGORIES, MemoryTracker, compute_dtype_name, count_flops,
                                device_peak_flops, measure, mfu, model_flops_per_token, peak_flops_for_name)
-from minillama.training.train import TrainConfig, make_optimizer
+from minillama.training import TrainConfig, make_optimizer
 
 ARGS = minillama.get_preset("tiny").replace(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128,
                                             max_seq_len=64)

@@ -13,7 +13,7 @@ from minillama.lora import TARGETS
 from minillama.measuring.budgets import llama3_8b_budget, qlora_budget_table
 from minillama.measuring.measure import CATEGORIES, MemoryTracker
 from minillama.measuring.memory import estimate_memory, format_bytes, parameter_count
-from minillama.training.train import TrainConfig, make_optimizer
+from minillama.training import TrainConfig, make_optimizer
 
 GiB = 1024**3
 

@@ -8,7 +8,8 @@ import torch
 from minillama import create_model, get_preset, load_model
 from minillama.training.data import IGNORE_INDEX, pack_documents, read_jsonl_texts
 from minillama.course.recipe import train_tokenizer
-from minillama.training.train import TrainConfig, lr_at, train
+from minillama.training import TrainConfig, train
+from minillama.training.train import lr_at
 
 
 def test_packing_keeps_every_token_once_and_masks_padding():

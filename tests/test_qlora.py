@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 # main() imports minillama.course.context_extension to build its parser, and that module takes `train` by name: imported
-# here first, it never binds the spy a test below puts in T.train (a later test would train with the spy).
+# here first, it never binds the spy a test below puts in the package's `train` (a later test would train with it).
 import minillama.course.context_extension  # noqa: F401
-import minillama.training.train as T
+import minillama.training as training
+from minillama.training import run_state, techniques
 from minillama.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def streamed_only(monkeypatch):
         raise AssertionError("the 16-bit model was loaded (or quantised after loading) instead of streamed 4-bit")
 
     monkeypatch.setattr(W, "load_model", refuse)
-    monkeypatch.setattr(T, "quantize_model", refuse)
+    monkeypatch.setattr(techniques, "quantize_model", refuse)
 
 
 def log_of(out):
@@ -50,19 +51,19 @@ def log_of(out):
 
 def test_qlora_trains_only_the_adapters_and_lowers_the_loss(tmp_path, monkeypatch, streamed_only):
     seen = {}
-    real_train = T.train
+    real_train = training.train
 
     def spy(model, train_data, val_data, cfg, out_dir, **kw):
         # the model as the CLI hands it over: quantised, no adapters yet (LoRA B = 0 leaves the loss unchanged)
-        fixed = T.as_dataset(train_data).subset(list(range(8)))
-        seen["loss_before"] = T.evaluate_loss(model, fixed, batch_size=4)
+        fixed = training.as_dataset(train_data).subset(list(range(8)))
+        seen["loss_before"] = training.evaluate_loss(model, fixed, batch_size=4)
         seen["before"] = {k: v.clone() for k, v in model.state_dict().items()}
         records = real_train(model, train_data, val_data, cfg, out_dir, **kw)
-        seen["loss_after"] = T.evaluate_loss(model, fixed, batch_size=4)
+        seen["loss_after"] = training.evaluate_loss(model, fixed, batch_size=4)
         seen["after"] = {k: v.clone() for k, v in model.state_dict().items()}
         return records
 
-    monkeypatch.setattr(T, "train", spy)
+    monkeypatch.setattr(training, "train", spy)  # where the CLI takes it from
     argv = command(tmp_path / "run", "--steps", "8", "--lr", "3e-3", "--warmup-steps", "1", "--double-quant",
                    "--optimizer", "paged_adamw8bit", "--lora-targets", "all")
     assert main(argv) == 0
@@ -78,7 +79,7 @@ def test_qlora_trains_only_the_adapters_and_lowers_the_loss(tmp_path, monkeypatc
     assert seen["loss_after"] < seen["loss_before"] - 0.05, (seen["loss_before"], seen["loss_after"])
     ckpt = tmp_path / "run" / "checkpoint"
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists() and not (ckpt / "model").exists()
-    saved = json.loads(json.dumps(T._read_train_state(ckpt)["config"]))
+    saved = json.loads(json.dumps(run_state.read_train_state(ckpt)["config"]))
     assert (saved["load_in_4bit"], saved["quant_type"], saved["double_quant"], saved["quant_blocksize"]) == \
         (True, "nf4", True, 64)
 
@@ -142,9 +143,9 @@ def test_every_4bit_x_amp_mode_trains_two_steps(tmp_path):
     for dq in (False, True):
         for amp in ("bf16", "fp16"):
             for ckpt in (0, 1):
-                cfg = T.TrainConfig(steps=2, batch_size=2, lora_r=4, load_in_4bit=True, double_quant=dq, amp=amp,
+                cfg = training.TrainConfig(steps=2, batch_size=2, lora_r=4, load_in_4bit=True, double_quant=dq, amp=amp,
                                     checkpointing=ckpt, warmup_steps=1, eval_every=10, save_every=10)
-                log = T.train(create_model(args, seed=0), data, {}, cfg, tmp_path / f"{amp}-{dq}-{ckpt}",
+                log = training.train(create_model(args, seed=0), data, {}, cfg, tmp_path / f"{amp}-{dq}-{ckpt}",
                               progress=False)
                 assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log), log
                 assert ("scale" in log[0]) == (amp == "fp16")

@@ -178,3 +178,32 @@ def test_scaling_round_trips(tmp_path, kind):
     else:
         expected = {k: v for k, v in scaling.items() if k != "type"}
         assert back.rope_scaling == {**expected, "rope_type": kind.removesuffix("-4.x")}
+
+
+@pytest.mark.parametrize("seq_len", [None, LENGTH])
+@pytest.mark.parametrize("kind", sorted(SCALINGS))
+def test_a_parsed_spec_gives_transformers_rope_init(kind, seq_len):
+    """rope.scaling_from_spec("TYPE:4", WINDOW), the one parser of `train --rope-scaling` and `eval --variants`,
+    against transformers' own rope init function for that type (ROPE_INIT_FUNCTIONS) given the hand-written
+    SCALINGS dict, on a model whose max_position_embeddings is the extended length FACTOR * WINDOW (dynamic: the
+    window, which HF reads as the trained one). A parsed dict without the trained window, or with another, would
+    not give HF's yarn and llama3 frequencies; dynamic is compared unscaled (seq_len None) and beyond the window."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from minillama.rope import rope_inv_freq, scaling_from_spec, yarn_attention_factor
+
+    hf = dict(SCALINGS[kind])
+    if kind == "dynamic":
+        hf.pop("original_max_position_embeddings")
+    args = CONFIGS["mha"]
+    cfg = transformers.LlamaConfig(hidden_size=args["dim"], num_attention_heads=args["n_heads"],
+                                   rope_theta=args["rope_theta"], rope_scaling=hf,
+                                   max_position_embeddings=WINDOW if kind == "dynamic" else int(FACTOR * WINDOW))
+    want, attention = ROPE_INIT_FUNCTIONS[kind](cfg, None, seq_len=seq_len)
+    scaling = scaling_from_spec(f"{kind}:{FACTOR:g}", WINDOW)
+    head_dim = args["dim"] // args["n_heads"]
+    got = rope_inv_freq(head_dim, args["rope_theta"], scaling, seq_len=seq_len)
+    torch.testing.assert_close(got, want, atol=0, rtol=1e-6)
+    assert (yarn_attention_factor(scaling) if kind == "yarn" else 1.0) == pytest.approx(attention, rel=1e-12)
+    if not (kind == "dynamic" and seq_len is None):  # the scaling moves these frequencies
+        assert not torch.allclose(got, rope_inv_freq(head_dim, args["rope_theta"]))

@@ -23,7 +23,7 @@ from minillama import ModelArgs, create_model, load_model, save_model
 from minillama.course.recipe import train_tokenizer
 from minillama.files import atomic_directory, atomic_write_text
 from minillama.lora import apply_lora, load_adapter, save_adapter
-from minillama.training.train import TrainConfig, train
+from minillama.training import TrainConfig, train
 
 PACKAGE = Path(minillama.__file__).parent
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64, multiple_of=16)

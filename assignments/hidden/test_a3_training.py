@@ -6,7 +6,8 @@ import torch
 from _reference import llama_pieces  # noqa: F401 (a fixture: assignment 1's pieces as plain formulas)
 
 from minillama import create_model, get_preset
-from minillama.training.train import TrainConfig, _autocast, train_step
+from minillama.training import TrainConfig
+from minillama.training.train import _autocast, train_step
 
 pytestmark = pytest.mark.usefixtures("llama_pieces")
 

@@ -162,6 +162,15 @@ def tokenizer_json(model: dict, bos: str) -> dict:
     }
 
 
+def save_tokenizer(tok, out: Path, format: str, model_max_length: int) -> None:
+    """The tokenizer files of a checkpoint in directory `out`: tokenizer.model, and for an 'hf' checkpoint also
+    the files transformers' AutoTokenizer reads (write_hf_tokenizer). Used by every checkpoint writer."""
+    if format == "hf":
+        write_hf_tokenizer(tok, out, model_max_length=model_max_length)
+    else:
+        tok.save(out / "tokenizer.model")
+
+
 def write_hf_tokenizer(tok, out: Path, model_max_length: int) -> None:
     """Write tokenizer.model, tokenizer_config.json, special_tokens_map.json and (when the model can be
     converted exactly) tokenizer.json for the minillama Tokenizer `tok` into directory `out`."""

@@ -41,7 +41,7 @@ from ..model import Transformer
 from ..quant import (QUANTIZED_LINEARS, Linear4bit, QuantState, _check_backend, _check_blocksize,
                      _check_quant_type, _double_quantize, quantize_linear)
 from . import weights
-from .hf_tokenizer import write_hf_tokenizer
+from .hf_tokenizer import save_tokenizer
 
 STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.")
 
@@ -338,10 +338,8 @@ def save_model(model: Transformer, path: PathLike, format: str = "native", *, to
             save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
             _write_hf_4bit(model, sd, tmp, max_shard_bytes, qcfg)
-        if tokenizer is not None and format == "hf":
-            write_hf_tokenizer(tokenizer, tmp, model_max_length=args.max_seq_len)
-        elif tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.model")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp, format, args.max_seq_len)
     return path
 
 

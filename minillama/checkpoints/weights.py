@@ -38,7 +38,7 @@ from ..files import PathLike, atomic_directory, read_json
 from ..layout import hf_to_meta_name, meta_to_hf_name, permute_hf_to_meta, permute_meta_to_hf, qk_heads
 from ..model import Transformer
 from ..rope import ntk_theta, scaling_type
-from .hf_tokenizer import write_hf_tokenizer
+from .hf_tokenizer import save_tokenizer
 
 FORMATS = ("native", "hf", "meta")
 HF_SAFE_INDEX = "model.safetensors.index.json"
@@ -570,8 +570,6 @@ def save_model(model: Transformer, path: PathLike, format: str = "native", *, to
             _write_hf(sd, args, tmp, max_shard_bytes)
         else:
             _write_meta(sd, args, tmp, num_shards)
-        if tokenizer is not None and format == "hf":
-            write_hf_tokenizer(tokenizer, tmp, model_max_length=args.max_seq_len)
-        elif tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.model")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp, format, args.max_seq_len)
     return path

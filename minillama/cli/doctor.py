@@ -97,7 +97,7 @@ def bnb_cpu_4bit_path(cpuinfo: Optional[str]) -> str:
 
 def compile_support(device: str) -> str:
     """Whether torch.compile can generate kernels for `device` here (train --compile, the *-compiled rows)."""
-    from ..training.train import compile_problem
+    from ..training.techniques import compile_problem
 
     problem = compile_problem(device)
     return f"usable on {device} (train --compile, bench --compare hf's *-compiled rows)" if not problem else problem

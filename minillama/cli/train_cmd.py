@@ -1,6 +1,6 @@
 """`minillama train`: fine-tune (full, LoRA, QLoRA) or pre-train from the command line: its flags, their checks
 before anything is loaded, the data format, and the pre-flight memory check (measuring.plan) before the first
-step; the loop itself is minillama.training.train."""
+step; the loop itself is minillama/training/train.py."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _load_data(path, fmt: str, tok, max_len: int, on_long: str, seed: int):
 
 def _check_train_flags(args) -> None:
     """Refuse bad flags before anything is loaded or written, naming the flag."""
-    from ..training.train import SETTINGS, check_4bit_needs_lora, check_extras_need_lora, check_settings
+    from ..training.config import SETTINGS, check_4bit_needs_lora, check_extras_need_lora, check_settings
 
     if (args.steps is None) == (args.epochs is None):
         raise ValueError("Give exactly one of --steps N or --epochs E.")
@@ -129,12 +129,14 @@ def run(args) -> int:
     from ..training.data import split_held_out
     from ..lora import trainable_parameters
     from ..training import distributed
-    from ..training.train import TrainConfig, check_writable, extend_context, skipped_steps, train
+    from ..training import TrainConfig, extend_context, train
+    from ..training.run_state import check_writable
+    from ..training.train import skipped_steps
 
     device = distributed.rank_device(pick_device(args.device))  # under torchrun: cuda:LOCAL_RANK
     _check_train_flags(args)
     if args.compile:
-        from ..training.train import compile_problem
+        from ..training.techniques import compile_problem
 
         if problem := compile_problem(device):
             raise ValueError(f"--compile: {problem}; run without --compile.")
@@ -215,7 +217,7 @@ def _add_train_data(t) -> None:
 
 def _add_train_techniques(t) -> None:
     from ..quant import QUANT_TYPES
-    from ..training.train import AMP_MODES, OPTIMIZERS
+    from ..training.config import AMP_MODES, OPTIMIZERS
 
     t.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     t.add_argument("--amp", default="off", choices=list(AMP_MODES), help="autocast (fp16 with a GradScaler)")

@@ -54,8 +54,8 @@ from ..evaluation.passkey import passkey_training_text
 from ..files import atomic_directory
 from ..rope import scaling_from_spec
 from ..tokenizer import load_tokenizer
+from ..training import TrainConfig, save_run_adapter, train
 from ..training.data import pack_documents, read_jsonl_texts
-from ..training.train import TrainConfig, save_run_adapter, train
 from .corpora import make_story
 from .paths import corpora_dir, tiny_model_dir
 

@@ -57,7 +57,7 @@ from ..generate import generate
 from ..lora import apply_lora, trainable_parameters, use_adapter
 from ..tokenizer import load_tokenizer
 from .paths import corpora_dir, tiny_model_dir
-from ..training.train import TrainConfig, evaluate_loss, train
+from ..training import TrainConfig, evaluate_loss, train
 
 
 # The anchor's hyper-parameters (batch 2, cutoff 256, dropout 0.05, alpha = 2r).

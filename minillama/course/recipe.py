@@ -159,7 +159,7 @@ def build_tiny(out_dir="data/tiny", corpora_dir="data/corpora", *, steps: int = 
     """Run the whole recipe and write out_dir/{config.json, model.safetensors, tokenizer.model, MODEL_CARD.md}."""
     from .. import create_model, generate, save_model
     from ..evaluation.evaluate import passkey_accuracy, perplexity
-    from ..training.train import TrainConfig, evaluate_loss, train
+    from ..training import TrainConfig, evaluate_loss, train
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)

@@ -8,7 +8,7 @@
   prompt; the model is asked to repeat it. Accuracy per position ("lost in the middle" shows here).
 - `kv_cache_profile`: bytes of the pre-allocated KV cache, measured and predicted by the memory model
   (measuring.memory.kv_cache_bytes), and decoding speed, against context length.
-- Variants: `variant_scaling` turns "base", "linear:4", "yarn:4", ... into a rope_scaling dict, and
+- Variants: `rope.scaling_from_spec` turns "base", "linear:4", "yarn:4", ... into a rope_scaling dict, and
   `check_scaling_agrees` refuses one that contradicts the checkpoint's own config.
 """
 
@@ -25,7 +25,8 @@ from ..generate import generate
 from ..measuring.memory import MiB, kv_cache_bytes
 from ..measuring.report import new_figure, save_figure, write_csv
 from ..model import Transformer
-from ..rope import ROPE_TYPES, check_scaling, scaling_type
+from ..rope import scaling_from_spec, scaling_type
+from ..training.run_state import ROPE_CONFIG
 from .evaluate import check_fits, check_retrieval_fits, passkey_accuracy, perplexity
 from .passkey import ANIMALS, COLOURS, PASSKEY_FILLER
 
@@ -164,31 +165,7 @@ def _decode_speed(model: Transformer, batch: int, context: int, steps: int, devi
     return {"prefill_s": t1 - t0, "decode_tokens_per_s": batch * (steps - 1) / (t2 - t1)}
 
 
-# ---- variants: a scaling from a name, checked against the checkpoint ---------------------------------------
-def variant_scaling(spec: str, original: int) -> Optional[dict]:
-    """The rope_scaling of a variant spec: "base" (None: the trained angles, the position table only
-    extended) or "TYPE:FACTOR" with TYPE one of rope.ROPE_TYPES, e.g. "linear:4", "yarn:4".
-    `original`: the window the checkpoint was trained with (original_max_position_embeddings)."""
-    text = str(spec).strip().lower()
-    if text in ("base", "none"):
-        return None
-    kind, _, factor = text.partition(":")
-    if kind not in ROPE_TYPES:
-        raise ValueError(f"variant {spec!r}: rope type {kind!r} is unknown: expected base or TYPE:FACTOR with TYPE "
-                         f"one of {ROPE_TYPES}, e.g. linear:4.")
-    try:
-        value = float(factor)
-    except ValueError:
-        raise ValueError(f"variant {spec!r}: factor {factor!r} is not a number: expected TYPE:FACTOR, "
-                         f"e.g. {kind}:4.") from None
-    scaling = {"rope_type": kind, "factor": value, "original_max_position_embeddings": int(original)}
-    try:
-        check_scaling(scaling)
-    except ValueError as e:
-        raise ValueError(f"variant {spec!r}: {e}") from None
-    return scaling
-
-
+# ---- variants: a scaling checked against the checkpoint -----------------------------------------------------
 def _same_scaling(a: Optional[dict], b: Optional[dict]) -> bool:
     if not a or not b:
         return not a and not b
@@ -207,9 +184,6 @@ def check_scaling_agrees(checkpoint: str, own: Optional[dict], requested: Option
 
 
 # ---- loading the variants -------------------------------------------------------------------------------
-ROPE_CONFIG = "rope_config.json"  # written beside an adapter by the long-context training (its position settings)
-
-
 def adapter_rope_config(adapter_dir) -> dict:
     """{"rope_scaling": dict | None, "max_seq_len": int | None} an adapter was trained with, from its
     rope_config.json (the "minillama" part); both None when the file is absent (plain LoRA adapter)."""
@@ -224,8 +198,8 @@ def adapter_rope_config(adapter_dir) -> dict:
 
 def load_variants(model_path, specs: Sequence[str], adapters: Sequence[str], max_seq_len: int, device="cpu"):
     """Yield (name, model, trained window) for each variant spec ("base", "linear:4", ...), then each adapter directory, all
-    with a position table of at least `max_seq_len`. Every spec is checked (variant_scaling, and against the
-    checkpoint's own config: check_scaling_agrees) before anything is evaluated. The spec variants share one
+    with a position table of at least `max_seq_len`. Every spec is checked (rope.scaling_from_spec, and against
+    the checkpoint's own config: check_scaling_agrees) before anything is evaluated. The spec variants share one
     loaded model: RoPE angles are computed from model.args at every forward, so a variant is only a config
     change. Each adapter gets a fresh copy of the base (an adapter may replace embeddings / norms)."""
     from ..checkpoints import load_model
@@ -233,7 +207,7 @@ def load_variants(model_path, specs: Sequence[str], adapters: Sequence[str], max
 
     model = load_model(model_path, device=device)
     trained = model.args
-    plans = [(spec.strip().lower(), variant_scaling(spec, trained.max_seq_len)) for spec in specs]
+    plans = [(spec.strip().lower(), scaling_from_spec(spec, trained.max_seq_len, flag="variant")) for spec in specs]
     configs = [(Path(a).name, adapter_rope_config(a), a) for a in adapters]
     for _, scaling in plans:
         check_scaling_agrees(str(model_path), trained.rope_scaling, scaling)

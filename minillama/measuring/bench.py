@@ -73,7 +73,7 @@ def _apply_quant(value, ctx):
 
 
 def _apply_optimizer(name, ctx):
-    """optimizer=adamw|adamw8bit|paged_adamw8bit|sgd (minillama.training.train.make_optimizer)."""
+    """optimizer=adamw|adamw8bit|paged_adamw8bit|sgd (minillama.training.make_optimizer)."""
     ctx["optimizer"] = name
     ctx["estimate"]["optimizer"] = name
 
@@ -250,7 +250,7 @@ def build_step(make_model: Callable[[], torch.nn.Module], cfg: dict, *, seed: in
     """A fresh model with the config applied, and `step`: a function running one whole step of it (the
     trainer's own train_step in train mode, a no-grad forward in inference mode), ready to be measured or
     timed. Returns {"model", "optimizer", "step", "ctx"}."""
-    from ..training.train import TrainConfig, make_optimizer, train_step
+    from ..training import TrainConfig, make_optimizer, train_step
 
     model = make_model()
     args = model.args

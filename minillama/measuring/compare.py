@@ -9,7 +9,7 @@ For each row the same configuration runs through both implementations:
     set_checkpointing(1)                      gradient_checkpointing_enable(use_reentrant=False)
     kernels.enable_kernels (train rows)       (none: HF's RMSNorm, MLP and loss are differentiated by autograd)
 
-with the same batch, sequence length, dtype (fp32 on CPU, bf16 on CUDA), optimizer (training.train.make_optimizer:
+with the same batch, sequence length, dtype (fp32 on CPU, bf16 on CUDA), optimizer (training.make_optimizer:
 AdamW, the same groups and settings), gradient clipping and data (random tokens, the first eighth of every row
 masked with -100 as a prompt would be). The two implementations alternate over the measured steps (A B, then
 B A, ...) so that machine noise hits both alike, and both take exactly the same number of optimizer steps: the
@@ -61,7 +61,7 @@ class Row:
     checkpointing: bool = False                  # every block recomputed in the backward pass
     quant: bool = False                          # NF4 base (QLoRA)
     long: bool = False                           # Settings.long_seq_len instead of seq_len, batch 1
-    compiled: bool = False                       # minillama's blocks torch.compiled (training.train.compile_blocks)
+    compiled: bool = False                       # minillama's blocks torch.compiled (training.compile_blocks)
     kernels: bool = True                         # minillama's hand-written backward passes (train rows, as train's default)
     needs: tuple = ("transformers", "peft")
 
@@ -200,7 +200,7 @@ def build_pair(row: Row, s: Settings):
     if row.kind == "train" and row.kernels:  # after checkpointing (it reads it), before compiling
         enable_kernels(ours)
     if row.compiled:  # after every technique: a module swapped later would make the blocks recompile
-        from ..training.train import compile_blocks
+        from ..training import compile_blocks
 
         compile_blocks(ours)
         if s.compile_hf:  # the same in HF: each decoder layer compiled, in place
@@ -228,7 +228,7 @@ def _loss_fns(ours, hf, inputs, targets) -> dict[str, Callable[[], torch.Tensor]
 
 def _train_steps(ours, hf, inputs, targets, s: Settings, last_loss: dict) -> dict:
     """impl -> (model, optimizer, step): forward, backward, clip to norm 1, AdamW step, zero_grad."""
-    from ..training.train import TrainConfig, make_optimizer
+    from ..training import TrainConfig, make_optimizer
 
     cfg = TrainConfig(lr=s.lr, warmup_steps=0)
     out = {}
@@ -460,7 +460,7 @@ def compare_row(row: Row, s: Settings) -> dict:
         out["skipped"] = f"needs {', '.join(missing)}, which is not installed here (pip install {' '.join(missing)})"
         return out
     if row.compiled:
-        from ..training.train import compile_problem
+        from ..training.techniques import compile_problem
 
         if problem := compile_problem(s.device):
             out["skipped"] = problem
