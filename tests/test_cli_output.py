@@ -17,7 +17,7 @@ from minillama.cli.doctor import (BNB_KERNELS_LOGGER, bnb_cpu_4bit_path, cpu_bf1
                                   read_cpuinfo, silence_bitsandbytes_kernels_warning)
 from minillama.course.paths import corpora_dir, tiny_model_dir
 from minillama.measuring import bench
-from minillama.training.config import resolve_amp
+from minillama.training.settings import resolve_amp
 from minillama.training.train import progress_text
 
 TINY = tiny_model_dir()

@@ -12,7 +12,7 @@ import minillama
 from minillama import ModelArgs, create_model
 from minillama.measuring import bench
 from minillama.training import TrainConfig, evaluate_loss, make_optimizer, train, train_step
-from minillama.training.config import resolve_amp
+from minillama.training.settings import resolve_amp
 from minillama.training.data import (IGNORE_INDEX, SFTDataset, alpaca_prompt, collate, load_sft, read_alpaca,
                             split_held_out, tokenize_sft)
 

@@ -45,7 +45,7 @@ def _load_data(path, fmt: str, tok, max_len: int, on_long: str, seed: int):
 
 def _check_train_flags(args) -> None:
     """Refuse bad flags before anything is loaded or written, naming the flag."""
-    from ..training.config import SETTINGS, check_4bit_needs_lora, check_extras_need_lora, check_settings
+    from ..training.settings import SETTINGS, check_4bit_needs_lora, check_extras_need_lora, check_settings
 
     if (args.steps is None) == (args.epochs is None):
         raise ValueError("Give exactly one of --steps N or --epochs E.")
@@ -217,7 +217,7 @@ def _add_train_data(t) -> None:
 
 def _add_train_techniques(t) -> None:
     from ..quant import QUANT_TYPES
-    from ..training.config import AMP_MODES, OPTIMIZERS
+    from ..training.settings import AMP_MODES, OPTIMIZERS
 
     t.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     t.add_argument("--amp", default="off", choices=list(AMP_MODES), help="autocast (fp16 with a GradScaler)")

@@ -61,7 +61,7 @@ from typing import Optional
 
 from ..config import DTYPES, ModelArgs, parse_dtype
 from ..lora import ADAPTER_DTYPE, lora_parameter_count, normalise_targets
-from ..training.config import AMP_MODES, OPTIMIZERS, adamw_is_fused
+from ..training.settings import AMP_MODES, OPTIMIZERS, adamw_is_fused
 from .activations import (Saved, attention_live, autocast_cache, checkpointed_inputs, ffn_live, logits_live,
                           loss_chunk_bytes, saved_for_backward)
 from .measure import CATEGORIES

@@ -33,7 +33,7 @@ from ..checkpoints.weights import args_to_hf_config
 from ..files import atomic_directory, atomic_write_text, open_nofollow
 from ..model import Transformer
 from . import distributed
-from .config import TrainConfig
+from .settings import TrainConfig
 
 def _trainable_adapters(model) -> list[str]:
     from ..lora import lora_layers

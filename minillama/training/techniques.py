@@ -17,7 +17,7 @@ import torch
 from ..kernels import disable_kernels, enable_kernels
 from ..model import Transformer
 from ..quant import quantize_model
-from .config import TrainConfig
+from .settings import TrainConfig
 
 def extend_context(model: Transformer, rope_scaling: Optional[dict], max_seq_len: int = 0) -> Transformer:
     """Give the model a RoPE scaling and a longer position table (a config change: RoPE angles are computed

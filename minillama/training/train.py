@@ -1,6 +1,6 @@
 """The training loop, one for every lesson: pre-training the tiny model, SFT, LoRA, long context.
 
-Each technique of the course is switched by TrainConfig (config.py); those that change the model are applied
+Each technique of the course is switched by TrainConfig (settings.py); those that change the model are applied
 before the first step by techniques.prepare_model, the others run in the loop below:
 
 * LoRA (`lora_r` > 0): `minillama.lora.apply_lora` before the first step; only the adapters train and
@@ -33,7 +33,7 @@ Around them: warmup + cosine schedule, gradient clipping (after unscaling), a JS
 held-out evaluation, and atomic checkpoints holding everything a resumed run needs to continue exactly
 (weights or adapter, optimizer, scaler, RNG states, step; the data order is a function of the step).
 
-The settings and their checks are in config.py, the techniques applied to the model before the first step in
+The settings and their checks are in settings.py, the techniques applied to the model before the first step in
 techniques.py, the run's checkpoint and exact resume in run_state.py; this file is the loop (`train`, one
 function read top to bottom), one optimizer step (`train_step`) and the held-out loss (`evaluate_loss`).
 """
@@ -55,7 +55,7 @@ from ..kernels import disable_kernels
 from ..model import Transformer
 from ..progress import progress_bar
 from . import distributed
-from .config import TrainConfig, adamw_is_fused, resolve_amp
+from .settings import TrainConfig, adamw_is_fused, resolve_amp
 from .data import IGNORE_INDEX, as_dataset, batches
 from .run_state import (base_trains, check_writable, find_checkpoint, restore_optimizer, restore_weights,
                         save_checkpoint, start_log)
