@@ -250,3 +250,49 @@ def _fit_together(configs, gpu_mem=None) -> bool:
     args = _model_args()
     need = sum(bench.predict_config(args, c, param_dtype=DTYPE, device="cuda").peak_bytes for c in configs)
     return need <= usable_bytes(_card_bytes(gpu_mem), "cuda")
+
+
+# --- notebooks 05-07 ---
+def ms(seconds) -> str:
+    """Alternated step times as 'median ± half the range' in ms (spread)."""
+    med, half = spread(seconds)
+    return f"{1000 * med:.0f} ± {1000 * half:.0f}"
+
+
+def time_verdict(a, base: str, b) -> str:
+    """A plain verdict on alternated step times `a` against `b` (named `base`): 'x1.23 faster than <base> (ranges
+    do not overlap)' or 'within noise of <base> (ranges overlap)': a difference counts only when the two ranges
+    of repeats do not overlap."""
+    if min(a) <= max(b) and min(b) <= max(a):
+        return f"within noise of {base} (ranges overlap)"
+    ma, mb = spread(a)[0], spread(b)[0]
+    return f"x{max(ma, mb) / min(ma, mb):.2f} {'faster' if ma < mb else 'slower'} than {base} (ranges do not overlap)"
+
+
+def memory_time_table(rows, times=None, labels=None, base=None) -> str:
+    """Markdown: one row per measured config (label: what differs, bench.short_labels, unless `labels`), MiB
+    at the peak by category, peak measured and predicted; with `times` (one list of alternated seconds per row)
+    the step time in ms, and with `base` (a row index) each row's time_verdict against that row."""
+    shared, short = bench.short_labels(rows)
+    labels = labels or short
+    heads = ["", *CATEGORIES, "peak", "predicted"] + (["step ms (alternated)"] if times else [])
+    heads += ["step time"] if times and base is not None else []
+    lines = ["| " + " | ".join(h.replace("_", " ") for h in heads) + " |", "|---" + "|---:" * (len(heads) - 1) + "|"]
+    for i, (r, label) in enumerate(zip(rows, labels)):
+        cells = [label] + [f"{r['memory_by_category'][c] / MiB:.2f}" for c in CATEGORIES]
+        cells += [f"**{r['peak_memory_bytes'] / MiB:.2f}**", f"{r['predicted_peak_memory_bytes'] / MiB:.2f}"]
+        cells += [ms(times[i])] if times else []
+        if times and base is not None:
+            cells += ["baseline" if i == base else time_verdict(times[i], labels[base], times[base])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return f"{shared}; MiB (1024**2 bytes) at each row's peak\n\n" + "\n".join(lines)
+
+
+def effects_table(effects, keys=("parameters", "gradients", "optimizer state", "activations", "peak memory",
+                                 "FLOPs per step")) -> str:
+    """bench.technique_effects as markdown, only the quantities in `keys` (memory and FLOPs: exact, whatever
+    the machine's load; step time is left out, since shipped timings under load draw no conclusion)."""
+    lines = ["| technique | pairs | " + " | ".join(keys) + " |", "|---|---:|" + "---|" * len(keys)]
+    lines += [f"| {e['technique']} | {e['pairs']} | " + " | ".join(bench._effect_cell(e[k], k) for k in keys) + " |"
+              for e in effects]
+    return "\n".join(lines)
