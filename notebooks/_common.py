@@ -318,3 +318,45 @@ def memory_time_table(memory: dict, times: dict, base, predicted: dict = None, b
              f"step time in ms over {len(next(iter(times.values()), []))} alternated rounds (median ± half the range) "
              f"[{where(DEVICE)}]")
     return report.table(head, rows, "md", above=above)
+
+
+# --- notebooks 05-07 ---
+def ms(seconds) -> str:
+    """Alternated step times as 'median ± half the range' in ms (spread)."""
+    med, half = spread(seconds)
+    return f"{1000 * med:.0f} ± {1000 * half:.0f}"
+
+
+def time_verdict(a, base: str, b) -> str:
+    """time_change as a phrase: 'x1.23 faster than <base> (ranges do not overlap)' or 'within noise of <base>
+    (ranges overlap)'."""
+    change = time_change(a, b)
+    if change == "within noise":
+        return f"within noise of {base} (ranges overlap)"
+    return f"{change} than {base} (ranges do not overlap)"
+
+
+def rows_memory_time_table(rows, times=None, labels=None, base=None) -> str:
+    """Markdown for bench rows: one row per measured config (label: what differs, report.short_labels, unless
+    `labels`), MiB at the peak by category, peak measured and predicted; with `times` (one list of alternated
+    seconds per row) the step time in ms, and with `base` (a row index) each row's time_verdict against it."""
+    shared, short = report.short_labels(rows, list(bench.DIMENSIONS))
+    labels = labels or short
+    heads = ["", *(c.replace("_", " ") for c in CATEGORIES), "peak", "predicted"]
+    heads += (["step ms (alternated)"] if times else []) + (["step time"] if times and base is not None else [])
+    cells = []
+    for i, (r, label) in enumerate(zip(rows, labels)):
+        row = [label] + [f"{r['memory_by_category'][c] / MiB:.2f}" for c in CATEGORIES]
+        row += [f"**{r['peak_memory_bytes'] / MiB:.2f}**", f"{r['predicted_peak_memory_bytes'] / MiB:.2f}"]
+        row += [ms(times[i])] if times else []
+        if times and base is not None:
+            row += ["baseline" if i == base else time_verdict(times[i], labels[base], times[base])]
+        cells.append(row)
+    return report.table(heads, cells, "md", above=f"{shared}; MiB (1024**2 bytes) at each row's peak")
+
+
+def effects_table(effects, keys=("parameters", "gradients", "optimizer state", "activations", "peak memory",
+                                 "FLOPs per step")) -> str:
+    """bench.technique_effects as markdown, only the quantities in `keys` (memory and FLOPs: exact, whatever
+    the machine's load; step time is left out, since shipped timings under load draw no conclusion)."""
+    return bench.format_effects(effects, keys)

@@ -18,7 +18,7 @@ import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -452,11 +452,12 @@ def _effect_cell(e: dict, key: str) -> str:
     return f"{word} (x{e['ratio']:.2f}{spread})"
 
 
-def format_effects(effects: list[dict]) -> str:
+def format_effects(effects: list[dict], keys: Optional[Sequence[str]] = None) -> str:
     """The qualitative table (markdown): each cell the word true of every pair, the median ratio on/off and
-    its range; 'depends' says how many pairs went which way."""
-    heads = ["technique", "pairs"] + [k for k, _ in EFFECT_KEYS]
-    cells = [[e["technique"], str(e["pairs"])] + [_effect_cell(e[k], k) for k, _ in EFFECT_KEYS] for e in effects]
+    its range; 'depends' says how many pairs went which way. keys: the quantities shown (default: all)."""
+    keys = [k for k, _ in EFFECT_KEYS] if keys is None else list(keys)
+    heads = ["technique", "pairs"] + keys
+    cells = [[e["technique"], str(e["pairs"])] + [_effect_cell(e[k], k) for k in keys] for e in effects]
     return table(heads, cells, "md")
 
 
