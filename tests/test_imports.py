@@ -122,3 +122,10 @@ def test_no_two_modules_share_a_file_name():
             by_name.setdefault(path.name, []).append(str(path.relative_to(REPO)))
     shared = {name: paths for name, paths in by_name.items() if len(paths) > 1}
     assert shared == {}, f"files that share a name: {shared}"
+
+
+def test_no_module_is_over_800_lines():
+    """Each file is one thing (issue 24): a module that grows past 800 lines holds several and is split by job."""
+    long = {str(p.relative_to(REPO)): n for p in sorted((REPO / PACKAGE).rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 800}
+    assert long == {}, f"modules over 800 lines: {long}"
