@@ -1,6 +1,6 @@
 """Setup shared by every notebook: the repo on sys.path, binary units, where the shipped data lives, and
-where a measurement was made. Notebooks 03-05 (fitting fine-tuning into memory) also use the measuring
-lab below: `from _common import *`, then `lab_banner()`.
+where a measurement was made. Every notebook imports what it uses by name (`from _common import (BATCH,
+make_model, ...)`); the measuring notebooks (03-05) then call `lab_banner()`.
 
 Environment variables of the measuring lab (all optional; the defaults run on a laptop CPU with the
 shipped tiny model):
@@ -56,8 +56,7 @@ MODEL_PATH = resolve(MODEL)
 
 
 def lab_banner():
-    print(f"model {MODEL_PATH} on {DEVICE} ({where(DEVICE)}), {DTYPE} weights; measured at batch {BATCH} x {SEQ} "
-          f"tokens")
+    print(f"model {MODEL_PATH}, {DTYPE} weights, on {where(DEVICE)}; measured at batch {BATCH} x {SEQ} tokens")
 
 
 def make_model():
