@@ -141,15 +141,18 @@ def spread(values) -> tuple:
 
 
 def verdict(name_a: str, a, name_b: str, b, what: str = "time", lower_is_better: bool = True) -> str:
-    """Compare two lists of repeated measurements (taken alternately): 'x1.8 faster' or 'within noise'.
+    """Compare two lists of repeated measurements (taken alternately): 'A: x1.8 lower ms than B (...)' or
+    'A and B: ... within noise (...)'.
     The difference counts only when the two ranges do not overlap."""
     ma, sa = spread(a)
     mb, sb = spread(b)
     if abs(ma - mb) <= sa + sb:
         return f"{name_a} and {name_b}: {what} within noise ({ma:.3g} ± {sa:.2g} vs {mb:.3g} ± {sb:.2g})"
-    better = (ma < mb) == lower_is_better
+    a_wins = (ma < mb) == lower_is_better
+    (win, vw), (lose, vl) = ((name_a, ma), (name_b, mb)) if a_wins else ((name_b, mb), (name_a, ma))
     ratio = max(ma, mb) / max(min(ma, mb), 1e-12)
-    return f"{name_a if better else name_b} is better on {what}: x{ratio:.2f} ({ma:.3g} vs {mb:.3g})"
+    side = "lower" if lower_is_better else "higher"
+    return f"{win}: x{ratio:.2f} {side} {what} than {lose} ({vw:.3g} vs {vl:.3g}; ranges do not overlap)"
 
 
 # ---- fast and repeatable on a busy laptop; shipped results; figures (notebooks 00-02, issue 12) -----------
@@ -187,7 +190,7 @@ def shipped_note(meta: dict, command: str = None) -> str:
     if command is None:
         m = meta["measured"]
         return (f"**Shipped** (`{meta['command']}`): measured on {m['device']}, torch {m['torch']}, {m['date']}, "
-                f"{m['threads']} threads, machine load average {m['load']} (a shared machine: its timings are "
+                f"torch threads: {m['threads']}, machine load average {m['load']} (a shared machine: its timings are "
                 f"noisy, its memory numbers exact and load-independent).")
     return (f"*Shipped numbers: measured on {meta.get('device', '?')}, torch {meta.get('torch', '?')}, "
             f"{meta.get('date', 'date not recorded')}, by `{command}`.*")

@@ -446,7 +446,8 @@ def _effect_cell(e: dict, key: str) -> str:
         return f"{e['effect']} (from 0)"
     if e["effect"] == "depends":  # say how the pairs split, and the range of ratios
         split = ", ".join(f"{n} {w}" for w, n in e["counts"].items())
-        return f"depends: {split} (x{e['min']:.2f} to x{e['max']:.2f})"
+        top = f"x{e['max']:.2f}" if e["max"] != float("inf") else "some from 0"  # a ratio over 0 is no number
+        return f"depends: {split} (x{e['min']:.2f} to {top})"
     spread = f", x{e['min']:.2f} to x{e['max']:.2f}" if e["max"] - e["min"] > 0.01 else ""
     word = "within noise" if e["effect"] == "same" and key == "step time" else e["effect"]
     return f"{word} (x{e['ratio']:.2f}{spread})"
