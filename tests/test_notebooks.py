@@ -58,3 +58,14 @@ def test_shipped_knowledge_results_say_where_they_come_from(name):
     for r in singles:
         assert len(r["loss_curve"]) == r["steps"]  # the notebook's loss curves
     assert (path.parent / "table.md").exists()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_imports_by_name(path):
+    """One setup style (issue 25): a student sees where make_model, BATCH or verdict come from, so no cell uses
+    `from ... import *`."""
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert not re.search(r"^\s*from\s+\S+\s+import\s+\*", "".join(cell["source"]), flags=re.M), \
+                f"{path.name} cell {i} imports with '*': import the names it uses"
