@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,8 +22,12 @@ ALLOW = ("README.md", "ARCHITECTURE.md", "pyproject.toml", "environment.yml", "m
 # Never copied, wherever they are (build outputs, caches, editor files).
 EXCLUDE = ("__pycache__", "*.pyc", ".ipynb_checkpoints", "*.egg-info", ".pytest_cache", ".DS_Store", "runs",
            "build", ".git")
-INSTRUCTOR_ONLY = ("tests/test_assignments.py", "tests/test_grader_security.py")  # the tooling's own tests
-# (they quote a solution line)
+INSTRUCTOR_ONLY = ("tests/test_assignments.py", "tests/test_grader_security.py",  # the tooling's own tests
+                   "tests/test_executed_notebooks.py")  # (they quote a solution line; the copies are left out)
+# The notebooks' executed copies: run on the instructor edition, they print reference code (notebook 03 shows
+# train_step's source), so students get the notebooks to run, not their outputs.
+INSTRUCTOR_ONLY_DIRS = ("docs/notebooks",)
+EXECUTED_LINK = re.compile(r"\[read it run\]\(docs/notebooks/[\w.-]+\.ipynb\)")
 FIXED_MTIME = 946684800  # 2000-01-01: the same timestamps in every release
 INSTRUCTORS = "\n## For instructors\n"  # assignments/README.md's instructor part: left out of the student edition
 STUDENT_NOTE = ("\n## This edition\n\nThis is the student edition: the pieces of the five assignments in `minillama/`\n"
@@ -67,7 +72,8 @@ def allowed_files(root: Path) -> list[str]:
             paths = [top] if top.is_file() else [p for p in top.rglob("*") if p.is_file()]
             for p in paths:
                 rel = p.relative_to(root).as_posix()
-                if not p.is_symlink() and not _excluded(rel, ignored) and rel not in INSTRUCTOR_ONLY:
+                if (not p.is_symlink() and not _excluded(rel, ignored) and rel not in INSTRUCTOR_ONLY
+                        and not rel.startswith(tuple(d + "/" for d in INSTRUCTOR_ONLY_DIRS))):
                     found.add(rel)
     return sorted(found)
 
@@ -89,6 +95,8 @@ def write_edition(root: Path, dest: Path) -> list[str]:
             out.write_bytes(text.encode("utf-8"))
         elif rel == "assignments/README.md":
             out.write_bytes(student_readme(src.read_text(encoding="utf-8")).encode("utf-8"))
+        elif rel == "README.md":  # its links to the executed copies, which this edition leaves out
+            out.write_bytes(EXECUTED_LINK.sub("run it yourself", src.read_text(encoding="utf-8")).encode("utf-8"))
         else:
             data = src.read_bytes()
             if rel.endswith(".ipynb") and ANY_MARKER.search(

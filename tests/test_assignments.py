@@ -119,6 +119,16 @@ def test_student_readme_is_the_students_own(student):
     assert student_readme(text) == text  # an edition made from a student edition (the autograder's source)
 
 
+def test_student_edition_leaves_out_the_executed_notebooks(student):
+    """The executed copies print reference code (notebook 03 shows train_step's source): the student edition has
+    the notebooks to run, not their outputs, and its README links none of the copies."""
+    assert list((ROOT / "docs" / "notebooks").glob("*.ipynb")), "the instructor edition holds executed copies"
+    assert not (student / "docs" / "notebooks").exists()
+    assert not (student / "tests" / "test_executed_notebooks.py").exists()  # it would fail there, for lack of copies
+    readme = (student / "README.md").read_text()
+    assert "docs/notebooks/0" not in readme and "run it yourself" in readme
+
+
 def test_each_assignments_public_command_holds_its_graded_public_tests():
     for a in ASSIGNMENTS:
         graded = {tid for tid, _ in a.tests if tid.startswith("tests/")}
