@@ -18,13 +18,13 @@ other, the kernel shut down. A start "hangs" when a cell (or the kernel's startu
 take turns, start by start, so that they meet the same load. `--budget-s` stops starting new kernels after
 that many seconds, whatever `--starts` says: the table says how many starts each interpreter made.
 
-Measured on a 2-core AMD EPYC, 2026-12-07, ipykernel 6.31.0 (the pin) and 7.4.0 taking turns, `--load 0` with
-the machine's own work as the load: 475 starts each, 0 hangs for either.
+Measured on a 2-core AMD EPYC, 2026-12-07, ipykernel 6.31.0 (the pin) and 7.4.0 taking turns: 475 starts each,
+0 hangs for either. The last two runs used `--load 0`, the machine's own work being the load.
 - Three runs of `--load 2` beside other jobs (load average 12 to 17, and one nearly alone): 65 starts each;
   first reply after 14-16 s median under load, 4.6-4.7 s alone.
 - One run beside eight development sessions and their tests (load average 4 to 17): 236 starts each. 93 ran
   both cells; in the other 143 the notebook's imports had changed under the run, so the first cell answered
-  with an ImportError: a reply, not a hang. Whole starts up to 33 s.
+  with an error: a reply, not a hang. Whole starts up to 33 s.
 - One run beside the full `.ci/run` (pytest on both cores): 174 starts each, first reply 3.4-3.5 s median,
   at most 5.9 s.
 So the hang of ipykernel issue 1554 did not show here in 475 starts of 7.4.0; the pin below 7 stays for the
