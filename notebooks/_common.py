@@ -146,7 +146,7 @@ def verdict(name_a: str, a, name_b: str, b, what: str = "time", lower_is_better:
     The difference counts only when the two ranges do not overlap."""
     ma, sa = spread(a)
     mb, sb = spread(b)
-    if abs(ma - mb) <= sa + sb:
+    if time_change(a, b) == "within noise":  # the one noise rule of every verdict here
         return f"{name_a} and {name_b}: {what} within noise ({ma:.3g} ± {sa:.2g} vs {mb:.3g} ± {sb:.2g})"
     a_wins = (ma < mb) == lower_is_better
     (win, vw), (lose, vl) = ((name_a, ma), (name_b, mb)) if a_wins else ((name_b, mb), (name_a, ma))
@@ -159,7 +159,6 @@ def verdict(name_a: str, a, name_b: str, b, what: str = "time", lower_is_better:
 FULL = os.environ.get("MINILLAMA_FULL", "0") == "1"  # 1: rerun the long experiments instead of loading them
 RESULTS = REPO / "notebooks" / "results"  # the full results the repo ships, each with the command that made it
 FIGURES = REPO / "runs" / "notebooks"  # where the notebooks save their figures (not committed)
-MAX_FIGURE_PX = 1400
 
 
 def fix_threads(n=None) -> int:
@@ -201,10 +200,8 @@ def show_figure(fig, name: str) -> Path:
     and display it; a pyplot figure is closed, so that the notebook does not draw it a second time."""
     from IPython.display import Image, display
 
-    from minillama.measuring.report import save_figure
-
     FIGURES.mkdir(parents=True, exist_ok=True)
-    path = save_figure(fig, FIGURES / name)
+    path = report.save_figure(fig, FIGURES / name)
     if fig.canvas.manager is not None:  # made by pyplot (a plain Figure has no manager)
         import matplotlib.pyplot as plt
 

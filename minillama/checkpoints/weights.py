@@ -22,12 +22,9 @@ import math
 import os
 import pickle
 import re
-import secrets
-import shutil
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
